@@ -1,0 +1,22 @@
+"""compresscli: compress pretrained checkpoints into truly small safetensors, and say honestly what it cost."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from pathlib import Path
+
+from torch import nn
+
+from .methods import METHODS, MethodConfig, StageContext, compress_
+from .methods.magnitude import MagnitudeConfig
+from .finetune import FinetuneConfig
+
+
+def load(path: str | Path) -> nn.Module:
+    """A ready nn.Module (eval mode) from a compressed output directory or any supported source."""
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(path).model
+
+
+__all__ = ["METHODS", "FinetuneConfig", "MagnitudeConfig", "MethodConfig", "StageContext", "compress_", "load"]

@@ -1,0 +1,306 @@
+"""The `compress` command: argument parsing, progress display and error presentation only."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import CompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress pretrained checkpoints (timm, Hugging Face) into truly small safetensors.")
+out_console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+CheckpointArg = Annotated[str, typer.Argument(help="HF/timm/compressed directory, `timm:ARCH` (with --weights) or `ref:NAME`.")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Weights for a `timm:ARCH` checkpoint.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="digits | mnist1d | pydoc | text:FILE | imagefolder:DIR.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size for calibration, fine-tuning and eval.")]
+
+
+class RichProgress:
+    """The library's progress interface drawn with rich, on stderr so --json stdout stays clean."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Any]:
+        if not self.enabled:
+            yield _NoTask()
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+        with Progress(*columns, console=err_console, transient=False) as bar:
+            task_id = bar.add_task(description, total=total, info="")
+            yield _RichTask(bar, task_id)
+            if total is None:
+                bar.update(task_id, total=1, completed=1)
+
+
+class _RichTask:
+    def __init__(self, bar: Progress, task_id: int):
+        self.bar, self.task_id = bar, task_id
+
+    def advance(self, n: int = 1, **info: float) -> None:
+        text = " ".join(f"{k} {v:.4g}" for k, v in info.items())
+        self.bar.update(self.task_id, advance=n, info=text)
+
+
+class _NoTask:
+    def advance(self, n: int = 1, **info: float) -> None:
+        pass
+
+
+@app.callback()
+def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+                 verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@app.command()
+def run(checkpoint: CheckpointArg,
+        recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe file, or a bundled recipe name.")],
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (written atomically).")] = None,
+        weights: WeightsOpt = None, data: DataOpt = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: STAGE.KEY=VALUE.")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each stage matches and the sizes; write nothing.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+        device: DeviceOpt = "auto", batch_size: BatchOpt = 16,
+        eval_examples: Annotated[Optional[int], typer.Option("--eval-examples", help="Cap on held-out examples.")] = None,
+        no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the original-vs-compressed evaluation.")] = False,
+        seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False) -> None:
+    """Compress CHECKPOINT with a recipe, recover, export to OUT, verify the reload and report."""
+    from .checkpoint import load_checkpoint
+    from .pipeline import RunOptions, run_recipe
+    from .recipe import load_recipe
+
+    if out is None and not dry_run:
+        raise CompressError("no output directory given", "pass --out DIR (or --dry-run to only look)")
+    if out is not None and out.exists() and not force and not dry_run:
+        raise CompressError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
+    resolved = load_recipe(recipe, set_)
+    progress = RichProgress(enabled=not as_json)
+    with progress.task("loading checkpoint"):
+        ckpt = load_checkpoint(checkpoint, weights)
+    options = RunOptions(data=data, batch_size=batch_size, eval_examples=eval_examples, device=device, seed=seed,
+                         dry_run=dry_run, evaluate=not no_eval)
+    result = run_recipe(ckpt, resolved, out, options, progress, force=force)
+    if dry_run:
+        if as_json:
+            _emit_json({"dry_run": True, "stages": result.plan})
+        else:
+            _print_plan(result.plan)
+        return
+    if as_json:
+        _emit_json({"out": str(out), "report": result.report})
+    else:
+        _print_report(result.report, out)
+
+
+@app.command("eval")
+def eval_(checkpoint: CheckpointArg,
+          baseline: Annotated[Optional[str], typer.Option("--baseline", help="The original, to compare side by side.")] = None,
+          data: DataOpt = None, weights: WeightsOpt = None,
+          baseline_weights: Annotated[Optional[Path], typer.Option("--baseline-weights", help="Weights for a timm:ARCH baseline.")] = None,
+          examples: Annotated[Optional[int], typer.Option("--examples", help="Cap on held-out examples.")] = None,
+          device: DeviceOpt = "auto", batch_size: BatchOpt = 32, as_json: JsonOpt = False) -> None:
+    """Accuracy (or cosine / perplexity) of CHECKPOINT beside its original, on the same held-out data."""
+    from .checkpoint import load_checkpoint
+    from .evaluate import compare
+    from .pipeline import RunOptions, pick_device, prepare_data
+    from .tasks import task_for
+
+    progress = RichProgress(enabled=not as_json)
+    dev = pick_device(device)
+    with progress.task("loading checkpoints"):
+        ckpt = load_checkpoint(checkpoint, weights)
+        base = load_checkpoint(baseline, baseline_weights) if baseline else None
+    task = task_for(ckpt.kind, ckpt.model)
+    if task.name == "text-encoder" and base is None:
+        raise CompressError("an encoder is judged by embedding cosine to its original", "pass --baseline ORIGINAL")
+    batcher, splits, spec = prepare_data(ckpt, task, RunOptions(data=data))
+    batches = batcher.batches(splits.eval, batch_size, examples)
+    with progress.task("evaluating"):
+        result = {"data": spec, "checkpoint": checkpoint, "baseline": baseline,
+                  **compare(base.model.to(dev) if base else None, ckpt.model.to(dev), task, batches, dev)}
+    if as_json:
+        _emit_json(result)
+    else:
+        _print_eval(result)
+
+
+@app.command()
+def inspect(path: Annotated[str, typer.Argument(help="A checkpoint directory, a .safetensors file, or ref:NAME.")],
+            top: Annotated[int, typer.Option("--top", help="Show the N largest layers (0: all).")] = 0,
+            as_json: JsonOpt = False) -> None:
+    """Where the memory goes, layer by layer, read from the safetensors header(s)."""
+    from .report import human_bytes, inspect_path
+
+    if path.startswith("ref:"):
+        from .references import reference_path
+
+        path = str(reference_path(path[4:]))
+    result = inspect_path(Path(path))
+    if as_json:
+        _emit_json(result)
+        return
+    rows = result["layers"]
+    if top:
+        rows = sorted(rows, key=lambda r: -r["bytes"])[:top]
+    table = Table(title=f"{path}")
+    for col in ("layer", "shape", "codec", "params (non-zero)", "dense params", "bytes", "ratio"):
+        table.add_column(col, justify="right" if col not in ("layer", "codec") else "left")
+    for r in rows:
+        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["codec"], f"{r['stored_params']:,}",
+                      f"{r['dense_params']:,}", human_bytes(r["bytes"]), f"{r['ratio']:.3f}")
+    t = result["totals"]
+    table.add_row("total", "", "", f"{t['stored_params']:,}", f"{t['dense_params']:,}", human_bytes(t["file_bytes"]),
+                  f"{t['ratio']:.3f}", style="bold")
+    out_console.print(table)
+
+
+@app.command()
+def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe in full.")] = None,
+            as_json: JsonOpt = False) -> None:
+    """The bundled recipes and what each does; with NAME, the recipe with every default filled in."""
+    from .methods import METHODS
+    from .recipe import bundled_recipes, load_recipe
+
+    if name:
+        recipe = load_recipe(name)
+        if as_json:
+            _emit_json(recipe.to_dict())
+        else:
+            out_console.print(f"[bold]{name}[/]: {recipe.description}\n")
+            out_console.print(recipe.to_yaml(), markup=False)
+        return
+    listing = [{"name": n, "description": load_recipe(n).description} for n in bundled_recipes()]
+    methods = [{"method": m, "summary": METHODS.get(m).summary} for m in METHODS.names()]
+    if as_json:
+        _emit_json({"recipes": listing, "methods": methods})
+        return
+    table = Table(title="bundled recipes (compress run CHECKPOINT --recipe NAME)")
+    table.add_column("name")
+    table.add_column("what it does")
+    for item in listing:
+        table.add_row(item["name"], item["description"])
+    out_console.print(table)
+    methods_table = Table(title="methods a recipe stage can use")
+    methods_table.add_column("method")
+    methods_table.add_column("what it does")
+    for item in methods:
+        methods_table.add_row(item["method"], item["summary"])
+    out_console.print(methods_table)
+
+
+@app.command()
+def reference(name: Annotated[str, typer.Argument(help="minilm or digits-vit.")],
+              retrain: Annotated[bool, typer.Option("--retrain", help="Train the digits ViT again.")] = False) -> None:
+    """Print the directory of a reference checkpoint, building it first if needed (digits-vit)."""
+    from .references import cache_dir, reference_path, train_digits_vit
+
+    if retrain and name == "digits-vit":
+        with RichProgress(True).task("training the digits ViT"):
+            info = train_digits_vit(cache_dir() / "digits-vit", force=True)
+        err_console.print(f"eval accuracy {info['eval_accuracy']:.4f} in {info['train_seconds']} s")
+    elif name == "digits-vit" and not (cache_dir() / "digits-vit" / "model.safetensors").is_file():
+        with RichProgress(True).task("training the digits ViT (first use)"):
+            reference_path(name)
+    out_console.print(str(reference_path(name)))
+
+
+# ----------------------------------------------------------------------------- presentation
+
+def _print_plan(plan: list[dict[str, Any]]) -> None:
+    from .report import human_bytes
+
+    for step in plan:
+        table = Table(title=f"stage {step['stage']}: {step['method']} ({len(step['modules'])} modules)")
+        table.add_column("")
+        table.add_column("params", justify="right")
+        table.add_column("bytes", justify="right")
+        table.add_row("before", f"{step['params_before']:,}", human_bytes(step["bytes_before"]))
+        table.add_row("after", f"{step['params_after']:,}", human_bytes(step["bytes_after"]))
+        out_console.print(table)
+        shown = step["modules"][:8]
+        more = f" (+{len(step['modules']) - 8} more)" if len(step["modules"]) > 8 else ""
+        out_console.print("  matches: " + (", ".join(shown) + more if shown else "the whole model (trains all parameters)"))
+
+
+def _print_eval(result: dict[str, Any]) -> None:
+    table = Table(title=f"{result['task']} on {result['data']} ({result['examples']} held-out)")
+    for col in ("metric", "original", "compressed"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for m in result["metrics"]:
+        table.add_row(m["name"], "-" if m["original"] is None else f"{m['original']:.4f}", f"{m['compressed']:.4f}")
+    out_console.print(table)
+    if "paired" in result:
+        p = result["paired"]
+        out_console.print(f"paired accuracy difference {p['delta']:+.4f} (95% CI {p['ci95'][0]:+.4f} .. {p['ci95'][1]:+.4f}); "
+                          f"only original right: {p['only_original_right']}, only compressed right: {p['only_compressed_right']}")
+
+
+def _print_report(report: dict[str, Any], out: Path) -> None:
+    from .report import human_bytes
+
+    t, m = report["memory"]["targeted"], report["memory"]["model"]
+    table = Table(title=f"{report['source']['name']} -> {out}")
+    for col in ("", "dense params", "stored params", "dense bytes", "on disk", "ratio"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("targeted layers", f"{t['dense_params']:,}", f"{t['stored_params']:,}", human_bytes(t["dense_bytes"]),
+                  human_bytes(t["actual_bytes"]), f"{t['ratio']:.3f}")
+    table.add_row("whole model", f"{m['dense_params']:,}", f"{m['stored_params']:,}", human_bytes(m["dense_bytes"]),
+                  human_bytes(m["file_bytes"]), f"{m['ratio']:.3f}")
+    out_console.print(table)
+    if report.get("eval"):
+        _print_eval(report["eval"])
+    out_console.print(f"reload check: max abs diff {report['reload']['max_abs_diff']:.3g}; "
+                      f"report: {out / 'report.md'}")
+
+
+def main() -> None:
+    """Entry point: one line on stderr per error, non-zero exit, traceback only with --debug."""
+    try:
+        app(standalone_mode=False)
+    except CompressError as err:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]: nothing was written", highlight=False)
+        sys.exit(130)
+    except typer.Abort:
+        err_console.print("[red]interrupted[/]: nothing was written", highlight=False)
+        sys.exit(130)
+    except Exception as err:  # a click usage error, or a bug
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/] {type(err).__name__}: {err} (run with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)

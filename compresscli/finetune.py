@@ -1,0 +1,110 @@
+"""Recovery training: distillation from the original model, plus cross-entropy when labels exist.
+
+AdamW with linear warm-up and cosine decay; bf16 autocast on CUDA. Compressed layers keep their
+structure (masks, shared memories) because the structure lives in the modules' forward, so only
+the kept values learn. A NaN/inf loss stops the run with DivergedError: nothing gets written.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DivergedError
+from .methods.base import MethodConfig, StageContext, register_method
+
+
+@dataclass
+class FinetuneConfig(MethodConfig):
+    method = "finetune"
+    default_targets = ()  # no targets: every parameter of the model trains
+    compresses = False
+    steps: int = 200  # optimiser steps (batches drawn cyclically from the train split)
+    lr: float = 1.0e-4  # peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled decay
+    warmup: float = 0.05  # fraction of steps with linear warm-up
+    temperature: float = 2.0  # softening of logits for the KL term
+    label_weight: float = 0.5  # weight of the label cross-entropy (when the data has labels); 1 - it for distillation
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be in [0, 1) (a fraction of steps), got {self.warmup}")
+        if not 0 <= self.label_weight <= 1:
+            raise ValueError(f"label_weight must be in [0, 1], got {self.label_weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def recover(model: nn.Module, params: list[nn.Parameter], config: FinetuneConfig, ctx: StageContext) -> dict[str, Any]:
+    """Train `params` of `model` to match `ctx.teacher` on `ctx.train`. Returns loss statistics."""
+    if config.steps == 0 or ctx.dry_run:
+        return {"steps": 0}
+    if not ctx.train:
+        raise ValueError("fine-tuning needs training data, but the train split is empty")
+    task, teacher, device = ctx.task, ctx.teacher, ctx.device
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup_steps = int(config.warmup * config.steps)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    with ctx.progress.task("fine-tune", total=config.steps) as bar:
+        for step in range(config.steps):
+            if not order:
+                order = torch.randperm(len(ctx.train), generator=generator).tolist()
+            batch = _to(ctx.train[order.pop()], device)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, config.steps, warmup_steps)
+            with autocast:
+                with torch.no_grad():
+                    target = task.outputs(teacher, batch)
+                out = task.outputs(model, batch)
+                loss = task.distill_loss(out, target, batch, config.temperature)
+                label_loss = task.label_loss(out, batch)
+                if label_loss is not None:
+                    loss = (1 - config.label_weight) * loss + config.label_weight * label_loss
+            if not torch.isfinite(loss):
+                raise DivergedError(f"fine-tuning diverged at step {step} (loss {loss.item()})",
+                                    f"lower finetune lr (now {config.lr:g}) or check the data; nothing was written")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.advance(1, loss=losses[-1])
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps": config.steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+
+
+@register_method(FinetuneConfig, "recovery training by distillation from the original (+ labels when present)")
+def finetune(model: nn.Module, selected: dict[str, nn.Module], config: FinetuneConfig,
+             ctx: StageContext) -> dict[str, Any]:
+    """With no targets every parameter trains; with targets, only the parameters of those layers."""
+    params = list({id(p): p for m in selected.values() for p in m.parameters()}.values()) or list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return recover(model, params, config, ctx)

@@ -1,0 +1,63 @@
+"""The codec contract shared by every compressed layer, and the registry that rebuilds them on load."""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+
+class Codec(str, Enum):
+    """Every storage format, named once. The value is what `__metadata__` records per layer."""
+
+    SPARSE_LINEAR = "sparse_linear"
+    SPARSE_CONV2D = "sparse_conv2d"
+
+
+class CompressedModule(nn.Module):
+    """A layer with an exact, pure storage codec.
+
+    `to_tensors()` returns the tensors to store (names relative to the layer) and `codec_params()`
+    the JSON-able parameters needed to rebuild it; `from_tensors()` inverts both. Neither mutates
+    the module, and the rebuilt layer computes exactly what the original computed.
+    """
+
+    codec: ClassVar[Codec]
+    codec_version: ClassVar[int] = 1
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def codec_params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "CompressedModule":
+        raise NotImplementedError
+
+    @classmethod
+    def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
+        """The tensor names `from_tensors` needs, so a loader can name what is missing or extra."""
+        raise NotImplementedError
+
+    def stored_parameters(self) -> int:
+        """Parameters as stored: non-zeros for sparse layers, shared memory for hashed ones."""
+        raise NotImplementedError
+
+    def dense_equivalent(self) -> dict[str, torch.Size]:
+        """Shapes of the dense tensors this layer replaces (for ratios against dense)."""
+        raise NotImplementedError
+
+
+CODECS: Registry[type[CompressedModule]] = Registry("codec")
+
+
+def register_codec(cls: type[CompressedModule]) -> type[CompressedModule]:
+    return CODECS.register(cls.codec.value)(cls)
+
+
+def codec_for(name: str) -> type[CompressedModule]:
+    return CODECS.get(name)

@@ -1,0 +1,143 @@
+"""Masked Linear / Conv2d: a fixed mask during recovery, stored as values + bitmask (or CSR)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import sparse_codec
+from .base import Codec, CompressedModule, register_codec
+
+
+class _SparseWeight(CompressedModule):
+    """Shared by the sparse layer types: a `mask` buffer, fixed after pruning.
+
+    The weight stays a dense parameter in memory so recovery can train the kept entries; the
+    masked product in `forward` keeps pruned entries at exactly zero and their gradients at zero.
+    """
+
+    mask: torch.Tensor
+    storage_format: str = "auto"  # "bitmask", "csr", or "auto": whichever is smaller on disk
+
+    def _init_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            mask = torch.ones_like(self.weight, dtype=torch.bool)
+        self.register_buffer("mask", mask.to(device=self.weight.device, dtype=torch.bool))
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def stored_parameters(self) -> int:
+        return int(self.mask.sum()) + (self.bias.numel() if self.bias is not None else 0)
+
+    def dense_equivalent(self) -> dict[str, torch.Size]:
+        shapes = {"weight": self.weight.shape}
+        if self.bias is not None:
+            shapes["bias"] = self.bias.shape
+        return shapes
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        fmt, encoded = sparse_codec.encode(self.weight, self.mask, self.storage_format)
+        tensors = {f"weight.{k}": v for k, v in encoded.items()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.detach()
+        return tensors
+
+    def _weight_params(self) -> dict[str, Any]:
+        rows = self.weight.shape[0]
+        nnz = int(self.mask.sum())
+        fmt = sparse_codec.choose_format(rows, self.weight[0].numel(), nnz, self.weight.element_size(), self.storage_format)
+        return {"format": fmt, "weight_shape": list(self.weight.shape), "bias": self.bias is not None,
+                "nnz": nnz, "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
+        names = {f"weight.{k}" for k in sparse_codec.TENSORS_BY_FORMAT[params["format"]]}
+        return names | ({"bias"} if params["bias"] else set())
+
+    @classmethod
+    def _decode_weight(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = {k.removeprefix("weight."): v for k, v in tensors.items() if k.startswith("weight.")}
+        return sparse_codec.decode(params["format"], encoded, tuple(params["weight_shape"]))
+
+
+@register_codec
+class SparseLinear(nn.Linear, _SparseWeight):
+    codec = Codec.SPARSE_LINEAR
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, mask: torch.Tensor | None = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_mask(mask)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor) -> "SparseLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mask=mask,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight * layer.mask)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)  # (..., in) -> (..., out)
+
+    def codec_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, **self._weight_params()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "SparseLinear":
+        weight, mask = cls._decode_weight(tensors, params)
+        layer = cls(params["in_features"], params["out_features"], params["bias"], mask=mask, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if params["bias"]:
+                layer.bias.copy_(tensors["bias"])
+        return layer
+
+
+@register_codec
+class SparseConv2d(nn.Conv2d, _SparseWeight):
+    codec = Codec.SPARSE_CONV2D
+    _CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode")
+
+    def __init__(self, *args, mask: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask(mask)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor) -> "SparseConv2d":
+        kwargs = {name: getattr(conv, name) for name in cls._CONV_ARGS}
+        layer = cls(**kwargs, bias=conv.bias is not None, mask=mask, device=conv.weight.device,
+                    dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight * layer.mask)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(), self.bias)  # (B, C, H, W) -> (B, O, H', W')
+
+    def codec_params(self) -> dict[str, Any]:
+        conv = {name: (list(v) if isinstance(v, tuple) else v) for name in self._CONV_ARGS
+                for v in [getattr(self, name)]}
+        return {**conv, **self._weight_params()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "SparseConv2d":
+        weight, mask = cls._decode_weight(tensors, params)
+        kwargs = {name: (tuple(params[name]) if isinstance(params[name], list) else params[name])
+                  for name in cls._CONV_ARGS}
+        layer = cls(**kwargs, bias=params["bias"], mask=mask, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if params["bias"]:
+                layer.bias.copy_(tensors["bias"])
+        return layer

@@ -1,0 +1,92 @@
+"""Exact encodings of a sparse weight: values + packed bitmask, or CSR. Never dense zeros.
+
+Bitmask costs 1 bit per dense element plus the values; CSR costs an index per non-zero plus a
+row pointer. `encode` picks whichever is smaller for the given mask, so bytes follow sparsity.
+"""
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (any shape, row-major) into uint8, 8 elements per byte, MSB first."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.view(-1, 1) >> shifts) & 1
+    return bits.view(-1)[:numel].bool()
+
+
+def index_dtype(size: int) -> torch.dtype:
+    """The smallest signed integer type that can index `size` positions."""
+    return torch.int16 if size <= 32767 else torch.int32
+
+
+def bitmask_bytes(numel: int, nnz: int, value_bytes: int) -> int:
+    return nnz * value_bytes + (numel + 7) // 8
+
+
+def csr_bytes(rows: int, cols: int, nnz: int, value_bytes: int) -> int:
+    index_bytes = torch.empty(0, dtype=index_dtype(cols)).element_size()
+    return nnz * (value_bytes + index_bytes) + (rows + 1) * 4
+
+
+def choose_format(rows: int, cols: int, nnz: int, value_bytes: int, fmt: str = "auto") -> str:
+    """`fmt` itself, or for "auto" whichever of bitmask and CSR takes fewer bytes."""
+    if fmt != "auto":
+        return fmt
+    smaller_as_bitmask = bitmask_bytes(rows * cols, nnz, value_bytes) <= csr_bytes(rows, cols, nnz, value_bytes)
+    return "bitmask" if smaller_as_bitmask else "csr"
+
+
+def encode(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -> tuple[str, dict[str, torch.Tensor]]:
+    """Encode the masked entries of `weight` (viewed as rows x cols) in the smaller format."""
+    weight2d = weight.detach().reshape(weight.shape[0], -1)
+    mask2d = mask.reshape(weight2d.shape).bool()
+    rows, cols = weight2d.shape
+    fmt = choose_format(rows, cols, int(mask2d.sum()), weight.element_size(), fmt)
+    values = weight2d[mask2d].contiguous()  # row-major order, the order both decoders expect
+    if fmt == "bitmask":
+        return fmt, {"values": values, "mask": pack_bits(mask2d)}
+    if fmt == "csr":
+        row_counts = mask2d.sum(1)
+        row_ptr = torch.zeros(rows + 1, dtype=torch.int32)
+        row_ptr[1:] = torch.cumsum(row_counts.cpu(), 0).to(torch.int32)
+        col_idx = mask2d.nonzero()[:, 1].to(index_dtype(cols)).contiguous()
+        return fmt, {"values": values, "col_idx": col_idx, "row_ptr": row_ptr}
+    raise ValueError(f"unknown sparse format {fmt!r}")
+
+
+def decode(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `encode`: the dense weight (zeros where pruned) and its bool mask."""
+    rows = shape[0]
+    cols = 1
+    for s in shape[1:]:
+        cols *= s
+    values = tensors["values"]
+    if fmt == "bitmask":
+        mask2d = unpack_bits(tensors["mask"], rows * cols).view(rows, cols)
+    elif fmt == "csr":
+        row_ptr = tensors["row_ptr"].long()
+        col_idx = tensors["col_idx"].long()
+        row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), row_ptr.diff())
+        mask2d = torch.zeros(rows, cols, dtype=torch.bool, device=values.device)
+        mask2d[row_of, col_idx] = True
+    else:
+        raise ValueError(f"unknown sparse format {fmt!r}")
+    if int(mask2d.sum()) != values.numel():
+        raise ValueError(f"{fmt} mask selects {int(mask2d.sum())} entries but {values.numel()} values are stored")
+    dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    dense[mask2d] = values
+    return dense.view(shape), mask2d.view(shape)
+
+
+TENSORS_BY_FORMAT = {"bitmask": {"values", "mask"}, "csr": {"values", "col_idx", "row_ptr"}}
