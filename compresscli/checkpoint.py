@@ -146,7 +146,7 @@ def _load_hf_dir(path: Path, config: dict[str, Any]) -> Checkpoint:
     model = build_model("hf", config)
     load_weights_strict(model, _align_prefix(tensors, model), str(path))
     conv1d_to_linear(model)
-    return Checkpoint(model.eval(), "hf", config, path.name, directory=path,
+    return Checkpoint(model.eval(), "hf", config, str(path), directory=path,
                       file_bytes=sum(f.stat().st_size for f in files))
 
 
@@ -164,12 +164,19 @@ def _align_prefix(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 def _timm_create(arch: str, **kwargs: Any) -> nn.Module:
     import timm
 
-    if not timm.is_model(arch):
-        raise CheckpointError(f"unknown timm architecture {arch!r}", did_you_mean(arch, timm.list_models()))
+    _check_timm_arch(arch)
     return timm.create_model(arch, pretrained=False, **kwargs)
 
 
+def _check_timm_arch(arch: str) -> None:
+    import timm
+
+    if not timm.is_model(arch):
+        raise CheckpointError(f"unknown timm architecture {arch!r}", did_you_mean(arch, timm.list_models()))
+
+
 def _load_timm_arch(arch: str, weights: Path) -> Checkpoint:
+    _check_timm_arch(arch)  # before reading a possibly large file
     tensors, _ = read_tensors(weights)
     model = _timm_create(arch)
     head = model.pretrained_cfg.get("classifier", "head")
@@ -191,7 +198,7 @@ def _load_timm_dir(path: Path, config: dict[str, Any]) -> Checkpoint:
     model = _timm_create(config["architecture"], num_classes=config.get("num_classes", 1000),
                          **config.get("model_args", {}))
     load_weights_strict(model, tensors, str(weights))
-    return Checkpoint(model.eval(), "timm", config, path.name, directory=path, file_bytes=weights.stat().st_size)
+    return Checkpoint(model.eval(), "timm", config, str(path), directory=path, file_bytes=weights.stat().st_size)
 
 
 def load_compressed(path: Path) -> Checkpoint:
@@ -207,5 +214,5 @@ def load_compressed(path: Path) -> Checkpoint:
     model = build_model(kind, config)
     conv1d_to_linear(model)  # compressed checkpoints are always stored in the Linear layout
     tensors_to_model(model, tensors, metadata, str(weights))
-    return Checkpoint(model.eval(), kind, config, path.name, directory=path, compression=compression,
+    return Checkpoint(model.eval(), kind, config, str(path), directory=path, compression=compression,
                       file_bytes=weights.stat().st_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -42,20 +43,24 @@ class RichProgress:
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
-        with Progress(*columns, console=err_console, transient=False) as bar:
-            task_id = bar.add_task(description, total=total, info="")
-            yield _RichTask(bar, task_id)
-            if total is None:
-                bar.update(task_id, total=1, completed=1)
+        started = time.monotonic()
+        # Transient, so a failed step leaves only the one-line error behind; success leaves a summary.
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = _RichTask(bar, bar.add_task(description, total=total, info=""))
+            yield task
+        err_console.print(f"[green]done[/] {description} {task.info} ({time.monotonic() - started:.1f} s)",
+                          highlight=False)
 
 
 class _RichTask:
     def __init__(self, bar: Progress, task_id: int):
         self.bar, self.task_id = bar, task_id
 
+        self.info = ""
+
     def advance(self, n: int = 1, **info: float) -> None:
-        text = " ".join(f"{k} {v:.4g}" for k, v in info.items())
-        self.bar.update(self.task_id, advance=n, info=text)
+        self.info = " ".join(f"{k} {v:.4g}" for k, v in info.items())
+        self.bar.update(self.task_id, advance=n, info=self.info)
 
 
 class _NoTask:
@@ -279,16 +284,17 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
 def main() -> None:
     """Entry point: one line on stderr per error, non-zero exit, traceback only with --debug."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click turns Ctrl-C into exit code 130 here
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CompressError as err:
         if _state["debug"]:
             raise
         err_console.print(f"[red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/]: nothing was written", highlight=False)
-        sys.exit(130)
-    except typer.Abort:
         err_console.print("[red]interrupted[/]: nothing was written", highlight=False)
         sys.exit(130)
     except Exception as err:  # a click usage error, or a bug

@@ -89,9 +89,10 @@ def split(examples: Examples) -> Splits:
 
 
 def _paragraphs(text: str) -> list[str]:
-    """Paragraphs of real prose, whitespace folded; very short lines (headings, code) are dropped."""
+    """Paragraphs of real prose, whitespace folded; very short lines (headings, code) are dropped, and
+    repeats too, so that no paragraph can land in two splits."""
     paras = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
-    return [p for p in paras if len(p) >= 40]
+    return list(dict.fromkeys(p for p in paras if len(p) >= 40))
 
 
 def _mnist1d() -> Examples:

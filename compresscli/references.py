@@ -52,7 +52,7 @@ def reference_path(name: str) -> Path:
     raise CheckpointError(f"unknown reference {name!r}", did_you_mean(name, REFERENCES))
 
 
-def train_digits_vit(out: Path, epochs: int = 60, seed: int = 0, force: bool = False) -> dict[str, float]:
+def train_digits_vit(out: Path, epochs: int = 150, seed: int = 0, force: bool = False) -> dict[str, float]:
     """Train the digits ViT on the train+calibration split; returns its accuracy on the eval split."""
     import timm
     from safetensors.torch import save_file
@@ -96,11 +96,10 @@ def train_digits_vit(out: Path, epochs: int = 60, seed: int = 0, force: bool = F
 
 
 def _shift(images: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
-    """Random translation by up to one pixel: the only augmentation 8x8 digits need."""
+    """Random translation by up to one pixel per image: the only augmentation 8x8 digits need."""
+    b, _, h, w = images.shape
     padded = F.pad(images, (max_shift,) * 4)
-    out = torch.empty_like(images)
-    h, w = images.shape[-2:]
-    for i in range(len(images)):
-        dy, dx = torch.randint(0, 2 * max_shift + 1, (2,)).tolist()
-        out[i] = padded[i, :, dy:dy + h, dx:dx + w]
-    return out
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b, 1))
+    rows = (torch.arange(h) + dy)[:, :, None]  # (B, H, 1)
+    cols = (torch.arange(w) + dx)[:, None, :]  # (B, 1, W)
+    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)

@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: it comes from local disk; a plain PyPI torchvision beside another torch breaks timm.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Compress the real pretrained MiniLM (50% of its MLP weights pruned, distilled), evaluate, show the report.
+demo: install
+	$(VENV)/bin/compress run ref:minilm --recipe magnitude-50 --out out/minilm-magnitude-50 --force
+	$(VENV)/bin/compress inspect out/minilm-magnitude-50 --top 8
+	cat out/minilm-magnitude-50/report.md
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+bench: install
+	$(PY) benchmarks/magnitude_recovery.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,110 @@
+"""Shared fixtures: the real checkpoints (MiniLM, the digits ViT) and tiny models built from config."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("COMPRESSCLI_CACHE", str(REPO / ".cache" / "compresscli"))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from compresscli.references import reference_path
+
+    return reference_path("minilm")
+
+
+@pytest.fixture(scope="session")
+def digits_vit_dir() -> Path:
+    """The real trained digits ViT (trained once, then cached)."""
+    from compresscli.references import reference_path
+
+    return reference_path("digits-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny BERT, GPT-2 and Llama checkpoints written as Hugging Face directories (random weights)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("tiny-hf")
+    configs = {
+        "bert": transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, architectures=["BertModel"]),
+        "gpt2": transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                        architectures=["GPT2LMHeadModel"]),
+        "llama": transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                          architectures=["LlamaForCausalLM"]),
+    }
+    dirs = {}
+    torch.manual_seed(0)
+    for name, config in configs.items():
+        model = getattr(transformers, config.architectures[0])(config)
+        path = root / name
+        path.mkdir()
+        config.save_pretrained(path)
+        state, seen = {}, set()
+        for key, value in model.state_dict().items():  # store tied tensors once, as HF does
+            if value.data_ptr() in seen:
+                continue
+            seen.add(value.data_ptr())
+            state[key] = value.contiguous()
+        save_file(state, str(path / "model.safetensors"))
+        dirs[name] = path
+    return dirs
+
+
+def tiny_timm(arch: str = "vit_tiny_patch16_224", **kwargs):
+    import timm
+
+    defaults = {"vit_tiny_patch16_224": dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                             num_classes=5),
+                "swin_tiny_patch4_window7_224": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                                     depths=(1, 1), num_heads=(1, 2), num_classes=5)}
+    torch.manual_seed(0)
+    return timm.create_model(arch, pretrained=False, **{**defaults.get(arch, {}), **kwargs})
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `compress ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from compresscli.cli import main
+
+    argv = sys.argv
+    sys.argv = ["compress", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def load_json(text: str):
+    return json.loads(text)

@@ -1,0 +1,95 @@
+"""Round trips through the file format on every model family we support, plus strict loading."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from compresscli import MagnitudeConfig, compress_, load
+from compresscli.checkpoint import load_checkpoint
+from compresscli.errors import CheckpointError
+from compresscli.pipeline import RunOptions, run_recipe
+from compresscli.recipe import parse_recipe
+
+RECIPE = "stages:\n  - method: magnitude\n    targets: [mlp, attention]\n    params: {sparsity: 0.6}\n"
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_hf_dirs):
+    root = tmp_path_factory.mktemp("out")
+    result = {}
+    for name, path in tiny_hf_dirs.items():
+        ckpt = load_checkpoint(path)
+        run = run_recipe(ckpt, parse_recipe(RECIPE), root / name, RunOptions(evaluate=False))
+        result[name] = (root / name, run.model)
+    return result
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_round_trip_is_exact(outputs, name):
+    out, model = outputs[name]
+    rebuilt = load(out)
+    ids = torch.randint(0, 99, (2, 9))
+    a, b = model.eval()(input_ids=ids), rebuilt(input_ids=ids)
+    key = "logits" if hasattr(a, "logits") else "last_hidden_state"
+    assert torch.equal(getattr(a, key), getattr(b, key))
+
+
+def test_tied_weights_are_stored_once(outputs):
+    out, _ = outputs["gpt2"]
+    tensors = load_file(out / "model.safetensors")
+    assert "transformer.wte.weight" in tensors and "lm_head.weight" not in tensors
+    model = load(out)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_no_dense_zeros_in_the_file(outputs):
+    out, model = outputs["llama"]
+    tensors = load_file(out / "model.safetensors")
+    values = tensors["model.layers.0.mlp.up_proj.weight.values"]
+    assert values.numel() == int(model.model.layers[0].mlp.up_proj.mask.sum()) < 48 * 32
+    assert (values != 0).all() and "model.layers.0.mlp.up_proj.weight" not in tensors
+
+
+def _rewrite(out, tmp_path, edit):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    from safetensors import safe_open
+
+    with safe_open(str(copy / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(copy / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(copy / "model.safetensors"), metadata=metadata)
+    return copy
+
+
+def test_missing_tensor_is_named(outputs, tmp_path):
+    out, _ = outputs["bert"]
+    copy = _rewrite(out, tmp_path, lambda t: t.pop("encoder.layer.1.output.dense.weight.mask"))
+    with pytest.raises(CheckpointError, match=r"encoder.layer.1.output.dense.*missing tensors.*weight.mask"):
+        load(copy)
+
+
+def test_unexpected_tensor_is_named(outputs, tmp_path):
+    out, _ = outputs["bert"]
+    copy = _rewrite(out, tmp_path, lambda t: t.__setitem__("stowaway", torch.zeros(1)))
+    with pytest.raises(CheckpointError, match="unexpected tensors \\['stowaway'\\]"):
+        load(copy)
+
+
+def test_compresses_in_place_with_a_filter(tiny_hf_dirs):
+    model = load_checkpoint(tiny_hf_dirs["bert"]).model
+    stats = compress_(model, MagnitudeConfig(sparsity=0.5), lambda m, n: n.endswith("intermediate.dense"))
+    assert stats["layers"] == 2
+
+
+def test_metadata_records_format_and_codecs(outputs):
+    from compresscli.safetensors_io import read_header
+
+    _, metadata = read_header(outputs["bert"][0] / "model.safetensors")
+    layers = json.loads(metadata["layers"])
+    assert metadata["format"] == "compresscli" and metadata["format_version"] == "1"
+    assert {m["codec"] for m in layers.values()} == {"sparse_linear"} and len(layers) == 12
