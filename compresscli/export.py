@@ -16,6 +16,7 @@ from .modules import CompressedModule, codec_for
 
 FORMAT_NAME = "compresscli"
 FORMAT_VERSION = "1"
+SHARED_PREFIX = "shared."  # tensors owned by several layers, stored once
 
 
 def compressed_layers(model: nn.Module) -> dict[str, CompressedModule]:
@@ -30,7 +31,12 @@ def model_to_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     for name, layer in layers.items():
         for key, value in layer.to_tensors().items():
             tensors[f"{name}.{key}"] = value
-        layer_meta[name] = {"codec": layer.codec.value, "version": layer.codec_version, "params": layer.codec_params(),
+        shared = layer.shared_tensors()
+        for key, value in shared.items():
+            stored = tensors.setdefault(f"{SHARED_PREFIX}{key}", value)
+            if stored is not value:
+                raise ValueError(f"two different tensors claim the shared name {key!r}")
+        layer_meta[name] = {"shared": sorted(shared),"codec": layer.codec.value, "version": layer.codec_version, "params": layer.codec_params(),
                             "stored_params": layer.stored_parameters(),
                             "dense_shapes": {k: list(v) for k, v in layer.dense_equivalent().items()}}
 
@@ -77,6 +83,9 @@ def tensors_to_model(model: nn.Module, tensors: dict[str, torch.Tensor], metadat
     """
     layer_meta, tied = parse_metadata(metadata, where)
     remaining = dict(tensors)
+    shared = {k[len(SHARED_PREFIX):]: nn.Parameter(remaining.pop(k)) for k in list(remaining)
+              if k.startswith(SHARED_PREFIX)}
+    used_shared: set[str] = set()
     for name, meta in layer_meta.items():
         cls = codec_for(meta["codec"])
         if meta.get("version", 1) > cls.codec_version:
@@ -94,12 +103,15 @@ def tensors_to_model(model: nn.Module, tensors: dict[str, torch.Tensor], metadat
         except AttributeError:
             raise CheckpointError(f"{where}: compressed layer {name} does not exist in the architecture",
                                   "the config.json does not match model.safetensors") from None
-        layer = cls.from_tensors(own, meta["params"])
-        old = model.get_submodule(name)
-        old_param = next(old.parameters(), None)
-        if old_param is not None:
-            layer = layer.to(old_param.device)
-        replace_module(model, name, layer)
+        wanted = cls.expected_shared(meta["params"])
+        if wanted - set(shared):
+            raise CheckpointError(f"{where}: layer {name} needs shared tensors "
+                                  f"{sorted(SHARED_PREFIX + k for k in wanted - set(shared))}", "the file is incomplete; re-export it")
+        used_shared.update(wanted)
+        replace_module(model, name, cls.from_tensors(own, meta["params"], {k: shared[k] for k in wanted}))
+    if set(shared) - used_shared:
+        raise CheckpointError(f"{where}: unexpected shared tensors {sorted(set(shared) - used_shared)[:5]}",
+                              "the config.json does not match model.safetensors")
 
     covered = tuple(f"{name}." for name in layer_meta)
     expected_dense = {k: v for k, v in model.state_dict().items() if not k.startswith(covered)}

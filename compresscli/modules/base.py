@@ -31,11 +31,21 @@ class CompressedModule(nn.Module):
     def to_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors owned jointly with other layers (a FiPS group's base U, an RPS memory), keyed by a
+        model-wide name. Stored once; on load every layer naming them gets the same nn.Parameter."""
+        return {}
+
+    @classmethod
+    def expected_shared(cls, params: dict[str, Any]) -> set[str]:
+        return set()
+
     def codec_params(self) -> dict[str, Any]:
         raise NotImplementedError
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "CompressedModule":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "CompressedModule":
         raise NotImplementedError
 
     @classmethod

@@ -91,7 +91,8 @@ class SparseLinear(nn.Linear, _SparseWeight):
         return {"in_features": self.in_features, "out_features": self.out_features, **self._weight_params()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "SparseLinear":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "SparseLinear":
         weight, mask = cls._decode_weight(tensors, params)
         layer = cls(params["in_features"], params["out_features"], params["bias"], mask=mask, dtype=weight.dtype)
         with torch.no_grad():
@@ -131,7 +132,8 @@ class SparseConv2d(nn.Conv2d, _SparseWeight):
         return {**conv, **self._weight_params()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> "SparseConv2d":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "SparseConv2d":
         weight, mask = cls._decode_weight(tensors, params)
         kwargs = {name: (tuple(params[name]) if isinstance(params[name], list) else params[name])
                   for name in cls._CONV_ARGS}
