@@ -153,6 +153,54 @@ def eval_(checkpoint: CheckpointArg,
 
 
 @app.command()
+def sweep(checkpoint: CheckpointArg,
+          out: Annotated[Path, typer.Option("--out", "-o", help="Directory for sweep.json, sweep.md, pareto.png, runs/.")],
+          methods: Annotated[str, typer.Option("--methods", help="Comma-separated: magnitude,snip,synflow,grasp,ltr,rps,fips,condensed.")] = "magnitude,ltr",
+          ratios: Annotated[str, typer.Option("--ratios", help="Comma-separated compression ratios (dense bytes / bytes on disk).")] = "2,4,10,30,100",
+          steps: Annotated[int, typer.Option("--steps", min=0, help="Recovery steps for every run.")] = 200,
+          lr: Annotated[float, typer.Option("--lr", help="Recovery learning rate.")] = 1e-4,
+          targets: Annotated[str, typer.Option("--targets", help="Comma-separated recipe targets.")] = "mlp",
+          resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep in OUT.")] = False,
+          keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep each run's model.safetensors.")] = False,
+          weights: WeightsOpt = None, data: DataOpt = None, device: DeviceOpt = "auto", batch_size: BatchOpt = 16,
+          eval_examples: Annotated[Optional[int], typer.Option("--eval-examples", help="Cap on held-out examples.")] = None,
+          seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False) -> None:
+    """Every method at every compression ratio, same recovery budget and data: the memory-accuracy trade-off."""
+    from .checkpoint import load_checkpoint
+    from .pipeline import RunOptions
+    from .sweep import SweepOptions, check_methods, run_sweep
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    check_methods(method_list)
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise CompressError(f"--ratios {ratios!r} is not a list of numbers", "write e.g. --ratios 2,4,10") from None
+    if any(r < 1 for r in ratio_list):
+        raise CompressError("every ratio must be >= 1 (dense bytes / bytes on disk)", "drop ratios below 1")
+    progress = RichProgress(enabled=not as_json)
+    with progress.task("loading checkpoint"):
+        ckpt = load_checkpoint(checkpoint, weights)
+    options = SweepOptions(method_list, ratio_list, steps=steps, lr=lr, targets=[t.strip() for t in targets.split(",")],
+                           keep_checkpoints=keep_checkpoints,
+                           run=RunOptions(data=data, batch_size=batch_size, eval_examples=eval_examples, device=device,
+                                          seed=seed))
+
+    def on_run(i: int, total: int, run_id: str, entry: dict) -> None:
+        if as_json:
+            return
+        result = f"{entry['value']:.4f} at {entry['ratio']:.1f}x" if entry["status"] == "ok" else entry["status"]
+        err_console.print(f"[bold]sweep {i}/{total}[/] {run_id}: {result} ({entry['seconds']} s)", highlight=False)
+
+    state = run_sweep(ckpt, options, out, resume=resume, on_run=on_run)
+    if as_json:
+        _emit_json(state)
+    else:
+        out_console.print((out / "sweep.md").read_text(), markup=False)
+        out_console.print(f"plot: {out / 'pareto.png'}")
+
+
+@app.command()
 def inspect(path: Annotated[str, typer.Argument(help="A checkpoint directory, a .safetensors file, or ref:NAME.")],
             top: Annotated[int, typer.Option("--top", help="Show the N largest layers (0: all).")] = 0,
             as_json: JsonOpt = False) -> None:

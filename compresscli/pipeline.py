@@ -75,7 +75,7 @@ def resolve_stage_targets(stage: Stage, arch: Architecture, model: nn.Module, wh
 
 
 def needs_data(recipe: Recipe, options: RunOptions) -> bool:
-    return options.evaluate or any(not s.config.compresses for s in recipe.stages)
+    return (options.evaluate and not options.dry_run) or any(s.config.needs_data() for s in recipe.stages)
 
 
 def prepare_data(ckpt: Checkpoint, task: Task, options: RunOptions) -> tuple[Batcher, Splits, str]:
@@ -109,7 +109,7 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
     ctx = StageContext(teacher=teacher, task=task, device=device, progress=progress, dry_run=options.dry_run,
                        seed=options.seed)
     batcher = splits = data_name = None
-    if needs_data(recipe, options) and not options.dry_run:
+    if needs_data(recipe, options):
         with progress.task("loading data"):
             batcher, splits, data_name = prepare_data(ckpt, task, options)
             ctx.calibration = batcher.batches(splits.calibration, options.batch_size, options.calibration_examples)

@@ -24,6 +24,10 @@ class MethodConfig:
     default_targets: ClassVar[tuple[str, ...]] = ("mlp",)
     compresses: ClassVar[bool] = True  # False for stages that only train (finetune)
 
+    def needs_data(self) -> bool:
+        """Whether the stage reads ctx.calibration / ctx.train (the pipeline then loads --data)."""
+        return True
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

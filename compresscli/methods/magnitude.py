@@ -1,4 +1,9 @@
-"""Unstructured magnitude pruning, global or per layer, into SparseLinear / SparseConv2d."""
+"""Unstructured pruning, global or per layer, into SparseLinear / SparseConv2d.
+
+The method is named for its default score; `score` picks magnitude, SNIP, SynFlow or GraSP (see
+scores.py), each applied one-shot except SynFlow, which prunes over `rounds` rounds on the
+exponential schedule 1 - (1 - s)^(k / rounds) as its paper prescribes.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +14,7 @@ from torch import nn
 
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
+from . import scores as S
 from .base import MethodConfig, StageContext, leaf_layers, register_method
 
 PRUNABLE = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
@@ -19,11 +25,18 @@ class MagnitudeConfig(MethodConfig):
     method = "magnitude"
     sparsity: float = 0.5  # fraction of the targeted weights removed
     scope: Literal["global", "layer"] = "global"  # one threshold over all targets, or the same fraction per layer
+    score: Literal["magnitude", "snip", "synflow", "grasp"] = "magnitude"  # which weights matter (see scores.py)
+    rounds: int = 100  # synflow only: pruning rounds on an exponential schedule
     format: Literal["auto", "bitmask", "csr"] = "auto"  # storage; auto takes whichever is smaller on disk
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+    def needs_data(self) -> bool:
+        return self.score != "magnitude"
 
 
 def prunable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -34,18 +47,19 @@ def prunable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return layers
 
 
-def keep_masks(weights: dict[str, torch.Tensor], current: dict[str, torch.Tensor], sparsity: float,
+def keep_masks(scores: dict[str, torch.Tensor], current: dict[str, torch.Tensor], sparsity: float,
                scope: str) -> dict[str, torch.Tensor]:
-    """Masks keeping the largest |w|; already-pruned weights rank below every kept one."""
-    scores = {n: torch.where(current[n], w.detach().abs().float(), torch.full_like(w, -1.0, dtype=torch.float32))
-              for n, w in weights.items()}
+    """Masks keeping the highest scores. Already-pruned weights rank below every kept one and are
+    never revived, so asking for less sparsity than there is leaves the masks as they are."""
+    ranked = {n: torch.where(current[n], s.float(), torch.full_like(s, -torch.inf, dtype=torch.float32))
+              for n, s in scores.items()}
     if scope == "layer":
-        return {n: _top_mask(s, round((1 - sparsity) * s.numel())) for n, s in scores.items()}
-    flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
+        return {n: _top_mask(s, round((1 - sparsity) * s.numel())) & current[n] for n, s in ranked.items()}
+    flat = torch.cat([s.reshape(-1).cpu() for s in ranked.values()])
     keep = _top_mask(flat, round((1 - sparsity) * flat.numel()))
     masks, start = {}, 0
-    for n, s in scores.items():
-        masks[n] = keep[start:start + s.numel()].view(s.shape).to(s.device)
+    for n, s in ranked.items():
+        masks[n] = keep[start:start + s.numel()].view(s.shape).to(s.device) & current[n]
         start += s.numel()
     return masks
 
@@ -57,8 +71,10 @@ def _top_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return mask.view(scores.shape)
 
 
-def apply_masks(model: nn.Module, layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], fmt: str) -> None:
-    """Swap each layer for its sparse type (or update the mask of one that already is)."""
+def apply_masks(model: nn.Module, layers: dict[str, nn.Module], masks: dict[str, torch.Tensor],
+                fmt: str = "auto") -> dict[str, nn.Module]:
+    """Swap each layer for its sparse type (or update the mask of one that already is); returns them."""
+    sparse_layers = {}
     for name, layer in layers.items():
         if isinstance(layer, (SparseLinear, SparseConv2d)):
             layer.mask.copy_(masks[name])
@@ -69,6 +85,8 @@ def apply_masks(model: nn.Module, layers: dict[str, nn.Module], masks: dict[str,
             sparse = PRUNABLE[type(layer)].from_dense(layer, masks[name])
             replace_module(model, name, sparse)
         sparse.storage_format = fmt
+        sparse_layers[name] = sparse
+    return sparse_layers
 
 
 def current_masks(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -77,14 +95,36 @@ def current_masks(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
             for n, m in layers.items()}
 
 
-@register_method(MagnitudeConfig, "unstructured magnitude pruning (global or per layer), stored as values + bitmask/CSR")
+def score_layers(model: nn.Module, layers: dict[str, nn.Module], score: str, ctx: StageContext) -> S.Scores:
+    if score == "magnitude":
+        return S.magnitude_scores(layers)
+    if not ctx.calibration:
+        raise ValueError(f"score {score} needs calibration data, but none was given (pass --data)")
+    if score == "synflow":
+        return S.synflow_scores(model, layers, S.ones_like_batch(ctx.calibration[0]), ctx.task)
+    scorer = S.snip_scores if score == "snip" else S.grasp_scores
+    return scorer(model, layers, ctx.task, ctx.calibration, ctx.device)
+
+
+def prune(model: nn.Module, layers: dict[str, nn.Module], config: MagnitudeConfig,
+          ctx: StageContext) -> dict[str, nn.Module]:
+    """Prune `layers` of `model` to `config.sparsity`; returns the sparse layers by name."""
+    rounds = config.rounds if config.score == "synflow" else 1
+    for k in range(1, rounds + 1):
+        target = 1 - (1 - config.sparsity) ** (k / rounds)  # exponential schedule of the kept fraction
+        scores = score_layers(model, layers, config.score, ctx)
+        layers = apply_masks(model, layers, keep_masks(scores, current_masks(layers), target, config.scope),
+                             config.format)
+    return layers
+
+
+@register_method(MagnitudeConfig, "unstructured pruning by magnitude / SNIP / SynFlow / GraSP scores, stored as values + bitmask or CSR")
 def magnitude(model: nn.Module, selected: dict[str, nn.Module], config: MagnitudeConfig,
               ctx: StageContext) -> dict[str, Any]:
-    layers = prunable_layers(selected)
-    masks = keep_masks({n: m.weight for n, m in layers.items()}, current_masks(layers), config.sparsity, config.scope)
-    apply_masks(model, layers, masks, config.format)
+    layers = prune(model, prunable_layers(selected), config, ctx)
+    masks = current_masks(layers)
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     per_layer = {n: round(1 - float(m.float().mean()), 4) for n, m in masks.items()}
     return {"layers": len(layers), "weights": total, "kept": kept, "sparsity": 1 - kept / total,
-            "layer_sparsity": per_layer}
+            "score": config.score, "layer_sparsity": per_layer}
