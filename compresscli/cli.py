@@ -250,18 +250,15 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe
     if as_json:
         _emit_json({"recipes": listing, "methods": methods})
         return
-    table = Table(title="bundled recipes (compress run CHECKPOINT --recipe NAME)")
-    table.add_column("name")
-    table.add_column("what it does")
-    for item in listing:
-        table.add_row(item["name"], item["description"])
-    out_console.print(table)
-    methods_table = Table(title="methods a recipe stage can use")
-    methods_table.add_column("method")
-    methods_table.add_column("what it does")
-    for item in methods:
-        methods_table.add_row(item["method"], item["summary"])
-    out_console.print(methods_table)
+    for title, rows in (("bundled recipes (compress run CHECKPOINT --recipe NAME)",
+                         [(r["name"], r["description"]) for r in listing]),
+                        ("methods a recipe stage can use", [(m["method"], m["summary"]) for m in methods])):
+        table = Table(title=title)
+        table.add_column("name")
+        table.add_column("what it does")
+        for row in rows:
+            table.add_row(*row)
+        out_console.print(table)
 
 
 @app.command()

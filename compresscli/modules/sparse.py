@@ -28,6 +28,13 @@ class _SparseWeight(CompressedModule):
         with torch.no_grad():
             self.weight.mul_(self.mask)
 
+    def _load(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        with torch.no_grad():
+            self.weight.copy_(weight * self.mask)
+            if bias is not None:
+                self.bias.copy_(bias)
+        return self
+
     def masked_weight(self) -> torch.Tensor:
         return self.weight * self.mask
 
@@ -78,11 +85,7 @@ class SparseLinear(nn.Linear, _SparseWeight):
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor) -> "SparseLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mask=mask,
                     device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight * layer.mask)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return layer._load(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight(), self.bias)  # (..., in) -> (..., out)
@@ -95,11 +98,7 @@ class SparseLinear(nn.Linear, _SparseWeight):
                      shared: dict[str, nn.Parameter] | None = None) -> "SparseLinear":
         weight, mask = cls._decode_weight(tensors, params)
         layer = cls(params["in_features"], params["out_features"], params["bias"], mask=mask, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if params["bias"]:
-                layer.bias.copy_(tensors["bias"])
-        return layer
+        return layer._load(weight, tensors.get("bias"))
 
 
 @register_codec
@@ -117,11 +116,7 @@ class SparseConv2d(nn.Conv2d, _SparseWeight):
         kwargs = {name: getattr(conv, name) for name in cls._CONV_ARGS}
         layer = cls(**kwargs, bias=conv.bias is not None, mask=mask, device=conv.weight.device,
                     dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight * layer.mask)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
+        return layer._load(conv.weight, conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)  # (B, C, H, W) -> (B, O, H', W')
@@ -138,8 +133,4 @@ class SparseConv2d(nn.Conv2d, _SparseWeight):
         kwargs = {name: (tuple(params[name]) if isinstance(params[name], list) else params[name])
                   for name in cls._CONV_ARGS}
         layer = cls(**kwargs, bias=params["bias"], mask=mask, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if params["bias"]:
-                layer.bias.copy_(tensors["bias"])
-        return layer
+        return layer._load(weight, tensors.get("bias"))
