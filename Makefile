@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 
 # Compress the real pretrained MiniLM (50% of its MLP weights pruned, distilled), evaluate, show the report.
 demo: install
-	$(VENV)/bin/compress run ref:minilm --recipe magnitude-50 --out out/minilm-magnitude-50 --force
+	$(VENV)/bin/compress run ref:minilm --recipe magnitude-50 --set 1.steps=50 --out out/minilm-magnitude-50 --force
 	$(VENV)/bin/compress inspect out/minilm-magnitude-50 --top 8
 	cat out/minilm-magnitude-50/report.md
 
