@@ -101,9 +101,11 @@ def _get(module: nn.Module, dotted: str) -> nn.Module | None:
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) for Linear; transformers' GPT-2 Conv1D stores (in, out)."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+    """(out, in) for Linear; transformers' GPT-2 Conv1D stores (in, out); compressed layers say their
+    dense shape (a FiPS layer has no weight tensor at all)."""
+    dense = getattr(module, "dense_equivalent", None)
+    w = tuple(dense()["weight"] if dense else module.weight.shape)
+    return (w[1], w[0]) if type(module).__name__ == "Conv1D" else (w[0], w[1])
 
 
 def detect(model: nn.Module) -> Architecture:

@@ -22,6 +22,7 @@ from .errors import CompressError, RecipeError
 from .evaluate import compare, max_output_difference
 from .export import compressed_layers, model_to_tensors
 from .methods import StageContext, compress_
+from .modules import CompressedModule
 from .progress import Progress, SilentProgress
 from .recipe import Recipe, Stage
 from .report import inspect_path, render_markdown, subset_totals
@@ -117,7 +118,7 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
 
     stage_reports, plan = [], []
     for i, (stage, names) in enumerate(zip(recipe.stages, targets)):
-        before = _stored_params(model, names)
+        before, bytes_before = _stored_params(model, names), layer_bytes(model, names)
         t0 = time.time()
         wanted = set(names)
         try:
@@ -128,8 +129,8 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
         stage_reports.append({"method": stage.method, "modules": names, "seconds": round(time.time() - t0, 2),
                               "stored_params_before": before, "stored_params_after": after, "stats": stats})
         plan.append({"stage": i, "method": stage.method, "modules": names, "params_before": before,
-                     "params_after": after, "bytes_before": _bytes(model, names, dense=True),
-                     "bytes_after": _bytes(model, names)})
+                     "params_after": after, "bytes_before": bytes_before,
+                     "bytes_after": layer_bytes(model, names)})
         log.info("stage %d (%s): %d modules, %.1fs", i, stage.method, len(names), time.time() - t0)
 
     result = RunResult(model, {}, plan)
@@ -188,16 +189,18 @@ def _stored_params(model: nn.Module, names: list[str]) -> int:
     return total
 
 
-def _bytes(model: nn.Module, names: list[str], dense: bool = False) -> int:
-    """Bytes the named layers would take on disk (dense: as plain tensors)."""
-    total = 0
+def layer_bytes(model: nn.Module, names: list[str]) -> int:
+    """Bytes the named layers take on disk: encoded tensors for compressed layers, plus each tensor they
+    share (a FiPS base, an RPS memory) once; plain tensors for the others."""
+    total, shared = 0, {}
     for name in names:
         module = model.get_submodule(name)
-        if not dense and hasattr(module, "to_tensors"):
+        if isinstance(module, CompressedModule):
             total += sum(t.numel() * t.element_size() for t in module.to_tensors().values())
+            shared.update(module.shared_tensors())
         else:
             total += sum(p.numel() * p.element_size() for p in module.parameters())
-    return total
+    return total + sum(t.numel() * t.element_size() for t in shared.values())
 
 
 def _report(ckpt, arch, recipe, stages, memory, targeted, diff, check_batch, evaluation, device, seconds) -> dict:

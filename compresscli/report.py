@@ -14,6 +14,7 @@ from typing import Any
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .export import SHARED_PREFIX
 from .safetensors_io import read_header
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -56,6 +57,10 @@ def memory_rows(path: Path, count_nonzeros: bool = True) -> list[LayerRow]:
         claimed: set[str] = set()
         for name, meta in layers.items():
             own = [k for k in header if k.startswith(name + ".")]
+            # a tensor shared by several layers (FiPS base, RPS memory) is counted once, in the first
+            # layer that reads it: the same layer whose stored_params count it
+            own += [key for key in (SHARED_PREFIX + s for s in meta.get("shared", [])) if key in header
+                    and key not in claimed]
             claimed.update(own)
             shapes = meta["dense_shapes"]
             value_bytes = DTYPE_BYTES.get(_value_dtype(header, own), 4)

@@ -26,7 +26,7 @@ from .errors import CompressError, DivergedError
 from .finetune import FinetuneConfig
 from .methods import METHODS, StageContext, compress_
 from .methods.ltr import ltr_schedule
-from .pipeline import RunOptions, _bytes, resolve_stage_targets, run_recipe
+from .pipeline import RunOptions, layer_bytes, resolve_stage_targets, run_recipe
 from .recipe import Recipe, Stage, make_config
 from .registry import did_you_mean
 
@@ -85,18 +85,27 @@ def stage_config(name: str, knob_value: float, options: SweepOptions):
         rounds = max(1, len(ltr_schedule(knob_value, 0.2)))
         per_round = options.steps // (rounds + 1)
         params.update(round_steps=per_round, final_steps=options.steps - rounds * per_round, lr=options.lr)
+    if name == "fips":  # its block-wise reconstruction is recovery too: half the budget, the finetune the rest
+        params.update(steps=options.steps // 2)
     return make_config(spec.method, params)
+
+
+def finetune_steps(name: str, options: SweepOptions) -> int:
+    """Steps of the finetune stage after the method, so that every method gets `options.steps` in all."""
+    if name == "ltr":
+        return 0  # its recovery is part of its own stage
+    return options.steps - (options.steps // 2 if name == "fips" else 0)
 
 
 def measured_ratio(model: nn.Module, names: list[str], name: str, knob_value: float, options: SweepOptions,
                    ctx: StageContext) -> float:
     """Dense bytes / encoded bytes of the targets after a dry run of the compression stage."""
     trial = copy.deepcopy(model)
-    dense = _bytes(trial, names, dense=True)
+    dense = layer_bytes(trial, names)
     wanted = set(names)
     compress_(trial, stage_config("magnitude" if name in SAME_STORAGE_AS_MAGNITUDE else name, knob_value, options),
               lambda m, n: n in wanted, ctx)
-    return dense / max(1, _bytes(trial, names))
+    return dense / max(1, layer_bytes(trial, names))
 
 
 def find_knob(model: nn.Module, names: list[str], name: str, ratio: float, options: SweepOptions,
@@ -166,8 +175,8 @@ def run_sweep(ckpt: Checkpoint, options: SweepOptions, out: Path, resume: bool =
                 raise CompressError(f"{name} cannot reach {ratio:g}x on these targets")
             entry["knob"] = {SWEEP_METHODS[name].knob: knob}
             stages = [Stage(stage_config(name, knob, options), options.targets)]
-            if name != "ltr":  # LTR's recovery is part of its own stage
-                stages.append(Stage(FinetuneConfig(steps=options.steps, lr=options.lr), []))
+            if finetune_steps(name, options):
+                stages.append(Stage(FinetuneConfig(steps=finetune_steps(name, options), lr=options.lr), []))
             recipe = Recipe(f"sweep: {name} at {ratio:g}x", stages, f"sweep {run_id}")
             run_ckpt = copy.copy(ckpt)
             run_ckpt.model = copy.deepcopy(original)

@@ -15,6 +15,12 @@ class Codec(str, Enum):
 
     SPARSE_LINEAR = "sparse_linear"
     SPARSE_CONV2D = "sparse_conv2d"
+    CONDENSED_LINEAR = "condensed_linear"
+    CONDENSED_CONV2D = "condensed_conv2d"
+    FIPS_LINEAR = "fips_linear"
+    RPS_LINEAR = "rps_linear"
+    RPS_CONV2D = "rps_conv2d"
+    RPS_EMBEDDING = "rps_embedding"
 
 
 class CompressedModule(nn.Module):

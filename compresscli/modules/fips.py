@@ -1,0 +1,135 @@
+"""A linear layer whose weight is a shared dense base times a private sparse factor (FiPS).
+
+The weight, viewed as d x h (d the block width, h the hidden width), is U @ (V * mask): U (d x r) is
+one nn.Parameter shared by every layer of a group of blocks, V (r x h) belongs to this layer and is
+sparse. A layer of orientation "in" maps d -> h (an MLP's fc1 / gate / up), one of orientation "out"
+maps h -> d (fc2 / down). Stored as U once (a shared tensor) plus V as values + bitmask or CSR.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import sparse_codec
+from .base import Codec, CompressedModule, register_codec
+
+ORIENTATIONS = ("in", "out")
+
+
+@register_codec
+class FipsLinear(CompressedModule):
+    codec = Codec.FIPS_LINEAR
+
+    def __init__(self, base: nn.Parameter, factor: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
+                 orientation: str, base_key: str, counts_base: bool, storage_format: str = "auto"):
+        super().__init__()
+        if orientation not in ORIENTATIONS:
+            raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+        if base.shape[1] != factor.shape[0] or factor.shape != mask.shape:
+            raise ValueError(f"base {tuple(base.shape)}, factor {tuple(factor.shape)} and mask {tuple(mask.shape)} "
+                             "do not fit: base is d x r, factor and mask r x h")
+        mask = mask.to(device=factor.device, dtype=torch.bool)
+        self.base = base  # (d, r), the same nn.Parameter object in every layer of the group
+        self.factor = nn.Parameter(factor.detach() * mask)  # (r, h); zero wherever the mask is False
+        self.register_buffer("mask", mask)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.orientation = orientation
+        self.base_key = base_key
+        self.counts_base = counts_base  # True in exactly one layer per group, so U is counted once
+        self.storage_format = storage_format
+
+    @property
+    def width(self) -> int:
+        return self.base.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.factor.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.factor.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.width if self.orientation == "in" else self.hidden
+
+    @property
+    def out_features(self) -> int:
+        return self.hidden if self.orientation == "in" else self.width
+
+    def weight_dxh(self) -> torch.Tensor:
+        """The effective weight viewed as d x h (fc1's weight transposed, fc2's weight as is)."""
+        return self.base @ (self.factor * self.mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.base, self.factor * self.mask  # (d, r), (r, h)
+        tokens = x.numel() // x.shape[-1]
+        # Same function either way; multiply in the order with fewer flops for this input.
+        factored = tokens * self.rank * (self.width + self.hidden) <= self.width * self.hidden * (self.rank + tokens)
+        if self.orientation == "in":  # (..., d) -> (..., h)
+            y = (x @ u) @ v if factored else x @ (u @ v)
+        else:  # (..., h) -> (..., d)
+            y = (x @ v.t()) @ u.t() if factored else x @ (u @ v).t()
+        return y if self.bias is None else y + self.bias
+
+    # ------------------------------------------------------------------ codec
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        _, encoded = sparse_codec.encode(self.factor, self.mask, self.storage_format)
+        tensors = {f"factor.{k}": v for k, v in encoded.items()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.detach()
+        return tensors
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        return {self.base_key: self.base}
+
+    @classmethod
+    def expected_shared(cls, params: dict[str, Any]) -> set[str]:
+        return {params["base_key"]}
+
+    def codec_params(self) -> dict[str, Any]:
+        nnz = int(self.mask.sum())
+        fmt = sparse_codec.choose_format(self.rank, self.hidden, nnz, self.factor.element_size(), self.storage_format)
+        return {"orientation": self.orientation, "width": self.width, "hidden": self.hidden, "rank": self.rank,
+                "base_key": self.base_key, "counts_base": self.counts_base, "format": fmt, "nnz": nnz,
+                "bias": self.bias is not None, "dtype": str(self.factor.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
+        names = {f"factor.{k}" for k in sparse_codec.TENSORS_BY_FORMAT[params["format"]]}
+        return names | ({"bias"} if params["bias"] else set())
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "FipsLinear":
+        base = (shared or {}).get(params["base_key"])
+        if base is None:
+            raise ValueError(f"fips_linear needs the shared base {params['base_key']!r}")
+        if tuple(base.shape) != (params["width"], params["rank"]):
+            raise ValueError(f"shared base {params['base_key']!r} is {tuple(base.shape)}, "
+                             f"expected {(params['width'], params['rank'])}")
+        encoded = {k.removeprefix("factor."): v for k, v in tensors.items() if k.startswith("factor.")}
+        factor, mask = sparse_codec.decode(params["format"], encoded, (params["rank"], params["hidden"]))
+        return cls(base, factor.to(base.device), mask.to(base.device), tensors.get("bias"), params["orientation"],
+                   params["base_key"], params["counts_base"])
+
+    def stored_parameters(self) -> int:
+        """Non-zeros of V, the bias, and U (d x r) in the one layer of its group with `counts_base`,
+        so a model-wide sum counts the shared base exactly once."""
+        count = int(self.mask.sum()) + (self.bias.numel() if self.bias is not None else 0)
+        return count + (self.base.numel() if self.counts_base else 0)
+
+    def dense_equivalent(self) -> dict[str, torch.Size]:
+        shapes = {"weight": torch.Size((self.out_features, self.in_features))}
+        if self.bias is not None:
+            shapes["bias"] = self.bias.shape
+        return shapes
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features} -> {self.out_features}, rank={self.rank}, orientation={self.orientation}, "
+                f"base={self.base_key}, density={self.mask.float().mean().item():.3f}")
