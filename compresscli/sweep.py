@@ -103,8 +103,11 @@ def measured_ratio(model: nn.Module, names: list[str], name: str, knob_value: fl
     trial = copy.deepcopy(model)
     dense = layer_bytes(trial, names)
     wanted = set(names)
-    compress_(trial, stage_config("magnitude" if name in SAME_STORAGE_AS_MAGNITUDE else name, knob_value, options),
-              lambda m, n: n in wanted, ctx)
+    try:
+        compress_(trial, stage_config("magnitude" if name in SAME_STORAGE_AS_MAGNITUDE else name, knob_value,
+                                      options), lambda m, n: n in wanted, ctx)
+    except ValueError:  # too small to build (e.g. a FiPS budget that leaves rank 0): beyond any ratio
+        return math.inf
     return dense / max(1, layer_bytes(trial, names))
 
 
@@ -162,8 +165,8 @@ def run_sweep(ckpt: Checkpoint, options: SweepOptions, out: Path, resume: bool =
     knob_cache: dict[tuple[str, float], float | None] = {}
     for i, (name, ratio) in enumerate(jobs):
         run_id = f"{name}-x{ratio:g}"
-        if run_id in state["runs"]:
-            continue  # done (or failed) before the interruption
+        if state["runs"].get(run_id, {}).get("status") in ("ok", "diverged"):
+            continue  # done before the interruption; a failed run is tried again
         started = time.time()
         entry: dict[str, Any] = {"method": name, "target_ratio": ratio}
         try:

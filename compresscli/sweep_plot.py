@@ -54,6 +54,7 @@ def pareto_plot(state: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ok = _ok(state)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -66,6 +67,9 @@ def pareto_plot(state: dict[str, Any], path: Path) -> None:
         ax.axvline(ok[0]["dense_bytes"], color="grey", linestyle=":", linewidth=1, label="original size")
         ax.set_ylabel(ok[0]["metric"])
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: human_bytes(value)))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
     ax.set_xlabel("bytes on disk of the targeted weights (log scale)")
     ax.set_title(f"memory vs accuracy: {Path(state['config']['source']).name}")
     ax.grid(True, which="both", alpha=0.3)

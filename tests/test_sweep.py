@@ -66,3 +66,20 @@ def test_sweep_cli(capsys, tmp_path, digits_vit_dir):
     code, _, stderr = run_cli(capsys, "sweep", str(digits_vit_dir), "--methods", "magnitude", "--ratios", "0.5",
                               "--out", str(tmp_path / "t"))
     assert code == 1 and "every ratio must be >= 1" in stderr
+
+
+def test_knob_search_steps_over_budgets_too_small_to_build():
+    """FiPS at budget 0.0005 cannot build (rank 0); the search treats it as beyond any ratio and still
+    finds the budget of the asked ratio."""
+    from compresscli.architectures import detect
+    from compresscli.methods import StageContext
+    from compresscli.sweep import SweepOptions, find_knob, measured_ratio
+    from conftest import tiny_timm
+
+    model = tiny_timm(depth=2)
+    names = detect(model).groups["mlp"]
+    options = SweepOptions(methods=["fips"], ratios=[4])
+    ctx = StageContext(dry_run=True)
+    assert measured_ratio(model, names, "fips", 0.0005, options, ctx) == float("inf")
+    budget = find_knob(model, names, "fips", 4.0, options, ctx)
+    assert budget is not None and measured_ratio(model, names, "fips", budget, options, ctx) == pytest.approx(4, rel=0.05)
