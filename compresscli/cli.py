@@ -153,6 +153,44 @@ def eval_(checkpoint: CheckpointArg,
 
 
 @app.command()
+def bench(checkpoint: CheckpointArg,
+          baseline: Annotated[Optional[str], typer.Option("--baseline", help="The original (default: the source a compresscli output records).")] = None,
+          weights: WeightsOpt = None,
+          batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes to time.")] = "1,32",
+          seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per sequence for text models.")] = 32,
+          threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: torch's).")] = None,
+          warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
+          repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed forwards per model and batch size.")] = 20,
+          cpu_time: Annotated[bool, typer.Option("--cpu-time", help="Time this thread's CPU time, not the wall clock (with --threads 1; for busy machines).")] = False,
+          device: DeviceOpt = "auto", as_json: JsonOpt = False) -> None:
+    """End-to-end latency of CHECKPOINT against its original (median of alternating repeats), and the kernels that ran."""
+    from .checkpoint import load_checkpoint
+    from .pipeline import pick_device
+    from .speed import compare_checkpoints, render_markdown
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+        if min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        raise CompressError(f"--batch-sizes {batch_sizes!r} is not a list of positive integers", "write e.g. --batch-sizes 1,32") from None
+    dev = pick_device(device)
+    if cpu_time and (threads != 1 or dev.type != "cpu"):
+        raise CompressError("--cpu-time measures one thread's CPU time", "add --threads 1 (and --device cpu)")
+    progress = RichProgress(enabled=not as_json)
+    with progress.task("loading checkpoints"):
+        ckpt = load_checkpoint(checkpoint, weights)
+        base = load_checkpoint(baseline) if baseline else None
+    with progress.task("timing"):
+        result = compare_checkpoints(ckpt, base, batch_sizes=sizes, device=dev, warmup=warmup, repeats=repeats,
+                                     threads=threads, seq_len=seq_len, clock="thread" if cpu_time else "wall")
+    if as_json:
+        _emit_json(result)
+    else:
+        out_console.print(render_markdown(result), markup=False, soft_wrap=True)
+
+
+@app.command()
 def sweep(checkpoint: CheckpointArg,
           out: Annotated[Path, typer.Option("--out", "-o", help="Directory for sweep.json, sweep.md, pareto.png, runs/.")],
           methods: Annotated[str, typer.Option("--methods", help="Comma-separated: magnitude,snip,synflow,grasp,ltr,rps,fips,condensed.")] = "magnitude,ltr",
@@ -262,18 +300,16 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe
 
 
 @app.command()
-def reference(name: Annotated[str, typer.Argument(help="minilm or digits-vit.")],
-              retrain: Annotated[bool, typer.Option("--retrain", help="Train the digits ViT again.")] = False) -> None:
-    """Print the directory of a reference checkpoint, building it first if needed (digits-vit)."""
-    from .references import cache_dir, reference_path, train_digits_vit
+def reference(name: Annotated[str, typer.Argument(help="minilm, digits-vit or mnist1d-vit.")],
+              retrain: Annotated[bool, typer.Option("--retrain", help="Train a trained reference again.")] = False
+              ) -> None:
+    """Print the directory of a reference checkpoint, training it first if needed (digits-vit, mnist1d-vit)."""
+    from .references import TRAINED, cache_dir, is_built, reference_path, train_reference
 
-    if retrain and name == "digits-vit":
-        with RichProgress(True).task("training the digits ViT"):
-            info = train_digits_vit(cache_dir() / "digits-vit", force=True)
+    if name in TRAINED and (retrain or not is_built(name)):
+        with RichProgress(True).task(f"training {name}"):
+            info = train_reference(name, cache_dir() / name)
         err_console.print(f"eval accuracy {info['eval_accuracy']:.4f} in {info['train_seconds']} s")
-    elif name == "digits-vit" and not (cache_dir() / "digits-vit" / "model.safetensors").is_file():
-        with RichProgress(True).task("training the digits ViT (first use)"):
-            reference_path(name)
     out_console.print(str(reference_path(name)))
 
 

@@ -1,0 +1,218 @@
+"""Constant fan-in sparsity (after SRigL, Lasby et al., ICLR 2024), stored and run in condensed form.
+
+Every kept output neuron keeps exactly k of its inputs, k = round((1 - sparsity) * fan_in), optionally
+rounded up to a multiple of `k_multiple` for vector loads; N:M (keep N of every M consecutive inputs,
+e.g. 2:4) is the special case where the k inputs are spread evenly. The inputs are the per-neuron top-k
+of a score: |W|, or |W| * ||X_j|| with X the layer's inputs on the calibration data.
+
+With `ablate`, SRigL's neuron ablation: a neuron with too few salient weights (salient = among the
+layer's top (1 - sparsity) fraction of scores, i.e. what unstructured pruning at the same density
+would keep) is removed, its budget goes to the survivors (k grows, the layer's total stays), and its
+bias is kept, so it outputs a constant. SRigL decides this during training from weight and gradient
+saliency; one-shot, the score is all there is. The threshold is relative to k (SRigL's
+"sparse const fan-in" variant): a neuron needs min_salient * k salient weights to stay.
+
+Layers become CondensedLinear / CondensedConv2d; magnitude-pruned (SparseLinear / SparseConv2d) and
+already condensed layers are accepted too, and their pruned weights are never revived unless a
+neuron has fewer than k of them left (then zeros fill its k slots).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..export import replace_module
+from ..modules import SparseConv2d, SparseLinear
+from ..modules.condensed import CondensedConv2d, CondensedLinear, _Condensed
+from .base import MethodConfig, StageContext, leaf_layers, register_method
+
+DEFAULT_SPARSITY = 0.9
+
+
+@dataclass
+class CondensedConfig(MethodConfig):
+    method = "condensed"
+    sparsity: float | None = None  # fraction of each neuron's inputs removed; default 0.9, or 1 - N/M with n_m
+    n_m: list[int] | None = None  # [N, M]: keep N of every M consecutive inputs (e.g. [2, 4]); None: any k inputs
+    score: Literal["magnitude", "activation"] = "magnitude"  # |W|, or |W| * ||X_j|| on calibration data
+    k_multiple: int = 1  # round k up to a multiple of this (4 or 8 suit vector loads), capped at the fan-in
+    ablate: bool = False  # SRigL neuron ablation: drop neurons with too few salient weights, give their budget to the rest
+    min_salient: float = 0.3  # with ablate: a neuron stays when at least this fraction of its k weights are salient
+
+    def __post_init__(self) -> None:
+        if self.n_m is not None:
+            if len(self.n_m) != 2 or not 0 < self.n_m[0] < self.n_m[1]:
+                raise ValueError(f"n_m must be [N, M] with 0 < N < M (e.g. [2, 4]), got {self.n_m}")
+            implied = 1 - self.n_m[0] / self.n_m[1]
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"sparsity {self.sparsity} conflicts with n_m {self.n_m} (which means sparsity "
+                                 f"{implied:g}); give only one of them")
+            if self.k_multiple != 1 or self.ablate:
+                raise ValueError("n_m fixes where the kept inputs lie; leave k_multiple at 1 and ablate off")
+            self.sparsity = implied
+        if self.sparsity is None:
+            self.sparsity = DEFAULT_SPARSITY
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+        if self.k_multiple < 1:
+            raise ValueError(f"k_multiple must be >= 1, got {self.k_multiple}")
+        if not 0.0 < self.min_salient <= 1.0:
+            raise ValueError(f"min_salient must be in (0, 1], got {self.min_salient}")
+
+    def needs_data(self) -> bool:
+        return self.score == "activation"
+
+
+LAYER_TYPES = (nn.Linear, nn.Conv2d, _Condensed)
+
+
+def condensable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    layers = leaf_layers(selected, LAYER_TYPES)
+    if not layers:
+        kinds = sorted({type(m).__name__ for m in selected.values()})
+        raise ValueError(f"the targets select no Linear or Conv2d layer (they select {', '.join(kinds)})")
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+            raise ValueError(f"{name}: condensed supports zero-padded convolutions only "
+                             f"(padding_mode={layer.padding_mode!r})")
+    return layers
+
+
+def dense_view(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight as out x fan_in, kept mask or None): pruned entries of sparse/condensed layers are zero."""
+    with torch.no_grad():
+        if isinstance(layer, _Condensed):
+            weight, mask = layer.dense_weight(), layer.mask()
+        elif isinstance(layer, (SparseLinear, SparseConv2d)):
+            weight, mask = layer.masked_weight(), layer.mask
+        else:
+            weight, mask = layer.weight, None
+        rows = weight.shape[0]
+        return weight.detach().reshape(rows, -1), None if mask is None else mask.reshape(rows, -1)
+
+
+def fan_in_k(fan_in: int, config: CondensedConfig) -> int:
+    """k = round((1 - s) * fan_in), at least 1, rounded up to k_multiple, at most fan_in."""
+    k = max(1, round((1 - config.sparsity) * fan_in))
+    return min(fan_in, math.ceil(k / config.k_multiple) * config.k_multiple)
+
+
+def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-row top-k column ids (rows x k), sorted ascending so reads walk the input in order."""
+    return torch.topk(score, k, dim=1).indices.sort(dim=1).values
+
+
+def n_m_indices(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The top n of every group of m consecutive inputs, per row (rows x fan_in * n / m), sorted."""
+    rows, fan_in = score.shape
+    if fan_in % m:
+        raise ValueError(f"n_m {n}:{m} needs a fan-in divisible by {m}, a layer has {fan_in}")
+    within = torch.topk(score.view(rows, fan_in // m, m), n, dim=2).indices  # (rows, groups, n)
+    base = torch.arange(0, fan_in, m, device=score.device).view(1, -1, 1)
+    return (within + base).view(rows, -1).sort(dim=1).values
+
+
+def neurons_to_keep(score: torch.Tensor, k: int, config: CondensedConfig) -> torch.Tensor | None:
+    """SRigL ablation: ids of the neurons that stay (None: all of them).
+
+    Salient = the layer's top rows*k scores. A neuron with fewer than max(1, min_salient * k) salient
+    weights is ablated, but at least ceil(rows * k / fan_in) neurons stay so the redistributed fan-in
+    fits; among the ablation candidates, the most salient are spared first.
+    """
+    rows, fan_in = score.shape
+    budget = rows * k
+    salient = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    salient[torch.topk(score.reshape(-1), budget, sorted=False).indices] = True
+    counts = salient.view(rows, fan_in).sum(1)  # (rows,)
+    keep = counts >= max(1, int(config.min_salient * k))
+    must_keep = math.ceil(budget / fan_in)
+    if int(keep.sum()) < must_keep:  # spare the most salient neurons, ties broken by total score
+        order = torch.argsort(score.clamp_min(0).sum(1), descending=True)
+        order = order[torch.sort(counts[order], descending=True, stable=True).indices]
+        keep[order[:must_keep]] = True
+    return None if bool(keep.all()) else keep.nonzero().view(-1)
+
+
+def activation_norms(model: nn.Module, layers: dict[str, nn.Module], ctx: StageContext) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over every calibration token/position, per layer, shaped like the layer's weight rows
+    (out x fan_in; for a grouped conv each output channel sees its group's inputs)."""
+    if not ctx.calibration:
+        raise ValueError("score activation needs calibration data, but none was given (pass --data)")
+    if ctx.task is None:
+        raise ValueError("score activation needs the task that runs the model")
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, layer: nn.Module):
+        def record(_module, args):
+            x = args[0].detach().float()
+            if isinstance(layer, (nn.Conv2d, CondensedConv2d)):
+                x = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, C*kh*kw, L)
+                x = x.transpose(1, 2)
+            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            sums[name] = sums[name] + sq if name in sums else sq
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in ctx.calibration:
+                ctx.task.outputs(model, {k: v.to(ctx.device) for k, v in batch.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    norms = {}
+    for name, layer in layers.items():
+        rows, groups = dense_view(layer)[0].shape[0], getattr(layer, "groups", 1)
+        per_group = sums[name].sqrt().view(groups, -1)  # (groups, fan_in)
+        norms[name] = per_group.repeat_interleave(rows // groups, dim=0)  # (rows, fan_in)
+    return norms
+
+
+def condense(layer: nn.Module, config: CondensedConfig, norms: torch.Tensor | None) -> _Condensed:
+    """The condensed replacement of one layer (the layer itself is left untouched)."""
+    weight, mask = dense_view(layer)  # (rows, fan_in)
+    rows, fan_in = weight.shape
+    score = weight.abs().float() if norms is None else weight.abs().float() * norms.to(weight.device)
+    if mask is not None:
+        score = torch.where(mask, score, torch.full_like(score, -1.0))  # pruned weights rank last
+    kept = None
+    if config.n_m is not None:
+        indices = n_m_indices(score, *config.n_m)
+    else:
+        k = fan_in_k(fan_in, config)
+        if config.ablate:
+            kept = neurons_to_keep(score, k, config)
+        if kept is not None:
+            k = min(fan_in, math.ceil(round(rows * k / kept.numel()) / config.k_multiple) * config.k_multiple)
+            score = score[kept]
+        indices = top_k_indices(score, k)
+    values = (weight if kept is None else weight[kept]).gather(1, indices)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    if isinstance(layer, (nn.Conv2d, CondensedConv2d)):
+        conv = {name: getattr(layer, name) for name in CondensedConv2d.CONV_ARGS}
+        return CondensedConv2d(**conv, values=values, indices=indices, rows=kept, bias=bias)
+    return CondensedLinear(layer.in_features, layer.out_features, values, indices, rows=kept, bias=bias)
+
+
+@register_method(CondensedConfig, "constant fan-in sparsity (N:M as a special case), stored as values + int16 indices, "
+                                  "with fast CPU / Triton kernels")
+def condensed(model: nn.Module, selected: dict[str, nn.Module], config: CondensedConfig,
+              ctx: StageContext) -> dict[str, Any]:
+    layers = condensable_layers(selected)
+    norms = activation_norms(model, layers, ctx) if config.score == "activation" else {}
+    ks, ablated, total, kept = {}, {}, 0, 0
+    for name, layer in layers.items():
+        new = condense(layer, config, norms.get(name))
+        replace_module(model, name, new)
+        ks[name] = new.k
+        ablated[name] = new.out_features - new.values.shape[0]
+        total += new.out_features * new.fan_in
+        kept += new.values.numel()
+    return {"layers": len(layers), "weights": total, "kept": kept, "sparsity": 1 - kept / total,
+            "score": config.score, "n_m": config.n_m, "k": ks, "ablated_neurons": sum(ablated.values()),
+            "ablated_per_layer": {n: a for n, a in ablated.items() if a}}
