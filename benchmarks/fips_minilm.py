@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--sparsity", type=float, default=0.75)
-    parser.add_argument("--mask-update", default="rigl", choices=["rigl", "gmp", "fixed"])
+    parser.add_argument("--mask-update", default="fixed", choices=["rigl", "gmp", "fixed"])
     parser.add_argument("--update-every", type=int, default=20)
     parser.add_argument("--calibration-examples", type=int, default=128)
     parser.add_argument("--eval-examples", type=int, default=None, help="default: the whole eval split")

@@ -37,7 +37,7 @@ class FipsConfig(MethodConfig):
     weight_decay: float = 0.0  # AdamW decoupled decay during reconstruction
     warmup: float = 0.05  # fraction of the steps with linear warm-up
     batch_size: int = 8  # calibration examples per reconstruction step
-    mask_update: Literal["rigl", "gmp", "fixed"] = "rigl"  # how the V_i's sparsity pattern evolves (fips_masks.py)
+    mask_update: Literal["rigl", "gmp", "fixed"] = "fixed"  # how the V_i's sparsity pattern evolves (fips_masks.py)
     update_every: int = 20  # steps between mask updates
     drop_fraction: float = 0.3  # rigl: fraction of active entries dropped and regrown at the first update, cosine-decayed
     initial_sparsity: float = 0.5  # gmp only: sparsity of the V_i at the start, raised to `sparsity` on a cubic schedule

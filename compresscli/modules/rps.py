@@ -1,0 +1,178 @@
+"""Linear / Conv2d / Embedding layers whose weights are read from one shared memory (ROAST, STABLE-RPS).
+
+Weight i of a layer is w_i = lambda * g_i * m[h(i)]: `m` is the memory nn.Parameter shared by every
+layer of the group, h and g (slot and sign) are recomputed from the layer's Placement, and lambda is
+the layer's fixed scale. Forward materialises the weight by a gather (embeddings gather only the
+rows they look up); autograd's backward of the gather is the scatter-add into m. Stored per layer:
+the scale and the bias; the memory is a shared tensor, stored once; the map is never stored.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Codec, CompressedModule, register_codec
+from .rps_hash import Placement
+from .rps_memory import book_for
+
+
+class _SharedWeight(CompressedModule):
+    """What the three layer types share: the memory, the map buffers and the codec plumbing."""
+
+    memory: nn.Parameter
+    index: torch.Tensor
+    sign: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: nn.Parameter | None
+
+    def _init_shared(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
+                     scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
+        self.memory = memory  # (M,), the same nn.Parameter object in every layer sharing it
+        self.memory_name = memory_name  # model-wide name of the shared tensor
+        self.placement = placement
+        self.weight_shape = tuple(shape)
+        # False for the second reader of a tied tensor: it must not add its weights to the slot sums again
+        self.counted = counted
+        index, sign = placement.locate(self.weight_shape)
+        # the map is derived data: never in state_dict, recomputed on load
+        self.register_buffer("index", index.to(memory.device), persistent=False)  # (weight shape) int64
+        self.register_buffer("sign", sign.to(memory.device), persistent=False)  # (weight shape) int8, +-1
+        # the scale as stored (memory dtype), so the slot sums are the same after compression and after loading
+        scale_t = torch.tensor(float(scale), dtype=memory.dtype)
+        self.register_buffer("weight_scale", scale_t.to(memory.device))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(memory.device))
+        self.book = book_for(memory, placement.memory_size, scale_gradients)
+        if counted:
+            self.book.add(index, float(scale_t))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The materialised weight (differentiable w.r.t. the memory); read-only."""
+        memory = self.book.scaled_memory(self.memory)
+        return memory[self.index] * (self.sign * self.weight_scale)  # (weight shape)
+
+    def stored_parameters(self) -> int:
+        """The scale, the bias, and the whole memory counted once: by the group's first tensor."""
+        own = 1 + (self.bias.numel() if self.bias is not None else 0)
+        first = self.placement.tensor_index == 0 and self.counted
+        return own + (self.memory.numel() if first else 0)
+
+    def dense_equivalent(self) -> dict[str, torch.Size]:
+        shapes = {"weight": torch.Size(self.weight_shape)}
+        if self.bias is not None:
+            shapes["bias"] = self.bias.shape
+        return shapes
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"weight_scale": self.weight_scale.detach()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.detach()
+        return tensors
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        return {self.memory_name: self.memory}
+
+    @classmethod
+    def expected_shared(cls, params: dict[str, Any]) -> set[str]:
+        return {params["memory"]}
+
+    @classmethod
+    def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
+        return {"weight_scale"} | ({"bias"} if params["bias"] else set())
+
+    def _shared_params(self) -> dict[str, Any]:
+        return {"memory": self.memory_name, "placement": self.placement.to_dict(), "counted": self.counted,
+                "scale_gradients": self.book.scale_gradients, "bias": self.bias is not None}
+
+    @staticmethod
+    def _shared_args(tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None) -> dict[str, Any]:
+        if not shared or params["memory"] not in shared:
+            raise ValueError(f"RPS layer needs the shared memory {params['memory']!r}")
+        return {"memory": shared[params["memory"]], "memory_name": params["memory"],
+                "placement": Placement(**params["placement"]), "scale": float(tensors["weight_scale"]),
+                "scale_gradients": params["scale_gradients"], "bias": tensors.get("bias"),
+                "counted": params.get("counted", True)}
+
+    def extra_repr(self) -> str:
+        p = self.placement
+        return f"shape={self.weight_shape}, memory={self.memory_name}[{p.memory_size}], mapper={p.mapper}"
+
+
+@register_codec
+class RPSLinear(_SharedWeight):
+    codec = Codec.RPS_LINEAR
+
+    def __init__(self, in_features: int, out_features: int, **shared: Any):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_shared((out_features, in_features), **shared)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out)
+
+    def codec_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, **self._shared_params()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "RPSLinear":
+        return cls(params["in_features"], params["out_features"], **cls._shared_args(tensors, params, shared))
+
+
+@register_codec
+class RPSConv2d(_SharedWeight):
+    codec = Codec.RPS_CONV2D
+    CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int] | str, dilation: tuple[int, int], groups: int, **shared: Any):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self._init_shared((out_channels, in_channels // groups, *self.kernel_size), **shared)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, O, H', W')
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def codec_params(self) -> dict[str, Any]:
+        conv = {n: (list(v) if isinstance(v, tuple) else v) for n in self.CONV_ARGS for v in [getattr(self, n)]}
+        return {**conv, **self._shared_params()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "RPSConv2d":
+        return cls(*(params[n] for n in cls.CONV_ARGS), **cls._shared_args(tensors, params, shared))
+
+
+@register_codec
+class RPSEmbedding(_SharedWeight):
+    codec = Codec.RPS_EMBEDDING
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **shared: Any):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_shared((num_embeddings, embedding_dim), **shared)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # gather only the looked-up rows: (...) ids -> (..., dim), never the whole table
+        memory = self.book.scaled_memory(self.memory)
+        out = memory[self.index[ids]] * (self.sign[ids] * self.weight_scale)
+        if self.padding_idx is not None:  # as nn.Embedding: the padding row receives no gradient
+            out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out
+
+    def codec_params(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx, **self._shared_params()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "RPSEmbedding":
+        return cls(params["num_embeddings"], params["embedding_dim"], params["padding_idx"],
+                   **cls._shared_args(tensors, params, shared))
