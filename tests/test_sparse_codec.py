@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compresscli.modules import CODECS, SparseConv2d, SparseLinear, codec_for
+from compresscli.modules import Codec, SparseConv2d, SparseLinear, codec_for
 from compresscli.modules import sparse_codec
 from conftest import DEVICES
 
@@ -51,9 +51,10 @@ def _make(codec: str):
     return SparseConv2d.from_dense(dense, torch.rand(6, 3, 3, 3) > 0.6), torch.randn(2, 3, 9, 9)
 
 
-@pytest.mark.parametrize("codec", CODECS.names())
+@pytest.mark.parametrize("codec", [Codec.SPARSE_LINEAR.value, Codec.SPARSE_CONV2D.value])
 @pytest.mark.parametrize("fmt", ["bitmask", "csr"])
-def test_codec_round_trip_every_registered_codec(codec, fmt):
+def test_sparse_codecs_round_trip_in_both_formats(codec, fmt):
+    """The other codecs have their own round-trip tests (test_fips, test_rps, test_condensed)."""
     layer, x = _make(codec)
     layer.storage_format = fmt
     tensors, params = layer.to_tensors(), layer.codec_params()

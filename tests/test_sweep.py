@@ -36,7 +36,7 @@ def test_sweep_resumes_where_it_stopped(tmp_path, digits_vit_dir):
     for run_id, target in (("magnitude-x2", 2), ("magnitude-x4", 4)):
         run = state["runs"][run_id]
         assert run["status"] == "ok" and run["ratio"] == pytest.approx(target, rel=0.03)
-        assert 0 < run["value"] <= 1 and run["original"] >= 0.95
+        assert 0 < run["value"] <= 1 and run["original"] >= 0.9  # 64 eval images
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
     assert "| magnitude |" in (tmp_path / "sweep.md").read_text()
 
