@@ -8,7 +8,11 @@ from pathlib import Path
 from torch import nn
 
 from .methods import METHODS, MethodConfig, StageContext, compress_
+from .methods.condensed import CondensedConfig
+from .methods.fips import FipsConfig
+from .methods.ltr import LTRConfig
 from .methods.magnitude import MagnitudeConfig
+from .methods.rps import RPSConfig
 from .finetune import FinetuneConfig
 
 
@@ -19,4 +23,5 @@ def load(path: str | Path) -> nn.Module:
     return load_checkpoint(path).model
 
 
-__all__ = ["METHODS", "FinetuneConfig", "MagnitudeConfig", "MethodConfig", "StageContext", "compress_", "load"]
+__all__ = ["METHODS", "CondensedConfig", "FinetuneConfig", "FipsConfig", "LTRConfig", "MagnitudeConfig", "MethodConfig",
+           "RPSConfig", "StageContext", "compress_", "load"]
