@@ -1,6 +1,5 @@
 """End-to-end: the `compress` command on the real MiniLM and the real digits ViT."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
