@@ -86,7 +86,7 @@ def stage_config(name: str, knob_value: float, options: SweepOptions):
         per_round = options.steps // (rounds + 1)
         params.update(round_steps=per_round, final_steps=options.steps - rounds * per_round, lr=options.lr)
     if name == "fips":  # its block-wise reconstruction is recovery too: half the budget, the finetune the rest
-        params.update(steps=options.steps // 2)
+        params.update(steps=options.steps - finetune_steps(name, options))
     return make_config(spec.method, params)
 
 

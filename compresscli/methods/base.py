@@ -77,8 +77,9 @@ def compress_(model: nn.Module, config: MethodConfig,
     return spec.handler(model, selected, config, context or StageContext())
 
 
-def leaf_layers(selected: dict[str, nn.Module], types: tuple[type, ...]) -> dict[str, nn.Module]:
-    """Selected layers of the given types; a selected container contributes its matching descendants."""
+def leaf_layers(selected: dict[str, nn.Module], types: tuple[type, ...], what: str) -> dict[str, nn.Module]:
+    """Selected layers of the given types; a selected container contributes its matching descendants.
+    Finding none is an error naming `what` the method needed and what the targets hold instead."""
     found: dict[str, nn.Module] = {}
     for name, module in selected.items():
         if isinstance(module, types):
@@ -87,4 +88,7 @@ def leaf_layers(selected: dict[str, nn.Module], types: tuple[type, ...]) -> dict
         for child_name, child in module.named_modules():
             if child_name and isinstance(child, types):
                 found[f"{name}.{child_name}"] = child
+    if not found:
+        kinds = sorted({type(m).__name__ for m in selected.values()})
+        raise ValueError(f"the targets select no {what} (they select {', '.join(kinds)})")
     return found

@@ -72,10 +72,7 @@ LAYER_TYPES = (nn.Linear, nn.Conv2d, _Condensed)
 
 
 def condensable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    layers = leaf_layers(selected, LAYER_TYPES)
-    if not layers:
-        kinds = sorted({type(m).__name__ for m in selected.values()})
-        raise ValueError(f"the targets select no Linear or Conv2d layer (they select {', '.join(kinds)})")
+    layers = leaf_layers(selected, LAYER_TYPES, "Linear or Conv2d layer")
     for name, layer in layers.items():
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
             raise ValueError(f"{name}: condensed supports zero-padded convolutions only "

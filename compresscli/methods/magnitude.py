@@ -40,11 +40,7 @@ class MagnitudeConfig(MethodConfig):
 
 
 def prunable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    layers = leaf_layers(selected, tuple(PRUNABLE))
-    if not layers:
-        kinds = sorted({type(m).__name__ for m in selected.values()})
-        raise ValueError(f"the targets select no Linear or Conv2d layer (they select {', '.join(kinds)})")
-    return layers
+    return leaf_layers(selected, tuple(PRUNABLE), "Linear or Conv2d layer")
 
 
 def keep_masks(scores: dict[str, torch.Tensor], current: dict[str, torch.Tensor], sparsity: float,

@@ -72,10 +72,7 @@ def sharable_layers(model: nn.Module, selected: dict[str, nn.Module]) -> dict[st
         if done is not None:
             raise ValueError(f"{name} is already compressed ({done.codec.value}); rps reads dense Linear, Conv2d "
                              "and Embedding weights, so put the rps stage first or target other layers")
-    layers = leaf_layers(selected, tuple(LAYOUTS))
-    if not layers:
-        kinds = sorted({type(m).__name__ for m in selected.values()})
-        raise ValueError(f"the targets select no Linear, Conv2d or Embedding layer (they select {', '.join(kinds)})")
+    layers = leaf_layers(selected, tuple(LAYOUTS), "Linear, Conv2d or Embedding layer")
     for name, layer in layers.items():
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
             raise ValueError(f"{name}: padding_mode {layer.padding_mode!r} is not supported by rps (only 'zeros')")
