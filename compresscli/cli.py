@@ -35,19 +35,31 @@ class RichProgress:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self._bar: Progress | None = None  # the live display; a task started inside another adds a row to it
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Any]:
         if not self.enabled:
             yield _NoTask()
             return
+        if self._bar is not None:
+            task_id = self._bar.add_task(description, total=total, info="")
+            try:
+                yield _RichTask(self._bar, task_id)
+            finally:
+                self._bar.remove_task(task_id)
+            return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
         started = time.monotonic()
         # Transient, so a failed step leaves only the one-line error behind; success leaves a summary.
         with Progress(*columns, console=err_console, transient=True) as bar:
-            task = _RichTask(bar, bar.add_task(description, total=total, info=""))
-            yield task
+            self._bar = bar
+            try:
+                task = _RichTask(bar, bar.add_task(description, total=total, info=""))
+                yield task
+            finally:
+                self._bar = None
         err_console.print(f"[green]done[/] {description} {task.info} ({time.monotonic() - started:.1f} s)",
                           highlight=False)
 
@@ -86,33 +98,53 @@ def run(checkpoint: CheckpointArg,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (written atomically).")] = None,
         weights: WeightsOpt = None, data: DataOpt = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: STAGE.KEY=VALUE.")] = None,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each stage matches and the sizes; write nothing.")] = False,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each stage matches, the sizes and the predicted memory; write nothing.")] = False,
         force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
         device: DeviceOpt = "auto", batch_size: BatchOpt = 16,
-        eval_examples: Annotated[Optional[int], typer.Option("--eval-examples", help="Cap on held-out examples.")] = None,
+        eval_examples: Annotated[Optional[int], typer.Option("--eval-examples", min=1, help="Cap on held-out examples.")] = None,
+        calibration_examples: Annotated[int, typer.Option("--calibration-examples", min=1, help="Calibration examples (one-shot solvers, reconstruction).")] = 128,
+        max_length: Annotated[int, typer.Option("--max-length", min=2, help="Tokens per text example.")] = 128,
         no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the original-vs-compressed evaluation.")] = False,
+        sequential: Annotated[Optional[bool], typer.Option("--sequential/--whole-model", help="Compress block by block (the model is never in memory whole), or hold it whole. Default: whole when the prediction fits --max-memory.", show_default=False)] = None,
+        max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Host memory the run may use, e.g. 8GiB (default: what is free).")] = None,
+        dtype: Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's own), float32, bfloat16 or float16.")] = "auto",
+        block_inputs: Annotated[str, typer.Option("--block-inputs", help="Sequential: feed each block the compressed blocks' output (compressed) or the original's (original).")] = "compressed",
+        shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file before sharding, e.g. 2GiB.")] = "2GiB",
         seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False) -> None:
     """Compress CHECKPOINT with a recipe, recover, export to OUT, verify the reload and report."""
-    from .checkpoint import load_checkpoint
-    from .pipeline import RunOptions, run_recipe
+    from .checkpoint import parse_dtype
+    from .pipeline import RunOptions, compress_source
     from .recipe import load_recipe
+    from .safetensors_io import parse_size
+    from .source import open_source
 
     if out is None and not dry_run:
         raise CompressError("no output directory given", "pass --out DIR (or --dry-run to only look)")
     if out is not None and out.exists() and not force and not dry_run:
         raise CompressError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
+    if block_inputs not in ("compressed", "original"):
+        raise CompressError(f"--block-inputs {block_inputs!r} is not compressed or original", "pick one of the two")
+    sizes = {}
+    for flag, value in (("--max-memory", max_memory), ("--shard-size", shard_size)):
+        try:
+            sizes[flag] = parse_size(value) if value is not None else None
+        except ValueError as err:
+            raise CompressError(f"{flag}: {err}") from None
     resolved = load_recipe(recipe, set_)
-    progress = RichProgress(enabled=not as_json)
-    with progress.task("loading checkpoint"):
-        ckpt = load_checkpoint(checkpoint, weights)
     options = RunOptions(data=data, batch_size=batch_size, eval_examples=eval_examples, device=device, seed=seed,
-                         dry_run=dry_run, evaluate=not no_eval)
-    result = run_recipe(ckpt, resolved, out, options, progress, force=force)
+                         dry_run=dry_run, evaluate=not no_eval, calibration_examples=calibration_examples,
+                         max_length=max_length, dtype=parse_dtype(dtype), sequential=sequential,
+                         max_memory=sizes["--max-memory"], block_inputs=block_inputs, shard_bytes=sizes["--shard-size"])
+    progress = RichProgress(enabled=not as_json)
+    source = open_source(checkpoint, weights)
+    result = compress_source(source, resolved, out, options, progress, force=force)
     if dry_run:
+        plan = {"dry_run": True, "mode": result.mode, "stages": [r.to_dict() for r in result.stages],
+                "memory": result.prediction.to_dict() if result.prediction else None}
         if as_json:
-            _emit_json({"dry_run": True, "stages": result.plan})
+            _emit_json(plan)
         else:
-            _print_plan(result.plan)
+            _print_plan(plan)
         return
     if as_json:
         _emit_json({"out": str(out), "report": result.report})
@@ -131,14 +163,13 @@ def eval_(checkpoint: CheckpointArg,
     from .checkpoint import load_checkpoint
     from .evaluate import compare
     from .pipeline import RunOptions, pick_device, prepare_data
-    from .tasks import task_for
 
     progress = RichProgress(enabled=not as_json)
     dev = pick_device(device)
     with progress.task("loading checkpoints"):
         ckpt = load_checkpoint(checkpoint, weights)
         base = load_checkpoint(baseline, baseline_weights) if baseline else None
-    task = task_for(ckpt.kind, ckpt.model)
+    task = ckpt.task()
     if task.name == "text-encoder" and base is None:
         raise CompressError("an encoder is judged by embedding cosine to its original", "pass --baseline ORIGINAL")
     batcher, splits, spec = prepare_data(ckpt, task, RunOptions(data=data))
@@ -315,10 +346,20 @@ def reference(name: Annotated[str, typer.Argument(help="minilm, digits-vit or mn
 
 # ----------------------------------------------------------------------------- presentation
 
-def _print_plan(plan: list[dict[str, Any]]) -> None:
+def _print_plan(plan: dict[str, Any]) -> None:
     from .report import human_bytes
 
-    for step in plan:
+    memory = plan["memory"]
+    if memory:
+        table = Table(title="predicted peak memory (RSS)")
+        for col in ("mode", "peak", "made of (beyond the runtime's " + human_bytes(memory["baseline"]) + ")"):
+            table.add_column(col)
+        for mode, peak in (("whole-model", memory["whole_model"]), ("sequential", memory["sequential"])):
+            parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in memory["phases"].get(mode, {}).items())
+            shown = human_bytes(peak) if peak is not None else f"cannot run ({memory['sequential_problem']})"
+            table.add_row(mode + (" (chosen)" if mode == plan["mode"] else ""), shown, parts)
+        out_console.print(table)
+    for step in plan["stages"]:
         table = Table(title=f"stage {step['stage']}: {step['method']} ({len(step['modules'])} modules)")
         table.add_column("")
         table.add_column("params", justify="right")

@@ -42,6 +42,12 @@ class FinetuneConfig(MethodConfig):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
+    def needs_original(self) -> bool:
+        return self.steps > 0
+
+    def whole_model_only(self) -> str | None:
+        return "finetune trains the whole model at once; drop the stage to compress block by block"
+
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
     if step < warmup_steps:

@@ -1,39 +1,48 @@
-"""`compress run` as a library call: load data, apply the recipe's stages, save, verify, report."""
+"""`compress run` as a library call: plan, predict memory, pick the execution mode, compress, save,
+verify, report.
+
+Two modes run the same recipe. Whole-model (`run_recipe`): the model is loaded once, a frozen copy of
+the original is kept only when a stage compares against it (distillation, block targets), and the
+output is streamed to disk layer by layer. Block by block (sequential.py): the model is never in
+memory whole. `compress_source` predicts the peak memory of both (memory.py) and runs the whole-model
+path when it fits the budget, else the sequential one, else refuses before doing any work.
+"""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .architectures import Architecture, detect
-from .checkpoint import Checkpoint, load_compressed
+from .checkpoint import Checkpoint, load_compressed, load_source
 from .data import Batcher, Splits, batcher_for, load_examples, split
 from .errors import CompressError, RecipeError
 from .evaluate import compare, max_output_difference
-from .export import compressed_layers, model_to_tensors
+from .export import FORMAT_METADATA, compressed_layers, write_model
+from .memory import MemoryPrediction, PeakMemory, available_memory, predict_memory
 from .methods import StageContext, compress_
 from .modules import CompressedModule
 from .progress import Progress, SilentProgress
 from .recipe import Recipe, Stage
 from .report import inspect_path, render_markdown, subset_totals
-from .safetensors_io import atomic_directory
-from .tasks import Task, task_for
+from .safetensors_io import ShardWriter, atomic_directory
+from .source import Source, open_source, skeleton_of
+from .tasks import Task
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "tokenizer.model", "merges.txt", "vocab.json")
 RELOAD_TOLERANCE = 1e-4  # relative to the output scale; the rebuilt model runs the same ops, so this is slack
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -47,13 +56,50 @@ class RunOptions:
     seed: int = 0
     dry_run: bool = False
     evaluate: bool = True
+    dtype: torch.dtype | None = None  # None: the checkpoint's own
+    sequential: bool | None = None  # None: block by block only when the whole model would not fit
+    max_memory: int | None = None  # bytes of host memory the run may use; None: what the machine has free
+    block_inputs: str = "compressed"  # sequential: blocks read the compressed blocks' output, or the original's
+    shard_bytes: int = DEFAULT_SHARD_BYTES  # outputs larger than this are written as shards with an index
+
+    @property
+    def resolved_device(self) -> str:
+        return str(pick_device(self.device))
+
+    def memory_budget(self) -> int:
+        return self.max_memory if self.max_memory is not None else available_memory()
+
+    def activation_bytes(self) -> int:
+        """Sequential mode: activations kept in memory up to a quarter of the budget, the rest spill to disk."""
+        return max(64 * 1024**2, self.memory_budget() // 4)
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run: what it matched and what it did to their size (summed over units when the run
+    goes block by block)."""
+
+    stage: int
+    method: str
+    modules: list[str]
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds": round(self.seconds, 2)}
 
 
 @dataclass
 class RunResult:
-    model: nn.Module
+    model: nn.Module | None  # the compressed model (whole-model runs); None when it was never whole
     report: dict[str, Any]
-    plan: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageRecord] = field(default_factory=list)
+    prediction: MemoryPrediction | None = None
+    mode: str = "whole-model"
 
 
 def pick_device(name: str) -> torch.device:
@@ -64,6 +110,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# ----------------------------------------------------------------------------- planning
+
 def resolve_stage_targets(stage: Stage, arch: Architecture, model: nn.Module, where: str) -> list[str]:
     if not stage.targets:
         return []
@@ -73,6 +121,13 @@ def resolve_stage_targets(stage: Stage, arch: Architecture, model: nn.Module, wh
     if not chosen:
         raise RecipeError(f"{where}: every target is ignored", "narrow the ignore list")
     return chosen
+
+
+def resolve_targets(recipe: Recipe, model: nn.Module, arch: Architecture | None = None) -> list[list[str]]:
+    """Every stage's module names, resolved before any work so a bad target fails in a second."""
+    arch = arch or detect(model)
+    return [resolve_stage_targets(s, arch, model, f"{recipe.source}: stage {i} ({s.method})")
+            for i, s in enumerate(recipe.stages)]
 
 
 def needs_data(recipe: Recipe, options: RunOptions) -> bool:
@@ -88,24 +143,87 @@ def prepare_data(ckpt: Checkpoint, task: Task, options: RunOptions) -> tuple[Bat
     return batcher, split(load_examples(spec)), spec
 
 
-def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunOptions,
-               progress: Progress | None = None, force: bool = False) -> RunResult:
-    """Compress `ckpt` with `recipe`; write OUT atomically unless dry-run. `ckpt.model` is modified."""
+def choose_mode(prediction: MemoryPrediction, options: RunOptions) -> str:
+    """"whole-model" or "sequential": as asked, else whichever fits the budget (whole-model first);
+    a run that fits neither is refused with what to lower."""
+    budget = options.memory_budget()
+    if options.sequential is False:
+        return "whole-model"
+    if options.sequential or prediction.whole_model > budget:
+        if prediction.sequential is None:
+            if options.sequential:
+                raise CompressError(f"this model cannot run block by block ({prediction.sequential_problem})",
+                                    "drop --sequential")
+            raise CompressError(f"the whole-model run needs about {_gib(prediction.whole_model)} but "
+                                f"{_gib(budget)} is available, and it cannot run block by block "
+                                f"({prediction.sequential_problem})", "free memory, raise --max-memory, or "
+                                "change the recipe")
+        if prediction.sequential > budget:
+            raise CompressError(f"even block by block the run needs about {_gib(prediction.sequential)} but "
+                                f"{_gib(budget)} is available", "lower --calibration-examples, --max-length or "
+                                "--batch-size, or raise --max-memory")
+        return "sequential"
+    return "whole-model"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def compress_source(source: Source, recipe: Recipe, out: Path | None, options: RunOptions,
+                    progress: Progress | None = None, force: bool = False) -> RunResult:
+    """Plan, predict, pick the mode and run. Nothing is read beyond headers until the mode is chosen."""
     progress = progress or SilentProgress()
-    started = time.time()
+    _check_out(source, out, options, force)
+    skeleton = skeleton_of(source)
+    targets = resolve_targets(recipe, skeleton)
+    prediction = predict_memory(source, skeleton, recipe, targets, options)
+    mode = choose_mode(prediction, options)
+    log.info("predicted peak: whole-model %s, sequential %s; running %s", _gib(prediction.whole_model),
+             "-" if prediction.sequential is None else _gib(prediction.sequential), mode)
+    del skeleton
+    if mode == "whole-model":
+        with progress.task("loading checkpoint"):
+            ckpt = load_source(source, options.dtype)
+        result = run_recipe(ckpt, recipe, out, options, progress, force, prediction=prediction)
+    else:
+        result = run_recipe_sequential(source, recipe, targets, out, options, progress, force, prediction)
+    return result
+
+
+def _check_out(source: Source, out: Path | None, options: RunOptions, force: bool) -> None:
+    if out is None or options.dry_run:
+        return
+    out = Path(out)
+    if out.exists() and not force:
+        raise CompressError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
+    if source.directory is not None and out.resolve() == source.directory.resolve():
+        raise CompressError(f"--out {out} is the checkpoint being compressed", "write the output somewhere else")
+
+
+# ----------------------------------------------------------------------------- whole-model path
+
+def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunOptions,
+               progress: Progress | None = None, force: bool = False,
+               prediction: MemoryPrediction | None = None) -> RunResult:
+    """Compress `ckpt` (held whole) with `recipe`; write OUT atomically unless dry-run. `ckpt.model` is
+    modified in place."""
+    progress = progress or SilentProgress()
+    started, peak = time.time(), PeakMemory()
     device = pick_device(options.device)
     torch.manual_seed(options.seed)
     model = ckpt.model
-    arch = detect(model)
-    task = task_for(ckpt.kind, model)
-    if out is not None and Path(out).exists() and not force and not options.dry_run:
+    task = ckpt.task()
+    if ckpt.source is not None:
+        _check_out(ckpt.source, out, options, force)
+    elif out is not None and Path(out).exists() and not force and not options.dry_run:
         raise CompressError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
+    targets = resolve_targets(recipe, model)
 
-    # Resolve every stage's targets before any work, so a bad target fails in a second.
-    targets = [resolve_stage_targets(s, arch, model, f"{recipe.source}: stage {i} ({s.method})")
-               for i, s in enumerate(recipe.stages)]
-
-    teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+    keep_original = not options.dry_run and any(s.config.needs_original() for s in recipe.stages)
+    teacher = _frozen_copy(model).to(device) if keep_original else None
     model.to(device)
     ctx = StageContext(teacher=teacher, task=task, device=device, progress=progress, dry_run=options.dry_run,
                        seed=options.seed)
@@ -113,74 +231,156 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
     if needs_data(recipe, options):
         with progress.task("loading data"):
             batcher, splits, data_name = prepare_data(ckpt, task, options)
-            ctx.calibration = batcher.batches(splits.calibration, options.batch_size, options.calibration_examples)
-            ctx.train = batcher.batches(splits.train, options.batch_size)
+            ctx = StageContext(teacher=teacher, task=task, device=device, progress=progress, dry_run=options.dry_run,
+                               seed=options.seed, train=batcher.batches(splits.train, options.batch_size),
+                               calibration=batcher.batches(splits.calibration, options.batch_size,
+                                                           options.calibration_examples))
 
-    stage_reports, plan = [], []
+    records = []
     for i, (stage, names) in enumerate(zip(recipe.stages, targets)):
-        before, bytes_before = _stored_params(model, names), layer_bytes(model, names)
+        record = StageRecord(i, stage.method, names, params_before=stored_params(model, names),
+                             bytes_before=layer_bytes(model, names))
         t0 = time.time()
         wanted = set(names)
         try:
-            stats = compress_(model, stage.config, (lambda m, n: n in wanted) if names else None, ctx)
+            record.stats = compress_(model, stage.config, (lambda m, n: n in wanted) if names else None, ctx)
         except ValueError as err:
             raise RecipeError(f"{recipe.source}: stage {i} ({stage.method}): {err}", "change the stage's targets or params") from None
-        after = _stored_params(model, names)
-        stage_reports.append({"method": stage.method, "modules": names, "seconds": round(time.time() - t0, 2),
-                              "stored_params_before": before, "stored_params_after": after, "stats": stats})
-        plan.append({"stage": i, "method": stage.method, "modules": names, "params_before": before,
-                     "params_after": after, "bytes_before": bytes_before,
-                     "bytes_after": layer_bytes(model, names)})
-        log.info("stage %d (%s): %d modules, %.1fs", i, stage.method, len(names), time.time() - t0)
+        record.seconds = time.time() - t0
+        record.params_after, record.bytes_after = stored_params(model, names), layer_bytes(model, names)
+        records.append(record)
+        log.info("stage %d (%s): %d modules, %.1fs", i, stage.method, len(names), record.seconds)
+    del ctx, teacher  # the frozen original is not needed past the stages
 
-    result = RunResult(model, {}, plan)
+    result = RunResult(model, {}, records, prediction)
     if options.dry_run or out is None:
         return result
 
-    targeted = sorted({n for n, _ in compressed_layers(model).items()})
     eval_batches = batcher.batches(splits.eval, options.batch_size, options.eval_examples) if batcher else []
-    check_batch = eval_batches[0] if eval_batches else None
+    check_batch = eval_batches[0] if eval_batches else _synthetic_check_batch(model, task)
     with progress.task("saving and verifying"), atomic_directory(Path(out), force=force) as tmp:
-        tensors, metadata = model_to_tensors(model)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
-        config = {**ckpt.config, "compression": {
-            "tool": f"compresscli {__version__}", "source_kind": ckpt.kind, "source": ckpt.name,
-            "recipe": recipe.to_dict(), "layers": targeted}}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        if ckpt.directory is not None:
-            for name in TOKENIZER_FILES:
-                if (ckpt.directory / name).is_file():
-                    shutil.copy2(ckpt.directory / name, tmp / name)
-        reloaded = load_compressed(tmp).model.to(device)
-        diff = _reload_check(model, reloaded, task, check_batch, device)
+        writer = ShardWriter(tmp, options.shard_bytes, FORMAT_METADATA)
+        write_model(model, writer)
+        writer.close()
+        write_side_files(tmp, ckpt, recipe, sorted(compressed_layers(model)))
+        with torch.no_grad():
+            expected = task.outputs(model.eval(), {k: v.to(device) for k, v in check_batch.items()}).float().cpu()
+        reloaded = load_compressed(open_source(tmp), options.dtype).model.to(device)
+        diff = reload_difference(expected, reloaded, task, check_batch, device)
+        del reloaded
         evaluation = None
         if options.evaluate and eval_batches:
             with progress.task("evaluating original vs compressed"):
-                evaluation = {"data": data_name, **compare(teacher, reloaded, task, eval_batches, device)}
-        memory = inspect_path(tmp / "model.safetensors")
-        report = _report(ckpt, arch, recipe, stage_reports, memory, set(targeted), diff, check_batch, evaluation,
-                         device, time.time() - started)
+                original = _original_for_eval(ckpt, options).to(device)
+                evaluation = {"data": data_name, **compare(original, model, task, eval_batches, device)}
+                del original
+        report = build_report(ckpt.source or ckpt, ckpt.name, ckpt.kind, detect(model).family, recipe, records, tmp,
+                              set(compressed_layers(model)), diff, check_batch, evaluation, device,
+                              time.time() - started, execution(result.mode, peak, prediction, options))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_markdown(report))
     result.report = report
     return result
 
 
-def _reload_check(model, reloaded, task, batch, device) -> float:
-    """The saved checkpoint must compute what the in-memory model computes."""
-    if batch is None:
-        return 0.0
-    diff = max_output_difference(model, reloaded, task, batch, device)
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def _original_for_eval(ckpt: Checkpoint, options: RunOptions) -> nn.Module:
+    """The original, read again from its files (the compressed model replaced it in memory)."""
+    if ckpt.source is None:
+        raise CompressError(f"{ckpt.name} has no files to read the original back from for evaluation",
+                            "load it with compresscli.checkpoint.load_checkpoint, or pass evaluate=False")
+    return load_source(ckpt.source, options.dtype).model.eval()
+
+
+def _synthetic_check_batch(model: nn.Module, task: Task) -> dict[str, torch.Tensor]:
+    """Inputs for the reload check when no data was loaded: random pixels or token ids."""
+    from .speed import synthetic_batch
+
+    return synthetic_batch(model, task, 2)
+
+
+def reload_difference(expected: torch.Tensor, reloaded: nn.Module, task: Task, batch: dict[str, torch.Tensor],
+                      device: torch.device) -> float:
+    """The saved checkpoint must compute what the in-memory model computed (`expected`)."""
     with torch.no_grad():
-        scale = task.outputs(model.eval(), {k: v.to(device) for k, v in batch.items()}).abs().max().item()
-    if diff > RELOAD_TOLERANCE * max(1.0, scale):
+        got = task.outputs(reloaded.eval(), {k: v.to(device) for k, v in batch.items()}).float().cpu()
+    return check_reload(expected, got)
+
+
+def check_reload(expected: torch.Tensor, got: torch.Tensor) -> float:
+    diff = (expected - got).abs().max().item()
+    if not diff <= RELOAD_TOLERANCE * max(1.0, expected.abs().max().item()):
         raise CompressError(f"the saved checkpoint does not reproduce the model (max abs diff {diff:.3g})",
                             "this is a bug in a codec; please report it with --debug output")
     return diff
 
 
-def _stored_params(model: nn.Module, names: list[str]) -> int:
+# ----------------------------------------------------------------------------- sequential path
+
+def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out: Path | None,
+                          options: RunOptions, progress: Progress | None = None, force: bool = False,
+                          prediction: MemoryPrediction | None = None) -> RunResult:
+    """Block by block (sequential.py), written atomically; the reload check streams OUT again."""
+    from .sequential import run_sequential
+    from .streamed_model import stream_outputs
+
+    progress = progress or SilentProgress()
+    started, peak = time.time(), PeakMemory()
+    device = pick_device(options.device)
+    torch.manual_seed(options.seed)
+    if options.dry_run or out is None:
+        records, _ = run_sequential(source, recipe, targets, None, options, progress)
+        return RunResult(None, {}, records, prediction, "sequential")
+    with atomic_directory(Path(out), force=force) as tmp:
+        records, outcome = run_sequential(source, recipe, targets, tmp, options, progress)
+        layers = sorted(inspect_layers(tmp))
+        write_side_files(tmp, source, recipe, layers)
+        with progress.task("verifying the saved checkpoint"):
+            got = stream_outputs(open_source(tmp), [outcome["check_batch"]], options.dtype, device)[0]
+            diff = check_reload(outcome["check_output"], got)
+        family = detect(skeleton_of(source)).family
+        report = build_report(source, source.name, source.model_kind, family, recipe, records, tmp, set(layers), diff,
+                              outcome["check_batch"], outcome.get("eval"), device, time.time() - started,
+                              execution("sequential", peak, prediction, options, units=outcome["units"],
+                                        spilled=outcome["activations_spilled_bytes"]))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(render_markdown(report))
+    return RunResult(None, report, records, prediction, "sequential")
+
+
+def inspect_layers(directory: Path) -> list[str]:
+    """Names of the compressed layers a written output holds (from its headers)."""
+    from .export import read_format
+    from .safetensors_io import TensorIndex
+
+    return list(read_format(TensorIndex.of_directory(directory), str(directory))[0])
+
+
+# ----------------------------------------------------------------------------- output and report
+
+def write_side_files(tmp: Path, origin: Checkpoint | Source, recipe: Recipe, layers: list[str]) -> None:
+    """config.json (the source config plus the compression block), recipe.yaml and tokenizer files."""
+    source = origin.source if isinstance(origin, Checkpoint) else origin
+    kind = origin.kind if isinstance(origin, Checkpoint) else origin.model_kind
+    model_class = origin.model_class if isinstance(origin, Checkpoint) else origin.model_class
+    compression = {"tool": f"compresscli {__version__}", "source_kind": kind, "source": origin.name,
+                   "model_class": model_class, "recipe": recipe.to_dict(), "layers": layers}
+    if source is not None and source.pooling:
+        compression["pooling"] = source.pooling
+    (tmp / "config.json").write_text(json.dumps({**origin.config, "compression": compression}, indent=2, default=str))
+    (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+    if origin.directory is not None:
+        for name in TOKENIZER_FILES:
+            if (origin.directory / name).is_file():
+                shutil.copy2(origin.directory / name, tmp / name)
+
+
+def stored_params(model: nn.Module, names: list[str]) -> int:
     total = 0
     for name in names:
         module = model.get_submodule(name)
@@ -203,7 +403,22 @@ def layer_bytes(model: nn.Module, names: list[str]) -> int:
     return total + sum(t.numel() * t.element_size() for t in shared.values())
 
 
-def _report(ckpt, arch, recipe, stages, memory, targeted, diff, check_batch, evaluation, device, seconds) -> dict:
+def execution(mode: str, peak: PeakMemory, prediction: MemoryPrediction | None, options: RunOptions,
+              **extra: Any) -> dict[str, Any]:
+    """How the run went: mode, measured peak beside the prediction, dtype, device."""
+    record = {"mode": mode, "peak_rss_bytes": peak.peak(), "budget_bytes": options.memory_budget(),
+              "dtype": str(options.dtype).removeprefix("torch.") if options.dtype else "as stored",
+              "block_inputs": options.block_inputs if mode == "sequential" else None, **extra}
+    if prediction is not None:
+        record["predicted_peak_bytes"] = prediction.sequential if mode == "sequential" else prediction.whole_model
+        record["prediction"] = prediction.to_dict()
+    return record
+
+
+def build_report(origin: Checkpoint | Source, name: str, kind: str, family: str, recipe: Recipe,
+                 records: list[StageRecord], out: Path, targeted: set[str], diff: float, check_batch, evaluation,
+                 device, seconds: float, execution_record: dict[str, Any]) -> dict[str, Any]:
+    memory = inspect_path(out)
     rows = memory["layers"]
     target_totals = subset_totals(rows, targeted)
     value_bytes = {r["name"]: r["dense_bytes"] / max(1, r["dense_params"]) for r in rows}
@@ -211,12 +426,14 @@ def _report(ckpt, arch, recipe, stages, memory, targeted, diff, check_batch, eva
                                                  if r["name"] in targeted))
     model_totals = {**memory["totals"], "ratio": memory["totals"]["file_bytes"] / max(1, memory["totals"]["dense_bytes"])}
     examples = len(next(iter(check_batch.values()))) if check_batch else 0
-    report = {
+    source = origin.source if isinstance(origin, Checkpoint) else origin
+    return {
         "tool": f"compresscli {__version__}",
-        "source": {"name": ckpt.name, "kind": ckpt.kind, "family": arch.family, "file_bytes": ckpt.file_bytes},
-        "recipe": recipe.to_dict(), "device": str(device), "seconds": round(seconds, 1), "stages": stages,
+        "source": {"name": name, "kind": kind, "family": family, "file_bytes": origin.file_bytes,
+                   "notes": source.notes if source is not None else []},
+        "recipe": recipe.to_dict(), "device": str(device), "seconds": round(seconds, 1),
+        "stages": [r.to_dict() for r in records], "execution": execution_record,
         "memory": {"targeted": target_totals, "model": model_totals, "layers": rows},
         "reload": {"max_abs_diff": diff, "examples": examples},
         "eval": evaluation,
     }
-    return report

@@ -1,4 +1,5 @@
-"""Reading safetensors defensively and writing output directories atomically."""
+"""Reading safetensors defensively and lazily (one tensor at a time, across shards), writing sharded
+output as it is produced, and output directories atomically."""
 from __future__ import annotations
 
 import json
@@ -7,15 +8,22 @@ import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
 _FIX = "re-export it, or point at an intact copy"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
@@ -54,14 +62,185 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     return header, metadata
 
 
-def read_tensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata, with any decoding failure reported as a corrupt file."""
-    _, metadata = read_header(path)
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class TensorIndex:
+    """Every tensor of a checkpoint's weight files (one file, or the shards an index lists), by name,
+    from the headers alone: nothing is read until `read` asks for it.
+
+    Reading goes through safetensors' `safe_open`, which memory-maps the file; a handle is opened per
+    `read` call and dropped after it, so pages of tensors nobody holds are released.
+    """
+
+    def __init__(self, files: list[Path], metadata: dict[Path, dict[str, str]], entries: dict[str, TensorEntry]):
+        self.files = files
+        self.metadata = metadata
+        self.entries = entries
+
+    @classmethod
+    def of_files(cls, files: list[Path]) -> "TensorIndex":
+        entries: dict[str, TensorEntry] = {}
+        metadata: dict[Path, dict[str, str]] = {}
+        for file in files:
+            header, metadata[file] = read_header(file)
+            for name, entry in header.items():
+                if name in entries:
+                    raise CheckpointError(f"tensor {name!r} is stored twice ({entries[name].file.name} and {file.name})",
+                                          "remove the stale shard")
+                start, end = entry["data_offsets"]
+                entries[name] = TensorEntry(file, str(entry.get("dtype")), tuple(entry.get("shape", ())), end - start)
+        return cls(files, metadata, entries)
+
+    @classmethod
+    def of_directory(cls, directory: Path) -> "TensorIndex":
+        """The weights of a checkpoint directory: the shards its index names, else its *.safetensors files."""
+        index_path = directory / INDEX_NAME
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                files = sorted({directory / str(f) for f in weight_map.values()})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"{index_path} is not a safetensors index ({err})", _FIX) from None
+            missing = [f.name for f in files if not f.is_file() or f.parent != directory]
+            if missing:
+                raise CheckpointError(f"{index_path} names shards that are not there: {', '.join(missing[:4])}",
+                                      "copy every shard beside the index")
+            index = cls.of_files(files)
+            stray = sorted(set(weight_map) ^ set(index.entries))
+            if stray:
+                raise CheckpointError(f"{index_path} does not match its shards (e.g. {stray[0]!r})", _FIX)
+            return index
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory} has no *.safetensors weights", "convert the checkpoint to safetensors first")
+        return cls.of_files(files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors (cast to `dtype` when given, floating point only), one handle per file."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.entries:
+                raise CheckpointError(f"tensor {name!r} is not in the checkpoint", "the checkpoint is incomplete")
+            by_file.setdefault(self.entries[name].file, []).append(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for file, wanted in by_file.items():
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in wanted:
+                        tensor = f.get_tensor(name)
+                        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                            tensor = tensor.to(dtype)
+                        tensors[name] = tensor
+            except CheckpointError:
+                raise
+            except Exception as err:  # the library raises several types for a damaged file
+                raise CheckpointError(f"corrupt safetensors file {file} ({err})", _FIX) from None
+        return tensors
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of one file."""
+    index = TensorIndex.of_files([Path(path)])
+    return index.read(index.names()), index.metadata[Path(path)]
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '500MB', '2G', '1024' (bytes) -> bytes."""
+    units = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
+             "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
     try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except Exception as err:  # the library raises several types for a damaged file
-        raise CheckpointError(f"corrupt safetensors file {path} ({err})", _FIX) from None
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not value > 0:
+        raise ValueError(f"{text!r} is not a size; write e.g. 8GiB, 500MB or 2G")
+    return int(value * units[unit])
+
+
+class ShardWriter:
+    """Writes tensors as they are produced into safetensors shards of at most `shard_bytes` (a tensor
+    larger than that gets a shard of its own), so a writer never holds more than one shard.
+
+    Each group of tensors added together lands in one shard, with its own `__metadata__` entries
+    (merged by the reader). One shard is written as model.safetensors; more as
+    model-0000i-of-0000N.safetensors with Hugging Face's index (model.safetensors.index.json).
+    """
+
+    def __init__(self, directory: Path, shard_bytes: int, common_metadata: dict[str, str] | None = None):
+        self.directory = directory
+        self.shard_bytes = shard_bytes
+        self.common = dict(common_metadata or {})
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_meta: dict[str, dict] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.names: set[str] = set()  # every tensor added so far
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor], metadata: dict[str, dict] | None = None) -> None:
+        """Tensors (and JSON-able metadata sections, merged key by key) that belong together."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._pending and self._pending_bytes + size > self.shard_bytes:
+            self.flush()
+        for name, tensor in tensors.items():
+            if name in self.names:
+                raise ValueError(f"tensor {name!r} written twice")
+            self.names.add(name)
+            self._pending[name] = tensor.detach().to("cpu").contiguous()
+        for section, values in (metadata or {}).items():
+            self._pending_meta.setdefault(section, {}).update(values)
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def flush(self, even_empty: bool = False) -> None:
+        if not self._pending and not even_empty:
+            return
+        path = self.directory / f".shard-{len(self._written) + 1:05d}.safetensors"
+        metadata = {**self.common, **{k: json.dumps(v) for k, v in self._pending_meta.items()}}
+        save_file(self._pending, str(path), metadata=metadata)
+        self._written.append((path, list(self._pending)))
+        self._pending, self._pending_meta, self._pending_bytes = {}, {}, 0
+
+    def close(self) -> list[Path]:
+        """Flush, give the shards their final names (and the index when there are several)."""
+        self.flush(even_empty=not self._written)  # a model with no tensors still gets a valid file
+        count = len(self._written)
+        if count == 1:
+            final = [self.directory / SINGLE_NAME]
+            os.replace(self._written[0][0], final[0])
+            return final
+        final, weight_map = [], {}
+        for i, (path, names) in enumerate(self._written, 1):
+            target = self.directory / f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(path, target)
+            final.append(target)
+            weight_map.update({name: target.name for name in names})
+        (self.directory / INDEX_NAME).write_text(json.dumps(
+            {"metadata": {"total_size": self.total_bytes, **self.common}, "weight_map": weight_map}, indent=2))
+        return final
 
 
 @contextmanager

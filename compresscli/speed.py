@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import CompressError
-from .tasks import Task, task_for
+from .tasks import Task
 
 Batch = dict[str, torch.Tensor]
 
@@ -142,7 +142,7 @@ def compare_checkpoints(compressed: Checkpoint, original: Checkpoint | None = No
             raise CompressError(f"{compressed.name} records no original to compare with",
                                 "pass --baseline ORIGINAL")
         original = load_checkpoint(source)
-    task = task_for(compressed.kind, compressed.model)
+    task = compressed.task()
     result = measure_speed(original.model, compressed.model, task, **options)
     return {"checkpoint": compressed.name, "baseline": original.name, **result}
 

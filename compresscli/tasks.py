@@ -15,9 +15,18 @@ Batch = dict[str, torch.Tensor]
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sentence embedding as sentence-transformers pools it: mean over real tokens."""
+    """Sentence embedding as sentence-transformers' mean pooling: mean over real tokens."""
     m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, C)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """A sentence embedding (B, C) from token states (B, T, C), as sentence-transformers pools them."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(hidden.dtype).min).amax(1)
+    return masked_mean(hidden, mask)
 
 
 @dataclass
@@ -58,8 +67,15 @@ class ImageClassification(Task):
 
 
 class TextEncoder(Task):
-    def __init__(self) -> None:
+    """Compared by sentence embedding, pooled as the checkpoint's sentence-transformers config says
+    (mean over real tokens when it says nothing)."""
+
+    def __init__(self, pooling: str | None = None) -> None:
         super().__init__("text-encoder", "text")
+        self.pooling = pooling or "mean"
+
+    def embed(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return pool(hidden, mask, self.pooling)
 
     def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, C)
@@ -69,8 +85,8 @@ class TextEncoder(Task):
         mask = batch["attention_mask"].unsqueeze(-1).float()
         power = (teacher.float().pow(2) * mask).sum() / mask.sum() / teacher.shape[-1]
         mse = ((student.float() - teacher.float()).pow(2) * mask).sum() / mask.sum() / teacher.shape[-1] / power
-        cos = F.cosine_similarity(masked_mean(student.float(), batch["attention_mask"]),
-                                  masked_mean(teacher.float(), batch["attention_mask"]), dim=-1)
+        cos = F.cosine_similarity(self.embed(student.float(), batch["attention_mask"]),
+                                  self.embed(teacher.float(), batch["attention_mask"]), dim=-1)
         return mse + (1 - cos).mean()
 
 
@@ -97,7 +113,7 @@ def next_token_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return nll[keep]
 
 
-def task_for(kind: str, model: nn.Module) -> Task:
+def task_for(kind: str, model: nn.Module, pooling: str | None = None) -> Task:
     if kind == "timm":
         return ImageClassification()
     cls_name = type(model).__name__
@@ -105,4 +121,4 @@ def task_for(kind: str, model: nn.Module) -> Task:
         return CausalLM()
     if cls_name.endswith("ForImageClassification"):
         return ImageClassification()
-    return TextEncoder()
+    return TextEncoder(pooling)

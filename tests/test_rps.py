@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from compresscli import MagnitudeConfig, compress_, load
 from compresscli.checkpoint import load_checkpoint
 from compresscli.errors import RecipeError
-from compresscli.export import model_to_tensors, tensors_to_model
+from compresscli.export import save_model, tensors_to_model
+from compresscli.safetensors_io import TensorIndex
 from compresscli.methods.rps import RPSConfig
 from compresscli.modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
 from compresscli.modules.rps_hash import Placement, randomfold
@@ -218,13 +219,12 @@ def test_gradient_scaling_survives_deepcopy():
 def test_safetensors_round_trip(tmp_path, device, config):
     model = Mixed().to(device)
     compress_(model, config, None)
-    tensors, metadata = model_to_tensors(model)
-    save_file(tensors, str(tmp_path / "m.safetensors"), metadata=metadata)
-    stored = load_file(str(tmp_path / "m.safetensors"))
+    save_model(model, tmp_path)
+    stored = load_file(str(tmp_path / "model.safetensors"))
     assert "shared.rps.0.memory" in stored and not any(k.endswith((".index", ".sign", ".weight")) for k in stored)
-    rebuilt = Mixed(scales=(3.0, 3.0, 3.0)).to(device)  # other weights: everything must come from the file
-    tensors_to_model(rebuilt, {k: v.to(device) for k, v in stored.items()},
-                     json.loads(json.dumps(metadata)), "test")
+    rebuilt = Mixed(scales=(3.0, 3.0, 3.0))  # other weights: everything must come from the file
+    tensors_to_model(rebuilt, TensorIndex.of_directory(tmp_path), "test")
+    rebuilt.to(device)
     ids, image = (t.to(device) for t in _mixed_inputs())
     assert torch.equal(rebuilt(ids, image), model(ids, image))
     assert rebuilt.emb.memory is rebuilt.conv.memory is rebuilt.fc.memory
@@ -251,10 +251,11 @@ def test_tied_lm_head_reads_the_embedding_slots(tiny_hf_dirs, tmp_path):
     assert stats["tied"] == ["lm_head"] and isinstance(model.lm_head, RPSLinear)
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
     assert stats["weights"] == 99 * 32 + 2 * 32 * 128  # the tied tensor once
-    tensors, metadata = model_to_tensors(model)
-    assert "lm_head.weight" not in tensors and "transformer.wte.weight" not in tensors
+    save_model(model, tmp_path)
+    index = TensorIndex.of_directory(tmp_path)
+    assert "lm_head.weight" not in index and "transformer.wte.weight" not in index
     rebuilt = load_checkpoint(tiny_hf_dirs["gpt2"]).model
-    tensors_to_model(rebuilt, tensors, metadata, "test")
+    tensors_to_model(rebuilt, index, "test")
     assert torch.allclose(rebuilt(ids).logits, model(ids).logits, atol=1e-6)
     assert torch.equal(rebuilt.lm_head.book.denominator, model.lm_head.book.denominator)
 
@@ -287,14 +288,14 @@ def test_bad_targets_are_clear_errors():
         compress_(model, RPSConfig(), lambda m, n: n == "blocks.0.mlp.fc1")
 
 
-def test_second_stage_gets_its_own_memory():
+def test_second_stage_gets_its_own_memory(tmp_path):
     model = tiny_timm()
     compress_(model, RPSConfig(compression=2), lambda m, n: n.startswith("blocks.0.") and n.endswith(("fc1", "fc2")))
     compress_(model, RPSConfig(compression=2), lambda m, n: n.startswith("blocks.1.") and n.endswith(("fc1", "fc2")))
     names = {layer.memory_name for layer in _rps_layers(model).values()}
     assert names == {"rps.0.memory", "rps.1.memory"}
-    tensors, metadata = model_to_tensors(model)
-    assert {"shared.rps.0.memory", "shared.rps.1.memory"} <= set(tensors)
+    save_model(model, tmp_path)
+    assert {"shared.rps.0.memory", "shared.rps.1.memory"} <= set(TensorIndex.of_directory(tmp_path).names())
 
 
 # ----------------------------------------------------------------------------- real models, real pipeline

@@ -11,6 +11,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from ..architectures import Block
+from ..calibration import Calibrator, WholeModelCalibrator
 from ..progress import Progress, SilentProgress
 from ..registry import Registry
 
@@ -25,8 +27,33 @@ class MethodConfig:
     compresses: ClassVar[bool] = True  # False for stages that only train (finetune)
 
     def needs_data(self) -> bool:
-        """Whether the stage reads ctx.calibration / ctx.train (the pipeline then loads --data)."""
+        """Whether the stage reads calibration or training data (the pipeline then loads --data)."""
         return True
+
+    def needs_original(self) -> bool:
+        """Whether the stage compares against the original model (distillation, block targets): a
+        whole-model run then keeps a frozen copy; the block-by-block engine computes the original
+        block outputs from the weights it read."""
+        return False
+
+    def whole_model_only(self) -> str | None:
+        """Why this stage cannot run one block at a time, and what to write instead (None: it can)."""
+        return None
+
+    def working_bytes(self, weights: int, value_bytes: int, model_bytes: int) -> int:
+        """Memory the stage needs beyond the model while it compresses `weights` targeted weights of
+        `value_bytes` each, in a model (or unit) of `model_bytes` (memory.py predicts from it).
+        Default: the compressed layers are built beside the dense ones they replace."""
+        return weights * value_bytes
+
+    def calibration_chunk(self) -> int | None:
+        """Examples per calibration chunk the stage trains on (None: any); the block-by-block engine
+        splits its calibration batches to the smallest chunk any stage asks for."""
+        return None
+
+    def block_units(self, blocks: list[Block]) -> list[list[int]]:
+        """Indices of the blocks the stage must hold in memory together (default: each block alone)."""
+        return [[block.index] for block in blocks]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -36,14 +63,21 @@ class MethodConfig:
 class StageContext:
     """What a handler may use besides the model: never a path, never a file (methods do no I/O)."""
 
-    teacher: nn.Module | None = None  # the original model, frozen, for distillation/reconstruction
+    teacher: nn.Module | None = None  # the original model, frozen, for distillation (whole-model runs only)
     task: Any = None  # compresscli.tasks.Task: how to run the model on a batch and compare outputs
-    calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)  # raw batches (whole-model runs)
     train: list[dict[str, torch.Tensor]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress = field(default_factory=SilentProgress)
     dry_run: bool = False  # compress, but skip every optimisation step
     seed: int = 0
+    # How calibration data reaches the layers, in either execution mode (calibration.py); built from
+    # `calibration` and `teacher` when not given.
+    calibrator: Calibrator | None = None
+
+    def __post_init__(self) -> None:
+        if self.calibrator is None and self.calibration:
+            self.calibrator = WholeModelCalibrator(self.teacher, self.task, self.calibration, self.device)
 
 
 Handler = Callable[[nn.Module, dict[str, nn.Module], Any, StageContext], dict[str, Any]]

@@ -138,10 +138,8 @@ def neurons_to_keep(score: torch.Tensor, k: int, config: CondensedConfig) -> tor
 def activation_norms(model: nn.Module, layers: dict[str, nn.Module], ctx: StageContext) -> dict[str, torch.Tensor]:
     """||X_j||_2 over every calibration token/position, per layer, shaped like the layer's weight rows
     (out x fan_in; for a grouped conv each output channel sees its group's inputs)."""
-    if not ctx.calibration:
+    if ctx.calibrator is None:
         raise ValueError("score activation needs calibration data, but none was given (pass --data)")
-    if ctx.task is None:
-        raise ValueError("score activation needs the task that runs the model")
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str, layer: nn.Module):
@@ -156,9 +154,7 @@ def activation_norms(model: nn.Module, layers: dict[str, nn.Module], ctx: StageC
 
     handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
     try:
-        with torch.no_grad():
-            for batch in ctx.calibration:
-                ctx.task.outputs(model, {k: v.to(ctx.device) for k, v in batch.items()})
+        ctx.calibrator.run(model)
     finally:
         for handle in handles:
             handle.remove()

@@ -69,6 +69,15 @@ class FipsConfig(MethodConfig):
     def needs_data(self) -> bool:
         return self.steps > 0
 
+    def needs_original(self) -> bool:
+        return self.steps > 0
+
+    def calibration_chunk(self) -> int | None:
+        return self.batch_size
+
+    def block_units(self, blocks: list[Block]) -> list[list[int]]:
+        return [[b.index for b in group] for group in plan_groups(blocks, self.group_size, self.groups)]
+
     def reconstruction(self) -> ReconstructionConfig:
         return ReconstructionConfig(self.steps, self.lr, self.weight_decay, self.warmup, self.batch_size)
 

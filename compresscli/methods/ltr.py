@@ -41,6 +41,12 @@ class LTRConfig(MethodConfig):
         if not 0 <= self.rewind_step <= self.round_steps:
             raise ValueError(f"rewind_step must be in [0, round_steps={self.round_steps}], got {self.rewind_step}")
 
+    def needs_original(self) -> bool:
+        return True
+
+    def whole_model_only(self) -> str | None:
+        return "ltr retrains the whole model between pruning rounds; use magnitude with scope: block instead"
+
 
 def ltr_schedule(sparsity: float, prune_fraction: float) -> list[float]:
     """Cumulative sparsity after each round: 1 - (1 - f)^k, the last round clipped to `sparsity`."""

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..architectures import block_names_of
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from . import scores as S
@@ -24,7 +25,7 @@ PRUNABLE = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 class MagnitudeConfig(MethodConfig):
     method = "magnitude"
     sparsity: float = 0.5  # fraction of the targeted weights removed
-    scope: Literal["global", "layer"] = "global"  # one threshold over all targets, or the same fraction per layer
+    scope: Literal["global", "block", "layer"] = "global"  # one threshold over all targets, one per block, or the same fraction per layer
     score: Literal["magnitude", "snip", "synflow", "grasp"] = "magnitude"  # which weights matter (see scores.py)
     rounds: int = 100  # synflow only: pruning rounds on an exponential schedule
     format: Literal["auto", "bitmask", "csr"] = "auto"  # storage; auto takes whichever is smaller on disk
@@ -38,15 +39,33 @@ class MagnitudeConfig(MethodConfig):
     def needs_data(self) -> bool:
         return self.score != "magnitude"
 
+    def whole_model_only(self) -> str | None:
+        if self.score != "magnitude":
+            return f"score {self.score} needs gradients through the whole model; use score: magnitude"
+        if self.scope == "global":
+            return ("scope global ranks every targeted weight together; use scope: block (one threshold per "
+                    "block) or scope: layer")
+        return None
+
 
 def prunable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return leaf_layers(selected, tuple(PRUNABLE), "Linear or Conv2d layer")
 
 
 def keep_masks(scores: dict[str, torch.Tensor], current: dict[str, torch.Tensor], sparsity: float,
-               scope: str) -> dict[str, torch.Tensor]:
-    """Masks keeping the highest scores. Already-pruned weights rank below every kept one and are
-    never revived, so asking for less sparsity than there is leaves the masks as they are."""
+               scope: str, block_of: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Masks keeping the highest scores: one threshold over all `scores` ("global"), one per block
+    ("block": `block_of` names each layer's block), or per layer. Already-pruned weights rank below
+    every kept one and are never revived, so asking for less sparsity than there is leaves the masks
+    as they are."""
+    if scope == "block":
+        groups: dict[str, list[str]] = {}
+        for name in scores:
+            groups.setdefault((block_of or {}).get(name, name), []).append(name)
+        masks = {}
+        for names in groups.values():
+            masks.update(keep_masks({n: scores[n] for n in names}, current, sparsity, "global"))
+        return masks
     ranked = {n: torch.where(current[n], s.float(), torch.full_like(s, -torch.inf, dtype=torch.float32))
               for n, s in scores.items()}
     if scope == "layer":
@@ -106,10 +125,11 @@ def prune(model: nn.Module, layers: dict[str, nn.Module], config: MagnitudeConfi
           ctx: StageContext) -> dict[str, nn.Module]:
     """Prune `layers` of `model` to `config.sparsity`; returns the sparse layers by name."""
     rounds = config.rounds if config.score == "synflow" else 1
+    block_of = block_names_of(model, list(layers)) if config.scope == "block" else None
     for k in range(1, rounds + 1):
         target = 1 - (1 - config.sparsity) ** (k / rounds)  # exponential schedule of the kept fraction
         scores = score_layers(model, layers, config.score, ctx)
-        layers = apply_masks(model, layers, keep_masks(scores, current_masks(layers), target, config.scope),
+        layers = apply_masks(model, layers, keep_masks(scores, current_masks(layers), target, config.scope, block_of),
                              config.format)
     return layers
 

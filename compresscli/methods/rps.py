@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..architectures import block_names_of
 from ..export import replace_module
 from ..modules import CompressedModule
 from ..modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
@@ -45,6 +46,7 @@ class RPSConfig(MethodConfig):
     seed: int = 0  # fixes the map and the signs; the map is recomputed from it on load, never stored
     scale_gradients: bool = True  # STABLE-RPS gradient scaling; False gives plain ROAST gradients
     memory_scale: float = 1.0  # memory values relative to the weights' RMS (lambda shrinks by as much)
+    scope: Literal["model", "block"] = "model"  # one memory for every targeted layer, or one per block
 
     def __post_init__(self) -> None:
         if not (isinstance(self.compression, (int, float)) and math.isfinite(self.compression) and self.compression >= 1):
@@ -62,6 +64,11 @@ class RPSConfig(MethodConfig):
 
     def needs_data(self) -> bool:
         return False
+
+    def whole_model_only(self) -> str | None:
+        if self.scope == "model":
+            return "scope model shares one memory across every targeted layer; use scope: block (one memory per block)"
+        return None
 
 
 def sharable_layers(model: nn.Module, selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -108,13 +115,13 @@ def tensor_scales(weights: dict[str, torch.Tensor], memory_scale: float) -> dict
     return scales
 
 
-def _memory_name(model: nn.Module) -> str:
-    """`rps.K.memory` for the K-th memory of the model (a second rps stage gets its own memory)."""
+def _memory_name(model: nn.Module, stem: str = "rps") -> str:
+    """`STEM.K.memory` for the K-th memory of that stem (a second rps stage gets its own memory)."""
     names = {m.memory_name for m in model.modules() if isinstance(m, (RPSLinear, RPSConv2d, RPSEmbedding))}
     k = 0
-    while f"rps.{k}.memory" in names:
+    while f"{stem}.{k}.memory" in names:
         k += 1
-    return f"rps.{k}.memory"
+    return f"{stem}.{k}.memory"
 
 
 def _build(layer: nn.Module, memory: nn.Parameter, name: str, placement: Placement, scale: float,
@@ -130,7 +137,7 @@ def _build(layer: nn.Module, memory: nn.Parameter, name: str, placement: Placeme
     return RPSEmbedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, **shared)
 
 
-def share_(model: nn.Module, layers: dict[str, nn.Module], config: RPSConfig) -> dict[str, Any]:
+def share_(model: nn.Module, layers: dict[str, nn.Module], config: RPSConfig, stem: str = "rps") -> dict[str, Any]:
     """Replace `layers` by RPS layers over one new memory, projected from their weights. In place."""
     partners = tied_partners(model, layers)
     owners = {n: l for n, l in layers.items() if n not in partners}  # one per distinct weight tensor
@@ -146,7 +153,7 @@ def share_(model: nn.Module, layers: dict[str, nn.Module], config: RPSConfig) ->
                              "lower compression or block_k / block_n / block_z")
     first = next(iter(weights.values()))
     memory = nn.Parameter(torch.zeros(size, dtype=first.dtype, device=first.device))
-    name = _memory_name(model)
+    name = _memory_name(model, stem)
     scales = tensor_scales(weights, config.memory_scale)
 
     built: dict[str, nn.Module] = {}
@@ -188,4 +195,15 @@ def share_(model: nn.Module, layers: dict[str, nn.Module], config: RPSConfig) ->
 @register_method(RPSConfig, "randomized parameter sharing (ROAST / STABLE-RPS): all targeted weights read one "
                             "shared memory through a seeded hash, projected by least squares")
 def rps(model: nn.Module, selected: dict[str, nn.Module], config: RPSConfig, ctx: StageContext) -> dict[str, Any]:
-    return share_(model, sharable_layers(model, selected), config)
+    layers = sharable_layers(model, selected)
+    if config.scope == "model":
+        return share_(model, layers, config)
+    groups: dict[str, dict[str, nn.Module]] = {}
+    for name, block in block_names_of(model, list(layers)).items():
+        groups.setdefault(block, {})[name] = layers[name]
+    per_block = {block: share_(model, group, config, stem=f"rps.{block}") for block, group in groups.items()}
+    weights, memory = sum(s["weights"] for s in per_block.values()), sum(s["memory"] for s in per_block.values())
+    return {"layers": sum(s["layers"] for s in per_block.values()), "memories": len(per_block), "weights": weights,
+            "memory": memory, "compression": weights / memory, "mapper": config.mapper,
+            "scale_gradients": config.scale_gradients,
+            "projection_rel_error": max(s["projection_rel_error"] for s in per_block.values())}
