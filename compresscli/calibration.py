@@ -9,8 +9,9 @@ block it just read from disk (sequential.UnitCalibrator).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -29,11 +30,33 @@ class BlockIO:
 
 
 class Calibrator(Protocol):
-    def run(self, model: nn.Module) -> None:
-        """Pass the calibration data through the part of `model` the stage works on (hooks see the inputs)."""
+    def run(self, model: nn.Module, stop_after: nn.Module | None = None) -> None:
+        """Pass the calibration data through the part of `model` the stage works on (hooks see the
+        inputs); with `stop_after`, each forward ends once that module has run (what comes after it
+        cannot matter to statistics gathered before it)."""
 
     def block_io(self, block_names: list[str], chunk_size: int) -> list[list[BlockIO]]:
         """Per chunk, per block: the block's inputs and the original block's output on them."""
+
+
+class StopForward(Exception):
+    """Raised after the `stop_after` module of a calibration run: the rest of the forward is skipped."""
+
+
+@contextmanager
+def stopping_after(module: nn.Module | None) -> Iterator[None]:
+    if module is None:
+        yield
+        return
+
+    def stop(*_: Any) -> None:
+        raise StopForward
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def token_mask(batch: Batch, output: torch.Tensor) -> torch.Tensor | None:
@@ -110,9 +133,13 @@ class WholeModelCalibrator:
         self.teacher, self.task, self.batches, self.device = teacher, task, batches, device
 
     @torch.no_grad()
-    def run(self, model: nn.Module) -> None:
-        for batch in self.batches:
-            self.task.outputs(model, {k: v.to(self.device) for k, v in batch.items()})
+    def run(self, model: nn.Module, stop_after: nn.Module | None = None) -> None:
+        with stopping_after(stop_after):
+            for batch in self.batches:
+                try:
+                    self.task.outputs(model, {k: v.to(self.device) for k, v in batch.items()})
+                except StopForward:
+                    pass
 
     def block_io(self, block_names: list[str], chunk_size: int) -> list[list[BlockIO]]:
         if self.teacher is None:

@@ -405,6 +405,9 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     """Entry point: one line on stderr per error, non-zero exit, traceback only with --debug."""
+    from .memory import return_freed_memory_promptly
+
+    return_freed_memory_promptly()
     try:
         code = app(standalone_mode=False)  # click turns Ctrl-C into exit code 130 here
         if code == 130:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import DivergedError
+from .memory import Workload
 from .methods.base import MethodConfig, StageContext, register_method
 
 
@@ -44,6 +45,10 @@ class FinetuneConfig(MethodConfig):
 
     def needs_original(self) -> bool:
         return self.steps > 0
+
+    def working_bytes(self, work: Workload) -> int:
+        """Gradients and AdamW moments of every parameter, and autograd's activations for a batch."""
+        return work.optimiser(work.model_bytes) + work.activations() if self.steps > 0 else 0
 
     def whole_model_only(self) -> str | None:
         return "finetune trains the whole model at once; drop the stage to compress block by block"

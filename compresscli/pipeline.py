@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -151,9 +151,6 @@ def choose_mode(prediction: MemoryPrediction, options: RunOptions) -> str:
         return "whole-model"
     if options.sequential or prediction.whole_model > budget:
         if prediction.sequential is None:
-            if options.sequential:
-                raise CompressError(f"this model cannot run block by block ({prediction.sequential_problem})",
-                                    "drop --sequential")
             raise CompressError(f"the whole-model run needs about {_gib(prediction.whole_model)} but "
                                 f"{_gib(budget)} is available, and it cannot run block by block "
                                 f"({prediction.sequential_problem})", "free memory, raise --max-memory, or "
@@ -176,9 +173,16 @@ def compress_source(source: Source, recipe: Recipe, out: Path | None, options: R
                     progress: Progress | None = None, force: bool = False) -> RunResult:
     """Plan, predict, pick the mode and run. Nothing is read beyond headers until the mode is chosen."""
     progress = progress or SilentProgress()
+    peak = PeakMemory()
     _check_out(source, out, options, force)
     skeleton = skeleton_of(source)
     targets = resolve_targets(recipe, skeleton)
+    if options.sequential:
+        from .sequential import sequential_problem
+
+        problem = sequential_problem(recipe, targets, detect(skeleton).blocks)
+        if problem is not None:
+            raise problem
     prediction = predict_memory(source, skeleton, recipe, targets, options)
     mode = choose_mode(prediction, options)
     log.info("predicted peak: whole-model %s, sequential %s; running %s", _gib(prediction.whole_model),
@@ -187,9 +191,11 @@ def compress_source(source: Source, recipe: Recipe, out: Path | None, options: R
     if mode == "whole-model":
         with progress.task("loading checkpoint"):
             ckpt = load_source(source, options.dtype)
-        result = run_recipe(ckpt, recipe, out, options, progress, force, prediction=prediction)
+        result = run_recipe(ckpt, recipe, out, options, progress, force, prediction=prediction, peak=peak,
+                            keep_model=options.dry_run)
+        del ckpt
     else:
-        result = run_recipe_sequential(source, recipe, targets, out, options, progress, force, prediction)
+        result = run_recipe_sequential(source, recipe, targets, out, options, progress, force, prediction, peak)
     return result
 
 
@@ -207,11 +213,14 @@ def _check_out(source: Source, out: Path | None, options: RunOptions, force: boo
 
 def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunOptions,
                progress: Progress | None = None, force: bool = False,
-               prediction: MemoryPrediction | None = None) -> RunResult:
+               prediction: MemoryPrediction | None = None, peak: PeakMemory | None = None,
+               keep_model: bool = True) -> RunResult:
     """Compress `ckpt` (held whole) with `recipe`; write OUT atomically unless dry-run. `ckpt.model` is
-    modified in place."""
+    modified in place; with keep_model=False it is released once saved (ckpt.model and result.model
+    become None), so verification and evaluation never hold it beside its reloaded copy. `peak`
+    measures from where the caller started (default: from here)."""
     progress = progress or SilentProgress()
-    started, peak = time.time(), PeakMemory()
+    started, peak = time.time(), peak or PeakMemory()
     device = pick_device(options.device)
     torch.manual_seed(options.seed)
     model = ckpt.model
@@ -258,25 +267,30 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
 
     eval_batches = batcher.batches(splits.eval, options.batch_size, options.eval_examples) if batcher else []
     check_batch = eval_batches[0] if eval_batches else _synthetic_check_batch(model, task)
+    family, layers = detect(model).family, sorted(compressed_layers(model))
     with progress.task("saving and verifying"), atomic_directory(Path(out), force=force) as tmp:
         writer = ShardWriter(tmp, options.shard_bytes, FORMAT_METADATA)
         write_model(model, writer)
         writer.close()
-        write_side_files(tmp, ckpt, recipe, sorted(compressed_layers(model)))
+        write_side_files(tmp, ckpt, recipe, layers)
         with torch.no_grad():
             expected = task.outputs(model.eval(), {k: v.to(device) for k, v in check_batch.items()}).float().cpu()
-        reloaded = load_compressed(open_source(tmp), options.dtype).model.to(device)
-        diff = reload_difference(expected, reloaded, task, check_batch, device)
-        del reloaded
+        if not keep_model:  # the file holds it now: the reloaded copy replaces it rather than joining it
+            ckpt.model = result.model = model = None
+        compressed = load_compressed(open_source(tmp), options.dtype).model.to(device)
+        diff = reload_difference(expected, compressed, task, check_batch, device)
+        if keep_model:
+            compressed = model
         evaluation = None
         if options.evaluate and eval_batches:
             with progress.task("evaluating original vs compressed"):
                 original = _original_for_eval(ckpt, options).to(device)
-                evaluation = {"data": data_name, **compare(original, model, task, eval_batches, device)}
+                evaluation = {"data": data_name, **compare(original, compressed, task, eval_batches, device)}
                 del original
-        report = build_report(ckpt.source or ckpt, ckpt.name, ckpt.kind, detect(model).family, recipe, records, tmp,
-                              set(compressed_layers(model)), diff, check_batch, evaluation, device,
-                              time.time() - started, execution(result.mode, peak, prediction, options))
+        del compressed
+        report = build_report(ckpt.source or ckpt, ckpt.name, ckpt.kind, family, recipe, records, tmp, set(layers),
+                              diff, check_batch, evaluation, device, started,
+                              lambda: execution(result.mode, peak, prediction, options))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_markdown(report))
     result.report = report
@@ -324,13 +338,13 @@ def check_reload(expected: torch.Tensor, got: torch.Tensor) -> float:
 
 def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out: Path | None,
                           options: RunOptions, progress: Progress | None = None, force: bool = False,
-                          prediction: MemoryPrediction | None = None) -> RunResult:
+                          prediction: MemoryPrediction | None = None, peak: PeakMemory | None = None) -> RunResult:
     """Block by block (sequential.py), written atomically; the reload check streams OUT again."""
     from .sequential import run_sequential
     from .streamed_model import stream_outputs
 
     progress = progress or SilentProgress()
-    started, peak = time.time(), PeakMemory()
+    started, peak = time.time(), peak or PeakMemory()
     device = pick_device(options.device)
     torch.manual_seed(options.seed)
     if options.dry_run or out is None:
@@ -345,9 +359,9 @@ def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str
             diff = check_reload(outcome["check_output"], got)
         family = detect(skeleton_of(source)).family
         report = build_report(source, source.name, source.model_kind, family, recipe, records, tmp, set(layers), diff,
-                              outcome["check_batch"], outcome.get("eval"), device, time.time() - started,
-                              execution("sequential", peak, prediction, options, units=outcome["units"],
-                                        spilled=outcome["activations_spilled_bytes"]))
+                              outcome["check_batch"], outcome.get("eval"), device, started,
+                              lambda: execution("sequential", peak, prediction, options, units=outcome["units"],
+                                                spilled=outcome["activations_spilled_bytes"]))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_markdown(report))
     return RunResult(None, report, records, prediction, "sequential")
@@ -417,7 +431,8 @@ def execution(mode: str, peak: PeakMemory, prediction: MemoryPrediction | None, 
 
 def build_report(origin: Checkpoint | Source, name: str, kind: str, family: str, recipe: Recipe,
                  records: list[StageRecord], out: Path, targeted: set[str], diff: float, check_batch, evaluation,
-                 device, seconds: float, execution_record: dict[str, Any]) -> dict[str, Any]:
+                 device, started: float, execution_record: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """report.json's content; `execution_record` is asked last, so the measured peak covers the report too."""
     memory = inspect_path(out)
     rows = memory["layers"]
     target_totals = subset_totals(rows, targeted)
@@ -431,8 +446,8 @@ def build_report(origin: Checkpoint | Source, name: str, kind: str, family: str,
         "tool": f"compresscli {__version__}",
         "source": {"name": name, "kind": kind, "family": family, "file_bytes": origin.file_bytes,
                    "notes": source.notes if source is not None else []},
-        "recipe": recipe.to_dict(), "device": str(device), "seconds": round(seconds, 1),
-        "stages": [r.to_dict() for r in records], "execution": execution_record,
+        "recipe": recipe.to_dict(), "device": str(device), "seconds": round(time.time() - started, 1),
+        "stages": [r.to_dict() for r in records], "execution": execution_record(),
         "memory": {"targeted": target_totals, "model": model_totals, "layers": rows},
         "reload": {"max_abs_diff": diff, "examples": examples},
         "eval": evaluation,

@@ -91,8 +91,13 @@ def _nbytes(header: dict, keys: list[str]) -> int:
 
 
 def _count_nonzeros(file: Path, header: dict) -> dict[str, int]:
-    with safe_open(str(file), framework="pt") as f:
-        return {k: int(f.get_tensor(k).count_nonzero()) for k in header}
+    """Non-zeros of every tensor, one memory-mapped tensor at a time (a handle kept open would keep every
+    page it touched resident: the whole file)."""
+    counts = {}
+    for key in header:
+        with safe_open(str(file), framework="pt") as f:
+            counts[key] = int(f.get_tensor(key).count_nonzero())
+    return counts
 
 
 def totals(rows: list[LayerRow], path: Path) -> dict[str, Any]:

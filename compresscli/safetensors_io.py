@@ -14,7 +14,6 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
@@ -176,64 +175,98 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-class ShardWriter:
-    """Writes tensors as they are produced into safetensors shards of at most `shard_bytes` (a tensor
-    larger than that gets a shard of its own), so a writer never holds more than one shard.
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+HEADER_RESERVE = 1 << 20  # bytes kept at the start of a shard for its header, written when it closes
+COMPACT_BELOW = 64 << 20  # shards smaller than this are rewritten without the unused reserve
 
-    Each group of tensors added together lands in one shard, with its own `__metadata__` entries
-    (merged by the reader). One shard is written as model.safetensors; more as
+
+class ShardWriter:
+    """Writes tensors to safetensors files as they are produced, holding none of them afterwards.
+
+    safetensors writes a file from a complete dict of tensors; this writer instead appends each
+    tensor's bytes after a reserved header region and writes the header into it when the shard closes
+    (padded with spaces, which JSON and the format allow), so a model of any size is saved with the
+    memory of one tensor. Small shards are rewritten compactly; a header that outgrows the reserve
+    gets the file rewritten around it. Each group of tensors added together lands in one shard with
+    its metadata sections (merged by the reader); shards hold at most `shard_bytes` (a larger group
+    gets a shard of its own). One shard is written as model.safetensors; more as
     model-0000i-of-0000N.safetensors with Hugging Face's index (model.safetensors.index.json).
     """
 
     def __init__(self, directory: Path, shard_bytes: int, common_metadata: dict[str, str] | None = None):
-        self.directory = directory
+        self.directory = Path(directory)
         self.shard_bytes = shard_bytes
         self.common = dict(common_metadata or {})
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_meta: dict[str, dict] = {}
-        self._pending_bytes = 0
-        self._written: list[tuple[Path, list[str]]] = []
-        self.names: set[str] = set()  # every tensor added so far
+        self.names: set[str] = set()  # every tensor written so far
         self.total_bytes = 0
+        self._closed: list[tuple[Path, list[str]]] = []
+        self._file = None
+        self._entries: dict[str, dict] = {}
+        self._sections: dict[str, dict] = {}
+        self._data_bytes = 0
 
     def add(self, tensors: dict[str, torch.Tensor], metadata: dict[str, dict] | None = None) -> None:
-        """Tensors (and JSON-able metadata sections, merged key by key) that belong together."""
+        """Write tensors (and JSON-able metadata sections, merged key by key) that belong together."""
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self._pending and self._pending_bytes + size > self.shard_bytes:
-            self.flush()
+        if self._file is not None and self._entries and self._data_bytes + size > self.shard_bytes:
+            self._close_shard()
+        if self._file is None:
+            self._open_shard()
         for name, tensor in tensors.items():
             if name in self.names:
                 raise ValueError(f"tensor {name!r} written twice")
+            if tensor.dtype not in DTYPE_NAMES:
+                raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            nbytes = data.numel() * data.element_size()
+            if nbytes:
+                self._file.write(data.view(torch.uint8).numpy().data)
+            self._entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                   "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
+            self._data_bytes += nbytes
             self.names.add(name)
-            self._pending[name] = tensor.detach().to("cpu").contiguous()
         for section, values in (metadata or {}).items():
-            self._pending_meta.setdefault(section, {}).update(values)
-        self._pending_bytes += size
+            self._sections.setdefault(section, {}).update(values)
         self.total_bytes += size
 
-    @property
-    def pending_bytes(self) -> int:
-        return self._pending_bytes
+    def _open_shard(self) -> None:
+        path = self.directory / f".shard-{len(self._closed) + 1:05d}.safetensors"
+        self._file = open(path, "wb")
+        self._file.write(b"\0" * (8 + HEADER_RESERVE))
+        self._path = path
 
-    def flush(self, even_empty: bool = False) -> None:
-        if not self._pending and not even_empty:
-            return
-        path = self.directory / f".shard-{len(self._written) + 1:05d}.safetensors"
-        metadata = {**self.common, **{k: json.dumps(v) for k, v in self._pending_meta.items()}}
-        save_file(self._pending, str(path), metadata=metadata)
-        self._written.append((path, list(self._pending)))
-        self._pending, self._pending_meta, self._pending_bytes = {}, {}, 0
+    def _close_shard(self) -> None:
+        metadata = {**self.common, **{k: json.dumps(v) for k, v in self._sections.items()}}
+        header = json.dumps({"__metadata__": metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        if len(header) <= HEADER_RESERVE and self._data_bytes >= COMPACT_BELOW:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", HEADER_RESERVE) + header + b" " * (HEADER_RESERVE - len(header)))
+            self._file.close()
+        else:  # rewrite the shard with a header of its exact size
+            self._file.close()
+            compact = self._path.with_suffix(".compact")
+            with open(self._path, "rb") as old, open(compact, "wb") as new:
+                new.write(struct.pack("<Q", len(header)) + header)
+                old.seek(8 + HEADER_RESERVE)
+                shutil.copyfileobj(old, new, 16 << 20)
+            os.replace(compact, self._path)
+        self._closed.append((self._path, list(self._entries)))
+        self._file, self._entries, self._sections, self._data_bytes = None, {}, {}, 0
 
     def close(self) -> list[Path]:
-        """Flush, give the shards their final names (and the index when there are several)."""
-        self.flush(even_empty=not self._written)  # a model with no tensors still gets a valid file
-        count = len(self._written)
+        """Close the last shard and give the shards their final names (and the index when there are several)."""
+        if self._file is not None or not self._closed:
+            if self._file is None:
+                self._open_shard()  # a model with no tensors still gets a valid, empty file
+            self._close_shard()
+        count = len(self._closed)
         if count == 1:
             final = [self.directory / SINGLE_NAME]
-            os.replace(self._written[0][0], final[0])
+            os.replace(self._closed[0][0], final[0])
             return final
         final, weight_map = [], {}
-        for i, (path, names) in enumerate(self._written, 1):
+        for i, (path, names) in enumerate(self._closed, 1):
             target = self.directory / f"model-{i:05d}-of-{count:05d}.safetensors"
             os.replace(path, target)
             final.append(target)

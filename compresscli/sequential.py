@@ -25,7 +25,7 @@ from torch import nn
 from .activations import ActivationStore
 from .architectures import Block
 from .blockstream import BlockStreamer
-from .calibration import BlockIO, split_batches, token_mask
+from .calibration import BlockIO, StopForward, split_batches, stopping_after, token_mask
 from .errors import RecipeError
 from .evaluate import compare_outputs
 from .export import FORMAT_METADATA, write_model
@@ -50,11 +50,18 @@ class UnitCalibrator:
         self.streamer, self.store, self.stream = streamer, store, stream
         self.blocks, self.inputs, self.targets = blocks, inputs, targets
 
-    def run(self, model: nn.Module) -> None:
-        for block in self.blocks:
-            module = model.get_submodule(block.name)
-            for c, chunk in enumerate(self.stream.calls):
-                self.streamer.run_block(module, block.index, chunk, self.store.get((self.inputs[block.index], c)))
+    def run(self, model: nn.Module, stop_after: nn.Module | None = None) -> None:
+        with stopping_after(stop_after):
+            for block in self.blocks:
+                module = model.get_submodule(block.name)
+                stopped = False
+                for c, chunk in enumerate(self.stream.calls):
+                    try:
+                        self.streamer.run_block(module, block.index, chunk, self.store.get((self.inputs[block.index], c)))
+                    except StopForward:
+                        stopped = True
+                if stopped:
+                    return
 
     def block_io(self, block_names: list[str], chunk_size: int) -> list[list[BlockIO]]:
         by_name = {b.name: b.index for b in self.blocks}
@@ -95,19 +102,28 @@ def plan_units(recipe: Recipe, targets: list[list[str]], blocks: list[Block]) ->
     return sorted(units.values())
 
 
-def check_sequential(recipe: Recipe, targets: list[list[str]], streamed: StreamedModel) -> None:
-    """Refuse, before any work, a stage that needs the whole model or targets layers outside the blocks."""
+def sequential_problem(recipe: Recipe, targets: list[list[str]], blocks: list[Block]) -> RecipeError | None:
+    """Why the recipe cannot run block by block on a model with these blocks (None: it can): no repeated
+    blocks, blocks in stages of different widths, a stage that needs the whole model, or targets outside
+    the blocks."""
+    if not blocks:
+        return RecipeError("no repeated blocks were found in this model", "drop --sequential")
+    if len({b.stage for b in blocks}) > 1:
+        return RecipeError("its blocks sit in stages of different widths, with layers between them",
+                           "drop --sequential for this model")
+    prefixes = tuple(b.name + "." for b in blocks)
     for i, (stage, names) in enumerate(zip(recipe.stages, targets)):
         where = f"{recipe.source}: stage {i} ({stage.method})"
         reason = stage.config.whole_model_only()
         if reason:
-            raise RecipeError(f"{where} cannot run block by block: {reason}",
-                              "or drop --sequential / raise --max-memory where the model fits whole")
-        outside = [n for n in names if streamed.outside_blocks(n)]
+            return RecipeError(f"{where} cannot run block by block: {reason}",
+                               "or drop --sequential / raise --max-memory where the model fits whole")
+        outside = [n for n in names if not (n + ".").startswith(prefixes)]
         if outside:
-            raise RecipeError(f"{where} targets {', '.join(outside[:3])}, outside the repeated blocks; the sequential "
-                              "mode compresses blocks only", f"add them to the stage's ignore list, e.g. ignore: "
-                              f"[{outside[0]}], or drop --sequential")
+            return RecipeError(f"{where} targets {', '.join(outside[:3])}, outside the repeated blocks; the sequential "
+                               "mode compresses blocks only", f"add them to the stage's ignore list, e.g. ignore: "
+                               f"[{outside[0]}], or drop --sequential")
+    return None
 
 
 def calibration_chunk(recipe: Recipe, batch_size: int) -> int:
@@ -125,7 +141,9 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
     progress = progress or SilentProgress()
     device = torch.device(options.resolved_device)
     streamed = StreamedModel(source, options.dtype, device)
-    check_sequential(recipe, targets, streamed)
+    problem = sequential_problem(recipe, targets, streamed.blocks)
+    if problem is not None:
+        raise problem
     model, blocks, task = streamed.model, streamed.blocks, streamed.task
     units = plan_units(recipe, targets, blocks)
     dry = options.dry_run

@@ -102,8 +102,8 @@ def open_source(spec: str | Path, weights: str | Path | None = None) -> Source:
         source.model_class, source.notes = choose_hf_class(config, source.index, str(encoder_dir))
         if st_modules and ST_POOLING in st_modules:
             source.pooling = _pooling_mode(path / st_modules[ST_POOLING])
-            source.notes.append(f"sentence-transformers directory: the encoder in {encoder_dir.name or '.'}, "
-                                f"{source.pooling} pooling")
+            where = f"in {encoder_dir.name}/" if encoder_dir != path else "at the top level"
+            source.notes.append(f"sentence-transformers directory: the encoder {where}, {source.pooling} pooling")
         return source
     raise CheckpointError(f"{encoder_dir / 'config.json'} is neither a Hugging Face nor a timm config "
                           "(no model_type/architecture)", "point at a Hugging Face, timm or compresscli output directory")
@@ -267,23 +267,51 @@ def tied_groups(model: nn.Module) -> list[set[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def file_key_map(model: nn.Module, names: set[str]) -> tuple[dict[str, str], list[str]]:
-    """Each state-dict key of `model` -> the tensor name holding it in the file, allowing for the base
-    model prefix either way (a base checkpoint in a head class, or the reverse); and the keys found
-    nowhere (a tied alias whose partner is found does not count as missing)."""
+def _model_keys_of_file(model: nn.Module, names: set[str]) -> dict[str, str]:
+    """Each file tensor name -> the state-dict key transformers would load it into: the model's own
+    checkpoint renamings (legacy names such as GPT-NeoX's embed_out) and the base-model prefix either
+    way. Tensors transformers would transform rather than rename (fused or split on load) map nowhere:
+    only the whole-model loader, which is transformers itself, reads those."""
     prefix = getattr(model, "base_model_prefix", "") or ""
+    expected = model.state_dict()
+    renamings, converters = [], []
+    try:  # transformers 5's loading machinery (public to PEFT); older versions rename nothing
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_converters, rename_source_key
+        from transformers.modeling_utils import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            transforms = get_model_conversion_mapping(model)
+            renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+            converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    except ImportError:
+        rename_source_key = None
     mapping: dict[str, str] = {}
-    for key in model.state_dict():
-        for candidate in (key, f"{prefix}.{key}" if prefix else None,
-                          key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None):
-            if candidate and candidate in names:
-                mapping[key] = candidate
-                break
+    for name in names:
+        if renamings and rename_source_key is not None:
+            if converters and apply_converters(name, converters)[1] is not None:
+                continue
+            key, _ = rename_source_key(name, renamings, [], prefix or None, expected)
+        else:
+            key = name
+        if key not in expected and prefix:
+            key = next((k for k in (f"{prefix}.{key}", key[len(prefix) + 1:] if key.startswith(prefix + ".") else None)
+                        if k and k in expected), key)
+        mapping[name] = key
+    return mapping
+
+
+def file_key_map(model: nn.Module, names: set[str]) -> tuple[dict[str, str], list[str]]:
+    """Each state-dict key of `model` -> the tensor name holding it in the file (see
+    _model_keys_of_file); and the keys found nowhere (a tied alias whose partner is found does not
+    count as missing)."""
+    expected = model.state_dict()
+    mapping = {key: name for name, key in _model_keys_of_file(model, names).items() if key in expected}
     satisfied = set(mapping)
     for group in tied_groups(model):
         if group & satisfied:
             satisfied |= group
-    missing = [k for k in model.state_dict() if k not in satisfied]
+    missing = [k for k in expected if k not in satisfied]
     return mapping, missing
 
 
@@ -307,7 +335,8 @@ def choose_hf_class(config: dict[str, Any], index: TensorIndex, where: str) -> t
             if failures:
                 notes.append(f"config.json names {failures[0][0]}, but the file holds none of its head "
                              f"({', '.join(failures[0][1][:3])}): loaded as {cls.__name__}")
-            unused = sorted(names - set(mapping.values()))
+            buffers = {n for n, _ in skeleton.named_buffers()}  # e.g. position_ids, recomputed, not loaded
+            unused = sorted(n for n in names - set(mapping.values()) if n not in buffers)
             if unused:
                 notes.append(f"tensors in the file that {cls.__name__} does not use: {', '.join(unused[:4])}"
                              + (f" (+{len(unused) - 4} more)" if len(unused) > 4 else ""))

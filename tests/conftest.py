@@ -73,6 +73,50 @@ def tiny_hf_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def tiny_text_configs() -> dict:
+    """Tiny configs with the real MiniLM tokenizer's vocabulary, so real text calibrates them. GPT-NeoX
+    is a family the architecture table does not list (found by the structural rule)."""
+    import transformers
+
+    vocab = 30522
+    return {
+        "bert": transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                        intermediate_size=64, architectures=["BertModel"]),
+        "gpt2": transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=2, n_positions=256,
+                                        architectures=["GPT2LMHeadModel"], bos_token_id=101, eos_token_id=102),
+        "llama": transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                          architectures=["LlamaForCausalLM"]),
+        "neox": transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, max_position_embeddings=256,
+                                           architectures=["GPTNeoXForCausalLM"]),
+    }
+
+
+def write_tiny_text_model(config, path: Path, minilm_dir: Path, dtype=torch.float32, shard: str | None = None) -> Path:
+    """A randomly initialised model of `config`, saved by transformers (sharded when `shard` is a size),
+    with MiniLM's tokenizer files beside it."""
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, config.architectures[0])(config).to(dtype)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dirs(tmp_path_factory, minilm_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-text")
+    return {name: write_tiny_text_model(config, root / name, minilm_dir) for name, config in tiny_text_configs().items()}
+
+
 def tiny_timm(arch: str = "vit_tiny_patch16_224", **kwargs):
     import timm
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..architectures import Block
 from ..calibration import Calibrator, WholeModelCalibrator
+from ..memory import Workload
 from ..progress import Progress, SilentProgress
 from ..registry import Registry
 
@@ -40,11 +41,16 @@ class MethodConfig:
         """Why this stage cannot run one block at a time, and what to write instead (None: it can)."""
         return None
 
-    def working_bytes(self, weights: int, value_bytes: int, model_bytes: int) -> int:
-        """Memory the stage needs beyond the model while it compresses `weights` targeted weights of
-        `value_bytes` each, in a model (or unit) of `model_bytes` (memory.py predicts from it).
-        Default: the compressed layers are built beside the dense ones they replace."""
-        return weights * value_bytes
+    def working_bytes(self, work: Workload) -> int:
+        """Memory the stage needs beyond the model (or, block by block, the unit) while it runs, for
+        memory.py's prediction. Default: new compressed layers as large as the dense ones they replace
+        (which stay alive until the stage ends)."""
+        return work.weights * work.value_bytes
+
+    def resident_bytes(self, work: Workload) -> int:
+        """In-memory bytes the compressed targets hold beyond the dense weights they replaced (their
+        training form: masks, maps; negative when smaller), for memory.py. Default: the same."""
+        return 0
 
     def calibration_chunk(self) -> int | None:
         """Examples per calibration chunk the stage trains on (None: any); the block-by-block engine

@@ -29,6 +29,7 @@ from torch import nn
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from ..modules.condensed import CondensedConv2d, CondensedLinear, _Condensed
+from ..memory import Workload
 from .base import MethodConfig, StageContext, leaf_layers, register_method
 
 DEFAULT_SPARSITY = 0.9
@@ -66,6 +67,15 @@ class CondensedConfig(MethodConfig):
 
     def needs_data(self) -> bool:
         return self.score == "activation"
+
+    def resident_bytes(self, work: Workload) -> int:
+        return int((1 - self.sparsity) * work.weights * (work.value_bytes + 2)) - work.weights * work.value_bytes
+
+    def working_bytes(self, work: Workload) -> int:
+        """New values and int16 indices beside the dense layers, and the largest layer's float scores and
+        per-row top-k."""
+        kept = (1 - self.sparsity) * work.weights
+        return int(kept * (work.value_bytes + 2) + work.largest_layer * (4 + 12 * (1 - self.sparsity)))
 
 
 LAYER_TYPES = (nn.Linear, nn.Conv2d, _Condensed)

@@ -19,6 +19,7 @@ from torch import nn
 from ..architectures import Block, detect
 from ..export import replace_module
 from ..modules.fips import FipsLinear
+from ..memory import Workload
 from .base import MethodConfig, StageContext, register_method
 from .fips_init import build_group, kept_entries
 from .fips_masks import MaskSchedule
@@ -71,6 +72,24 @@ class FipsConfig(MethodConfig):
 
     def needs_original(self) -> bool:
         return self.steps > 0
+
+    def resident_bytes(self, work: Workload) -> int:
+        factors = int(work.weights * (self.budget / max(1e-6, 1 - self.sparsity) + 0.05))
+        return factors * (work.value_bytes + 1) - work.weights * work.value_bytes
+
+    def working_bytes(self, work: Workload) -> int:
+        """U and the V_i kept dense with their masks (about budget / (1 - sparsity) of the targets), the
+        SVD of a group in float32, and when training: the optimiser over U and V, autograd's activations
+        for a chunk through the group's blocks, and (whole-model runs) the captured block inputs and outputs."""
+        factors = int(work.weights * (self.budget / max(1e-6, 1 - self.sparsity) + 0.05))
+        group = work.weights * self.group_size // max(self.group_size, work.blocks)
+        total = factors * (work.value_bytes + 1) + 12 * group
+        if self.steps > 0:
+            tokens = self.batch_size * work.seq_len
+            total += work.optimiser(factors * work.value_bytes) + work.activations(tokens) // 2
+            if work.captures:
+                total += 2 * work.calibration_tokens * work.width * work.value_bytes * work.blocks
+        return total
 
     def calibration_chunk(self) -> int | None:
         return self.batch_size

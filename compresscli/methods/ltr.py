@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..finetune import FinetuneConfig, recover
+from ..memory import Workload
 from .base import MethodConfig, StageContext, register_method
 from .magnitude import apply_masks, current_masks, keep_masks, prunable_layers
 
@@ -43,6 +44,13 @@ class LTRConfig(MethodConfig):
 
     def needs_original(self) -> bool:
         return True
+
+    def resident_bytes(self, work: Workload) -> int:
+        return work.weights  # a bool mask beside each dense weight
+
+    def working_bytes(self, work: Workload) -> int:
+        """Fine-tuning's memory and the rewind snapshot of the model (the masks are resident_bytes)."""
+        return work.optimiser(work.model_bytes) + work.activations() + work.model_bytes
 
     def whole_model_only(self) -> str | None:
         return "ltr retrains the whole model between pruning rounds; use magnitude with scope: block instead"

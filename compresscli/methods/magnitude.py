@@ -16,6 +16,7 @@ from ..architectures import block_names_of
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from . import scores as S
+from ..memory import Workload
 from .base import MethodConfig, StageContext, leaf_layers, register_method
 
 PRUNABLE = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
@@ -39,6 +40,23 @@ class MagnitudeConfig(MethodConfig):
     def needs_data(self) -> bool:
         return self.score != "magnitude"
 
+    def working_bytes(self, work: Workload) -> int:
+        """The ranking: float scores, their flat copy and top-k values and int64 indices, over all
+        targets (global), a block's (block) or the largest layer's (layer); the masks themselves are
+        resident_bytes. Pruned layers take over the dense weights, so no weight is copied; gradient
+        scores add a backward pass."""
+        ranked = {"global": work.weights, "block": work.weights // max(1, work.blocks), "layer": work.largest_layer}
+        ranking = int(ranked[self.scope] * (9 + 12 * (1 - self.sparsity)))
+        gradients = 0
+        if self.score in ("snip", "grasp"):
+            gradients = work.model_bytes + work.activations() * (2 if self.score == "grasp" else 1)
+        elif self.score == "synflow":  # a float64 copy of the model, and its gradients
+            gradients = 2 * work.model_bytes * 8 // work.value_bytes
+        return ranking + gradients
+
+    def resident_bytes(self, work: Workload) -> int:
+        return work.weights  # a bool mask beside each dense weight
+
     def whole_model_only(self) -> str | None:
         if self.score != "magnitude":
             return f"score {self.score} needs gradients through the whole model; use score: magnitude"
@@ -52,30 +70,39 @@ def prunable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return leaf_layers(selected, tuple(PRUNABLE), "Linear or Conv2d layer")
 
 
+def scope_groups(names: list[str], scope: str, block_of: dict[str, str] | None = None) -> list[list[str]]:
+    """The layers that share one threshold: all of them ("global"), each block's ("block": `block_of`
+    names each layer's block), or each layer alone ("layer")."""
+    if scope == "global":
+        return [list(names)]
+    if scope == "layer":
+        return [[name] for name in names]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault((block_of or {}).get(name, name), []).append(name)
+    return list(groups.values())
+
+
 def keep_masks(scores: dict[str, torch.Tensor], current: dict[str, torch.Tensor], sparsity: float,
                scope: str, block_of: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Masks keeping the highest scores: one threshold over all `scores` ("global"), one per block
-    ("block": `block_of` names each layer's block), or per layer. Already-pruned weights rank below
-    every kept one and are never revived, so asking for less sparsity than there is leaves the masks
-    as they are."""
-    if scope == "block":
-        groups: dict[str, list[str]] = {}
-        for name in scores:
-            groups.setdefault((block_of or {}).get(name, name), []).append(name)
-        masks = {}
-        for names in groups.values():
-            masks.update(keep_masks({n: scores[n] for n in names}, current, sparsity, "global"))
-        return masks
-    ranked = {n: torch.where(current[n], s.float(), torch.full_like(s, -torch.inf, dtype=torch.float32))
-              for n, s in scores.items()}
-    if scope == "layer":
-        return {n: _top_mask(s, round((1 - sparsity) * s.numel())) & current[n] for n, s in ranked.items()}
-    flat = torch.cat([s.reshape(-1).cpu() for s in ranked.values()])
-    keep = _top_mask(flat, round((1 - sparsity) * flat.numel()))
-    masks, start = {}, 0
-    for n, s in ranked.items():
-        masks[n] = keep[start:start + s.numel()].view(s.shape).to(s.device) & current[n]
-        start += s.numel()
+    """Masks keeping the highest scores, one threshold per scope group (see scope_groups). Already-pruned
+    weights rank below every kept one and are never revived, so asking for less sparsity than there is
+    leaves the masks as they are."""
+    masks = {}
+    for names in scope_groups(list(scores), scope, block_of):
+        ranked = {n: torch.where(current[n], scores[n].float(), torch.full_like(scores[n], -torch.inf,
+                                                                                dtype=torch.float32))
+                  for n in names}
+        if len(ranked) == 1:
+            (name, s), = ranked.items()
+            masks[name] = _top_mask(s, round((1 - sparsity) * s.numel())) & current[name]
+            continue
+        flat = torch.cat([s.reshape(-1).cpu() for s in ranked.values()])
+        keep = _top_mask(flat, round((1 - sparsity) * flat.numel()))
+        start = 0
+        for n, s in ranked.items():
+            masks[n] = keep[start:start + s.numel()].view(s.shape).to(s.device) & current[n]
+            start += s.numel()
     return masks
 
 
@@ -88,7 +115,12 @@ def _top_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
 
 def apply_masks(model: nn.Module, layers: dict[str, nn.Module], masks: dict[str, torch.Tensor],
                 fmt: str = "auto") -> dict[str, nn.Module]:
-    """Swap each layer for its sparse type (or update the mask of one that already is); returns them."""
+    """Swap each layer for its sparse type (or update the mask of one that already is); returns them.
+    A new sparse layer takes over the dense layer's weight, unless that weight is tied to another module
+    (an LM head tied to the embedding), which must keep its own."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
     sparse_layers = {}
     for name, layer in layers.items():
         if isinstance(layer, (SparseLinear, SparseConv2d)):
@@ -97,6 +129,8 @@ def apply_masks(model: nn.Module, layers: dict[str, nn.Module], masks: dict[str,
                 layer.weight.mul_(layer.mask)
             sparse = layer
         else:
+            if uses.get(id(layer.weight), 0) > 1:
+                layer.weight = nn.Parameter(layer.weight.detach().clone())
             sparse = PRUNABLE[type(layer)].from_dense(layer, masks[name])
             replace_module(model, name, sparse)
         sparse.storage_format = fmt
@@ -124,8 +158,15 @@ def score_layers(model: nn.Module, layers: dict[str, nn.Module], score: str, ctx
 def prune(model: nn.Module, layers: dict[str, nn.Module], config: MagnitudeConfig,
           ctx: StageContext) -> dict[str, nn.Module]:
     """Prune `layers` of `model` to `config.sparsity`; returns the sparse layers by name."""
-    rounds = config.rounds if config.score == "synflow" else 1
     block_of = block_names_of(model, list(layers)) if config.scope == "block" else None
+    if config.score == "magnitude":  # one scope group at a time: never a score for every weight at once
+        pruned = {}
+        for names in scope_groups(list(layers), config.scope, block_of):
+            group = {n: layers[n] for n in names}
+            masks = keep_masks(S.magnitude_scores(group), current_masks(group), config.sparsity, "global")
+            pruned.update(apply_masks(model, group, masks, config.format))
+        return pruned
+    rounds = config.rounds if config.score == "synflow" else 1
     for k in range(1, rounds + 1):
         target = 1 - (1 - config.sparsity) ** (k / rounds)  # exponential schedule of the kept fraction
         scores = score_layers(model, layers, config.score, ctx)

@@ -29,6 +29,7 @@ from ..export import replace_module
 from ..modules import CompressedModule
 from ..modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
 from ..modules.rps_hash import MAPPERS, Placement
+from ..memory import Workload
 from .base import MethodConfig, StageContext, leaf_layers, register_method
 
 LAYOUTS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
@@ -64,6 +65,16 @@ class RPSConfig(MethodConfig):
 
     def needs_data(self) -> bool:
         return False
+
+    def resident_bytes(self, work: Workload) -> int:
+        slots = int(work.weights / self.compression)
+        return work.weights * 9 + slots * work.value_bytes - work.weights * work.value_bytes
+
+    def working_bytes(self, work: Workload) -> int:
+        """The map kept per weight (int64 slot index, int8 sign), the float64 projection accumulators per
+        memory slot, and the memory itself."""
+        slots = int(work.weights / self.compression)
+        return work.weights * 9 + slots * (16 + work.value_bytes) + 16 * work.largest_layer
 
     def whole_model_only(self) -> str | None:
         if self.scope == "model":

@@ -28,6 +28,14 @@ class _SparseWeight(CompressedModule):
         with torch.no_grad():
             self.weight.mul_(self.mask)
 
+    def _adopt(self, dense: nn.Module, mask: torch.Tensor):
+        """Use `dense`'s weight and bias Parameters as this layer's, with `mask` applied in place."""
+        self.weight, self.bias = dense.weight, dense.bias
+        self.register_buffer("mask", mask.to(device=dense.weight.device, dtype=torch.bool))
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+        return self
+
     def _load(self, weight: torch.Tensor, bias: torch.Tensor | None):
         with torch.no_grad():
             self.weight.copy_(weight * self.mask)
@@ -83,9 +91,10 @@ class SparseLinear(nn.Linear, _SparseWeight):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor) -> "SparseLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, mask=mask,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-        return layer._load(linear.weight, linear.bias)
+        """Takes over `linear`'s parameters (pruned in place): no second copy of the weight."""
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        return layer._adopt(linear, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight(), self.bias)  # (..., in) -> (..., out)
@@ -113,10 +122,10 @@ class SparseConv2d(nn.Conv2d, _SparseWeight):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor) -> "SparseConv2d":
-        kwargs = {name: getattr(conv, name) for name in cls._CONV_ARGS}
-        layer = cls(**kwargs, bias=conv.bias is not None, mask=mask, device=conv.weight.device,
-                    dtype=conv.weight.dtype)
-        return layer._load(conv.weight, conv.bias)
+        """Takes over `conv`'s parameters (pruned in place): no second copy of the weight."""
+        with torch.device("meta"):
+            layer = cls(**{name: getattr(conv, name) for name in cls._CONV_ARGS}, bias=conv.bias is not None)
+        return layer._adopt(conv, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)  # (B, C, H, W) -> (B, O, H', W')
