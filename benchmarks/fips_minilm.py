@@ -26,7 +26,8 @@ from compresscli.checkpoint import load_checkpoint
 from compresscli.data import batcher_for, load_examples, split
 from compresscli.export import replace_module
 from compresscli.methods.fips import FipsConfig
-from compresscli.methods.fips_reconstruct import ReconstructionConfig, reconstruct
+from compresscli.methods.reconstruct import reconstruct
+from compresscli.training import TrainConfig
 from compresscli.modules import SparseLinear
 from compresscli.tasks import masked_mean, task_for
 
@@ -117,18 +118,18 @@ class Scorer:
 def run(method: str, budget: float, original, args, ctx: StageContext, scorer: Scorer) -> dict:
     model = copy.deepcopy(original.model).to(ctx.device)
     started = time.time()
-    recon = ReconstructionConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    recon = TrainConfig(steps=args.steps, lr=args.lr)
     block_names = [b.name for b in detect(model).blocks]
     if method == "fips":
         kept = apply_fips(model, budget, args, ctx)
     elif method.startswith("svd"):
         kept, params = apply_svd(model, budget)
         if method.endswith("+rec"):
-            reconstruct(model, block_names, params, ctx, recon)
+            reconstruct(model, block_names, params, ctx, recon, args.batch_size)
     elif method.startswith("magnitude"):
         kept, params = apply_magnitude(model, budget)
         if method.endswith("+rec"):
-            reconstruct(model, block_names, params, ctx, recon)
+            reconstruct(model, block_names, params, ctx, recon, args.batch_size)
     else:
         raise SystemExit(f"unknown method {method}")
     seconds = time.time() - started

@@ -111,12 +111,20 @@ def _weight_shape(module: nn.Module) -> tuple[int, int]:
     return (w[1], w[0]) if type(module).__name__ == "Conv1D" else (w[0], w[1])
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """A Linear, GPT-2's Conv1D, or a compressed layer standing in for a Linear (FiPS, RPS, ...)."""
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return True
+    dense = getattr(module, "dense_equivalent", None)
+    return dense is not None and not isinstance(module, (nn.Conv2d, nn.Embedding)) \
+        and "Embedding" not in type(module).__name__ and len(dense().get("weight", ())) == 2
+
+
 def _linears(block: nn.Module) -> list[tuple[str, int, int]]:
     """(relative name, out, in) of a block's Linear layers (and GPT-2 Conv1D, and compressed ones)."""
     found = []
     for name, module in block.named_modules():
-        if name and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-                     or hasattr(module, "dense_equivalent") and "weight" in module.dense_equivalent()):
+        if name and _is_linear(module):
             out, inp = _weight_shape(module)
             found.append((name, out, inp))
     return [f for f in found if not any(f[0].startswith(g[0] + ".") for g in found)]  # outermost only
@@ -194,8 +202,7 @@ def detect(model: nn.Module) -> Architecture:
 
     modules = dict(model.named_modules())
     head = [n for n in HEAD_NAMES if n in modules and isinstance(modules[n], nn.Linear)][:1]
-    linear = [n for n, m in modules.items()
-              if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and n not in head]
+    linear = [n for n, m in modules.items() if n and _is_linear(m) and n not in head]
     groups = {
         "mlp": [layer.name for b in blocks for layer in b.mlp],
         "attention": [a for b in blocks for a in b.attention],

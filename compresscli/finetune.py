@@ -1,21 +1,18 @@
-"""Recovery training: distillation from the original model, plus cross-entropy when labels exist.
-
-AdamW with linear warm-up and cosine decay; bf16 autocast on CUDA. Compressed layers keep their
-structure (masks, shared memories) because the structure lives in the modules' forward, so only
-the kept values learn. A NaN/inf loss stops the run with DivergedError: nothing gets written.
+"""Recovery training: distillation from the original model, plus cross-entropy when labels exist,
+on the shared training loop (training.py). Compressed layers keep their structure (masks, shared
+memories) because the structure lives in the modules' forward, so only the kept values learn.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import DivergedError
 from .memory import Workload
 from .methods.base import MethodConfig, StageContext, register_method
+from .training import TrainConfig, train
 
 
 @dataclass
@@ -54,13 +51,6 @@ class FinetuneConfig(MethodConfig):
         return "finetune trains the whole model at once; drop the stage to compress block by block"
 
 
-def lr_factor(step: int, total: int, warmup_steps: int) -> float:
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -72,41 +62,26 @@ def recover(model: nn.Module, params: list[nn.Parameter], config: FinetuneConfig
     if not ctx.train:
         raise ValueError("fine-tuning needs training data, but the train split is empty")
     task, teacher, device = ctx.task, ctx.teacher, ctx.device
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup_steps = int(config.warmup * config.steps)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    generator = torch.Generator().manual_seed(ctx.seed)
-    order: list[int] = []
-    losses: list[float] = []
+
+    def loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+        batch = _to(batch, device)
+        with torch.no_grad():
+            target = task.outputs(teacher, batch)
+        out = task.outputs(model, batch)
+        value = task.distill_loss(out, target, batch, config.temperature)
+        label_loss = task.label_loss(out, batch)
+        if label_loss is not None:
+            value = (1 - config.label_weight) * value + config.label_weight * label_loss
+        return value, None
+
     model.train()
-    with ctx.progress.task("fine-tune", total=config.steps) as bar:
-        for step in range(config.steps):
-            if not order:
-                order = torch.randperm(len(ctx.train), generator=generator).tolist()
-            batch = _to(ctx.train[order.pop()], device)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, config.steps, warmup_steps)
-            with autocast:
-                with torch.no_grad():
-                    target = task.outputs(teacher, batch)
-                out = task.outputs(model, batch)
-                loss = task.distill_loss(out, target, batch, config.temperature)
-                label_loss = task.label_loss(out, batch)
-                if label_loss is not None:
-                    loss = (1 - config.label_weight) * loss + config.label_weight * label_loss
-            if not torch.isfinite(loss):
-                raise DivergedError(f"fine-tuning diverged at step {step} (loss {loss.item()})",
-                                    f"lower finetune lr (now {config.lr:g}) or check the data; nothing was written")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
-            bar.advance(1, loss=losses[-1])
-    model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": config.steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    try:
+        return train(params, ctx.train, loss, TrainConfig(config.steps, config.lr, config.weight_decay, config.warmup,
+                                                          config.max_grad_norm),
+                     device, ctx.seed, ctx.progress, "fine-tune",
+                     fix=f"lower finetune lr (now {config.lr:g}) or check the data")
+    finally:
+        model.eval()
 
 
 @register_method(FinetuneConfig, "recovery training by distillation from the original (+ labels when present)")

@@ -138,10 +138,10 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, digits_vit_d
 
 
 def test_ctrl_c_during_finetune_leaves_no_output(capsys, tmp_path, digits_vit_dir, monkeypatch):
-    from compresscli import finetune
+    from compresscli import training
 
     calls = {"n": 0}
-    original = finetune.lr_factor
+    original = training.lr_factor
 
     def interrupt_on_third_step(*args):
         calls["n"] += 1
@@ -149,7 +149,7 @@ def test_ctrl_c_during_finetune_leaves_no_output(capsys, tmp_path, digits_vit_di
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(finetune, "lr_factor", interrupt_on_third_step)
+    monkeypatch.setattr(training, "lr_factor", interrupt_on_third_step)
     code, _, stderr = run_cli(capsys, "run", str(digits_vit_dir), "--recipe", "magnitude-50", "--data", "digits",
                               "--out", str(tmp_path / "out"), "--set", "1.steps=10")
     assert code == 130 and "interrupted" in stderr and "nothing was written" in stderr

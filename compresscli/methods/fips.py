@@ -23,7 +23,8 @@ from ..memory import Workload
 from .base import MethodConfig, StageContext, register_method
 from .fips_init import build_group, kept_entries
 from .fips_masks import MaskSchedule
-from .fips_reconstruct import ReconstructionConfig, reconstruct
+from ..training import TrainConfig
+from .reconstruct import reconstruct
 
 
 @dataclass
@@ -97,8 +98,8 @@ class FipsConfig(MethodConfig):
     def block_units(self, blocks: list[Block]) -> list[list[int]]:
         return [[b.index for b in group] for group in plan_groups(blocks, self.group_size, self.groups)]
 
-    def reconstruction(self) -> ReconstructionConfig:
-        return ReconstructionConfig(self.steps, self.lr, self.weight_decay, self.warmup, self.batch_size)
+    def reconstruction(self) -> TrainConfig:
+        return TrainConfig(self.steps, self.lr, self.weight_decay, self.warmup)
 
 
 def targeted_blocks(model: nn.Module, selected: dict[str, nn.Module]) -> list[Block]:
@@ -190,7 +191,8 @@ def fips(model: nn.Module, selected: dict[str, nn.Module], config: FipsConfig, c
         params = {id(p): p for group in built for layer in group for p in layer.parameters()}
         block_names = [b.name for g in groups for b in g]
         stats["reconstruction"] = reconstruct(model, block_names, list(params.values()), ctx,
-                                              config.reconstruction(), schedule)
+                                              config.reconstruction(), config.batch_size, schedule,
+                                              label="fips reconstruction")
         stats["mask_updates"] = schedule.updates
     kept = sum(g[0].base.numel() + sum(int(layer.mask.sum()) for layer in g) for g in built)
     planned = sum(g[0].base.numel() + kept_entries(r, sum(l.hidden for l in g), config.sparsity)

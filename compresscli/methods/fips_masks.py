@@ -19,7 +19,7 @@ import torch
 
 from ..modules.fips import FipsLinear
 from .fips_init import magnitude_masks
-from .fips_reconstruct import StepHooks
+from ..training import StepHooks
 
 
 def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
