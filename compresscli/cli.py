@@ -359,6 +359,8 @@ def _print_plan(plan: dict[str, Any]) -> None:
             shown = human_bytes(peak) if peak is not None else f"cannot run ({memory['sequential_problem']})"
             table.add_row(mode + (" (chosen)" if mode == plan["mode"] else ""), shown, parts)
         out_console.print(table)
+        if memory.get("gpu"):
+            out_console.print("predicted GPU peak: " + ", ".join(f"{m} {human_bytes(v)}" for m, v in memory["gpu"].items()))
     for step in plan["stages"]:
         table = Table(title=f"stage {step['stage']}: {step['method']} ({len(step['modules'])} modules)")
         table.add_column("")

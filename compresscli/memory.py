@@ -108,6 +108,7 @@ class MemoryPrediction:
     sequential_problem: str | None = None
     phases: dict[str, dict[str, int]] = field(default_factory=dict)  # mode -> phase -> bytes above baseline
     baseline: int = 0
+    gpu: dict[str, int] | None = None  # mode -> predicted peak GPU memory, when the run is on CUDA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -277,8 +278,14 @@ def predict_memory(source, skeleton: nn.Module, recipe, targets: list[list[str]]
                "activations": min(carried, options.activation_bytes())}
         phases["sequential"] = seq
         sequential_peak = int(baseline + SAFETY * sum(seq.values()))
+    gpu = None
+    if options.resolved_device.startswith("cuda"):  # everything the model computes with lives there; data stays on the host
+        gpu = {"whole-model": int(SAFETY * whole_peak)}
+        if "sequential" in phases:
+            seq = phases["sequential"]
+            gpu["sequential"] = int(SAFETY * (seq["outside blocks"] + seq["unit"] + seq["stages"] + seq["forward"]))
     return MemoryPrediction(int(baseline + SAFETY * whole_peak), sequential_peak, problem and problem.problem,
-                            phases, baseline)
+                            phases, baseline, gpu)
 
 
 __all__ = ["MemoryPrediction", "PeakMemory", "available_memory", "current_rss", "predict_memory"]

@@ -426,6 +426,10 @@ def execution(mode: str, peak: PeakMemory, prediction: MemoryPrediction | None, 
     if prediction is not None:
         record["predicted_peak_bytes"] = prediction.sequential if mode == "sequential" else prediction.whole_model
         record["prediction"] = prediction.to_dict()
+    if torch.cuda.is_available() and options.resolved_device.startswith("cuda"):
+        record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+        if prediction is not None and prediction.gpu:
+            record["predicted_gpu_peak_bytes"] = prediction.gpu.get(mode)
     return record
 
 

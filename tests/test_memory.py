@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +58,41 @@ def test_a_tight_budget_switches_to_block_by_block(capsys, tmp_path, minilm_dir)
     code, stdout, _ = run_cli(capsys, "run", str(minilm_dir), "--recipe", "magnitude-50", "--dry-run", "--json",
                               "--max-memory", str(budget))
     assert code == 1  # global magnitude and finetune cannot run block by block, and the whole model does not fit
+
+
+LAZY_CHECK = """
+import json, sys, torch
+from compresscli.memory import PeakMemory, current_rss
+from compresscli.source import open_source
+from compresscli.streamed_model import stream_outputs
+from compresscli.checkpoint import load_checkpoint
+source = open_source(sys.argv[1])
+before = current_rss()
+peak = PeakMemory()
+ids = torch.randint(1000, 30000, (1, 8))
+(logits,) = stream_outputs(source, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+streamed = peak.peak() - before
+model = load_checkpoint(sys.argv[1]).model
+with torch.no_grad():
+    model(input_ids=ids)
+print(json.dumps({"streamed": streamed, "whole": peak.peak() - before, "finite": bool(torch.isfinite(logits).all())}))
+"""
+
+
+@pytest.mark.slow
+def test_lazy_reading_never_holds_the_whole_file(tmp_path):
+    """A generated ~1 GB bf16 Llama: streamed block by block the run holds a small part of it; loaded
+    whole it holds it once (no second copy, no random initialisation)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import scale
+
+    scale.CONFIGS["1gb"] = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                                num_key_value_heads=12)
+    path = scale.generate("1gb", shard_bytes=256 * 1024**2)
+    size = scale.checkpoint_bytes(path)
+    assert 0.9e9 < size < 1.3e9
+    proc = subprocess.run([sys.executable, "-c", LAZY_CHECK, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["finite"] and result["streamed"] < 0.35 * size
+    assert result["whole"] < 1.3 * size
