@@ -224,7 +224,7 @@ def bench(checkpoint: CheckpointArg,
 @app.command()
 def sweep(checkpoint: CheckpointArg,
           out: Annotated[Path, typer.Option("--out", "-o", help="Directory for sweep.json, sweep.md, pareto.png, runs/.")],
-          methods: Annotated[str, typer.Option("--methods", help="Comma-separated: magnitude,snip,synflow,grasp,ltr,rps,fips,condensed.")] = "magnitude,ltr",
+          methods: Annotated[str, typer.Option("--methods", help="Comma-separated: any method with a size (magnitude and its scores snip, synflow, grasp; ltr, rps, fips, condensed, ...).")] = "magnitude,ltr",
           ratios: Annotated[str, typer.Option("--ratios", help="Comma-separated compression ratios (dense bytes / bytes on disk).")] = "2,4,10,30,100",
           steps: Annotated[int, typer.Option("--steps", min=0, help="Recovery steps for every run.")] = 200,
           lr: Annotated[float, typer.Option("--lr", help="Recovery learning rate.")] = 1e-4,

@@ -24,8 +24,8 @@ from .architectures import detect
 from .checkpoint import Checkpoint
 from .errors import CompressError, DivergedError
 from .finetune import FinetuneConfig
-from .methods import METHODS, StageContext, compress_
-from .methods.ltr import ltr_schedule
+from .methods import METHODS, MethodConfig, StageContext, compress_
+from .methods.base import SizeKnob
 from .pipeline import RunOptions, layer_bytes, resolve_stage_targets, run_recipe
 from .recipe import Recipe, Stage, make_config
 from .registry import did_you_mean
@@ -36,32 +36,30 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SweepMethod:
     method: str  # the recipe method it runs
-    knob: str  # the parameter that sets the size
-    low: float  # knob range searched
-    high: float
-    fixed: dict[str, Any] = field(default_factory=dict)
-    log_scale: bool = False
+    knob: SizeKnob  # the parameter that sets the size, and its range
+    fixed: dict[str, Any] = field(default_factory=dict)  # settings that make this entry (magnitude's score)
+    storage: str = ""  # entries with the same storage share one knob search
 
 
-SWEEP_METHODS: dict[str, SweepMethod] = {
-    "magnitude": SweepMethod("magnitude", "sparsity", 0.0, 0.9999, {"score": "magnitude"}),
-    "snip": SweepMethod("magnitude", "sparsity", 0.0, 0.9999, {"score": "snip"}),
-    "synflow": SweepMethod("magnitude", "sparsity", 0.0, 0.9999, {"score": "synflow"}),
-    "grasp": SweepMethod("magnitude", "sparsity", 0.0, 0.9999, {"score": "grasp"}),
-    "ltr": SweepMethod("ltr", "sparsity", 0.0, 0.9999),
-    "rps": SweepMethod("rps", "compression", 1.0, 10000.0, log_scale=True),
-    "fips": SweepMethod("fips", "budget", 0.0005, 1.0, log_scale=True),
-    "condensed": SweepMethod("condensed", "sparsity", 0.0, 0.9999),
-}
-# Methods whose storage is the same as magnitude's at equal sparsity share its knob search.
-SAME_STORAGE_AS_MAGNITUDE = {"snip", "synflow", "grasp", "ltr"}
+def sweep_methods() -> dict[str, SweepMethod]:
+    """Every entry a sweep can run, read from the registered methods' own declarations (size_knob,
+    sweep_variants, storage_like): a new method needs no change here."""
+    entries = {}
+    for name in METHODS:
+        config_cls = METHODS.get(name).config_cls
+        if config_cls.size_knob is None:
+            continue
+        storage = config_cls.storage_like or name
+        for entry, fixed in (config_cls.sweep_variants or {name: {}}).items():
+            entries[entry] = SweepMethod(name, config_cls.size_knob, dict(fixed), storage)
+    return entries
 
 
 @dataclass
 class SweepOptions:
     methods: list[str]
     ratios: list[float]
-    steps: int = 200  # recovery steps for every run (LTR spreads the same total over its rounds)
+    steps: int = 200  # recovery steps for every run, split as each method declares (sweep_recovery)
     lr: float = 1.0e-4
     targets: list[str] = field(default_factory=lambda: ["mlp"])
     keep_checkpoints: bool = False
@@ -70,64 +68,58 @@ class SweepOptions:
 
 def check_methods(names: list[str]) -> None:
     """Refuse, by name, what this build cannot run (never skip silently)."""
+    known = sweep_methods()
     for name in names:
-        if name not in SWEEP_METHODS:
-            raise CompressError(f"unknown sweep method {name!r}", did_you_mean(name, list(SWEEP_METHODS)))
-        if SWEEP_METHODS[name].method not in METHODS:
-            raise CompressError(f"method {name!r} is not implemented in this version of compresscli",
-                                f"drop it from --methods; available: {', '.join(m for m in SWEEP_METHODS if SWEEP_METHODS[m].method in METHODS)}")
+        if name not in known:
+            raise CompressError(f"unknown sweep method {name!r}", did_you_mean(name, list(known)))
 
 
-def stage_config(name: str, knob_value: float, options: SweepOptions):
-    spec = SWEEP_METHODS[name]
-    params = {**spec.fixed, spec.knob: knob_value}
-    if name == "ltr":  # the same total recovery budget, spread over the rounds and the final recovery
-        rounds = max(1, len(ltr_schedule(knob_value, 0.2)))
-        per_round = options.steps // (rounds + 1)
-        params.update(round_steps=per_round, final_steps=options.steps - rounds * per_round, lr=options.lr)
-    if name == "fips":  # its block-wise reconstruction is recovery too: half the budget, the finetune the rest
-        params.update(steps=options.steps - finetune_steps(name, options))
-    return make_config(spec.method, params)
+def stage_config(spec: SweepMethod, knob_value: float, options: SweepOptions | None = None) -> MethodConfig:
+    """The method's config at this knob value, with its part of the recovery budget when `options` says it."""
+    params = {**spec.fixed, spec.knob.name: knob_value}
+    config = make_config(spec.method, params)
+    if options is not None:
+        params.update(config.sweep_recovery(options.steps, options.lr)[0])
+        config = make_config(spec.method, params)
+    return config
 
 
-def finetune_steps(name: str, options: SweepOptions) -> int:
+def finetune_steps(config: MethodConfig, options: SweepOptions) -> int:
     """Steps of the finetune stage after the method, so that every method gets `options.steps` in all."""
-    if name == "ltr":
-        return 0  # its recovery is part of its own stage
-    return options.steps - (options.steps // 2 if name == "fips" else 0)
+    return config.sweep_recovery(options.steps, options.lr)[1]
 
 
-def measured_ratio(model: nn.Module, names: list[str], name: str, knob_value: float, options: SweepOptions,
+def measured_ratio(model: nn.Module, names: list[str], spec: SweepMethod, knob_value: float,
                    ctx: StageContext) -> float:
     """Dense bytes / encoded bytes of the targets after a dry run of the compression stage."""
     trial = copy.deepcopy(model)
     dense = layer_bytes(trial, names)
     wanted = set(names)
     try:
-        compress_(trial, stage_config("magnitude" if name in SAME_STORAGE_AS_MAGNITUDE else name, knob_value,
-                                      options), lambda m, n: n in wanted, ctx)
+        compress_(trial, stage_config(spec, knob_value), lambda m, n: n in wanted, ctx)
     except ValueError:  # too small to build (e.g. a FiPS budget that leaves rank 0): beyond any ratio
         return math.inf
     return dense / max(1, layer_bytes(trial, names))
 
 
-def find_knob(model: nn.Module, names: list[str], name: str, ratio: float, options: SweepOptions,
-              ctx: StageContext, iterations: int = 14) -> float | None:
-    """The knob value whose encoded size is closest to `ratio` (None if the range cannot reach it)."""
-    spec = SWEEP_METHODS[name]
-    lo, hi = spec.low, spec.high
-    f = (lambda v: measured_ratio(model, names, name, v, options, ctx))
+def find_knob(model: nn.Module, names: list[str], spec: SweepMethod, ratio: float, ctx: StageContext,
+              iterations: int = 14) -> float | None:
+    """The knob value whose encoded size is closest to `ratio` (None if the range cannot reach it). The
+    search runs the entry's storage method with its defaults: entries that store alike share it."""
+    search = SweepMethod(spec.storage, METHODS.get(spec.storage).config_cls.size_knob)
+    lo, hi = search.knob.low, search.knob.high
+    f = (lambda v: measured_ratio(model, names, search, v, ctx))
     r_lo, r_hi = f(lo), f(hi)
     increasing = r_hi >= r_lo
     if not (min(r_lo, r_hi) <= ratio <= max(r_lo, r_hi)):
         return None
     for _ in range(iterations):
-        mid = math.sqrt(lo * hi) if spec.log_scale else (lo + hi) / 2
+        mid = math.sqrt(lo * hi) if search.knob.log_scale else (lo + hi) / 2
         if (f(mid) < ratio) == increasing:
             lo = mid
         else:
             hi = mid
-    return math.sqrt(lo * hi) if spec.log_scale else (lo + hi) / 2
+    return math.sqrt(lo * hi) if search.knob.log_scale else (lo + hi) / 2
 
 
 def primary_metric(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -163,6 +155,7 @@ def run_sweep(ckpt: Checkpoint, options: SweepOptions, out: Path, resume: bool =
     names = resolve_stage_targets(probe, arch, original, "sweep targets")
     jobs = [(m, r) for m in options.methods for r in options.ratios]
     knob_cache: dict[tuple[str, float], float | None] = {}
+    specs = sweep_methods()
     for i, (name, ratio) in enumerate(jobs):
         run_id = f"{name}-x{ratio:g}"
         if state["runs"].get(run_id, {}).get("status") in ("ok", "diverged"):
@@ -170,16 +163,18 @@ def run_sweep(ckpt: Checkpoint, options: SweepOptions, out: Path, resume: bool =
         started = time.time()
         entry: dict[str, Any] = {"method": name, "target_ratio": ratio}
         try:
-            key = ("magnitude" if name in SAME_STORAGE_AS_MAGNITUDE else name, ratio)
+            spec = specs[name]
+            key = (spec.storage, ratio)
             if key not in knob_cache:
-                knob_cache[key] = find_knob(original, names, key[0], ratio, options, StageContext(dry_run=True))
+                knob_cache[key] = find_knob(original, names, spec, ratio, StageContext(dry_run=True))
             knob = knob_cache[key]
             if knob is None:
                 raise CompressError(f"{name} cannot reach {ratio:g}x on these targets")
-            entry["knob"] = {SWEEP_METHODS[name].knob: knob}
-            stages = [Stage(stage_config(name, knob, options), options.targets)]
-            if finetune_steps(name, options):
-                stages.append(Stage(FinetuneConfig(steps=finetune_steps(name, options), lr=options.lr), []))
+            entry["knob"] = {spec.knob.name: knob}
+            config = stage_config(spec, knob, options)
+            stages = [Stage(config, options.targets)]
+            if finetune_steps(config, options):
+                stages.append(Stage(FinetuneConfig(steps=finetune_steps(config, options), lr=options.lr), []))
             recipe = Recipe(f"sweep: {name} at {ratio:g}x", stages, f"sweep {run_id}")
             run_ckpt = copy.copy(ckpt)
             run_ckpt.model = copy.deepcopy(original)

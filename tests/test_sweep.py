@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from compresscli import sweep as sweep_module
 from compresscli.checkpoint import load_checkpoint
 from compresscli.errors import CompressError
 from compresscli.pipeline import RunOptions
-from compresscli.sweep import SweepMethod, SweepOptions, check_methods, run_sweep
+from compresscli.methods import METHODS
+from compresscli.sweep import SweepOptions, check_methods, finetune_steps, run_sweep, stage_config, sweep_methods
 from conftest import run_cli
 
 
@@ -48,12 +48,17 @@ def test_unreachable_or_failing_runs_are_recorded_and_the_sweep_goes_on(tmp_path
     assert state["runs"]["magnitude-x2"]["status"] == "ok"
 
 
-def test_methods_not_implemented_are_refused(monkeypatch):
+def test_the_sweep_reads_its_methods_from_the_registry():
     with pytest.raises(CompressError, match="did you mean 'magnitude'"):
         check_methods(["magnitud"])
-    monkeypatch.setitem(sweep_module.SWEEP_METHODS, "future", SweepMethod("not-a-method", "x", 0, 1))
-    with pytest.raises(CompressError, match="'future' is not implemented"):
-        check_methods(["magnitude", "future"])
+    entries = sweep_methods()
+    for name in METHODS:  # every method that declares a size knob is sweepable, no list to keep
+        if METHODS.get(name).config_cls.size_knob is not None:
+            assert any(e.method == name for e in entries.values())
+    assert {"snip", "synflow", "grasp"} <= set(entries) and entries["snip"].fixed == {"score": "snip"}
+    assert entries["ltr"].storage == "magnitude" and "finetune" not in entries and "reconstruct" not in entries
+    fips = stage_config(entries["fips"], 0.3, SweepOptions(["fips"], [4], steps=10))
+    assert fips.steps == 5 and finetune_steps(fips, SweepOptions(["fips"], [4], steps=10)) == 5
 
 
 def test_sweep_cli(capsys, tmp_path, digits_vit_dir):
@@ -73,13 +78,13 @@ def test_knob_search_steps_over_budgets_too_small_to_build():
     finds the budget of the asked ratio."""
     from compresscli.architectures import detect
     from compresscli.methods import StageContext
-    from compresscli.sweep import SweepOptions, find_knob, measured_ratio
+    from compresscli.sweep import find_knob, measured_ratio
     from conftest import tiny_timm
 
     model = tiny_timm(depth=2)
     names = detect(model).groups["mlp"]
-    options = SweepOptions(methods=["fips"], ratios=[4])
+    fips = sweep_methods()["fips"]
     ctx = StageContext(dry_run=True)
-    assert measured_ratio(model, names, "fips", 0.0005, options, ctx) == float("inf")
-    budget = find_knob(model, names, "fips", 4.0, options, ctx)
-    assert budget is not None and measured_ratio(model, names, "fips", budget, options, ctx) == pytest.approx(4, rel=0.05)
+    assert measured_ratio(model, names, fips, 0.0005, ctx) == float("inf")
+    budget = find_knob(model, names, fips, 4.0, ctx)
+    assert budget is not None and measured_ratio(model, names, fips, budget, ctx) == pytest.approx(4, rel=0.05)

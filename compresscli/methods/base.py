@@ -18,6 +18,16 @@ from ..progress import Progress, SilentProgress
 from ..registry import Registry
 
 
+@dataclass(frozen=True)
+class SizeKnob:
+    """The parameter that sets a method's size, and the range `compress sweep` searches it in."""
+
+    name: str
+    low: float
+    high: float
+    log_scale: bool = False
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config. Subclasses are dataclasses whose field defaults are the
@@ -26,6 +36,9 @@ class MethodConfig:
     method: ClassVar[str]
     default_targets: ClassVar[tuple[str, ...]] = ("mlp",)
     compresses: ClassVar[bool] = True  # False for stages that only train (finetune)
+    size_knob: ClassVar[SizeKnob | None] = None  # what a sweep turns to reach a compression ratio
+    sweep_variants: ClassVar[dict[str, dict[str, Any]]] = {}  # more sweep entries: name -> fixed params
+    storage_like: ClassVar[str | None] = None  # a method whose bytes are the same at an equal knob value
 
     def needs_data(self) -> bool:
         """Whether the stage reads calibration or training data (the pipeline then loads --data)."""
@@ -51,6 +64,11 @@ class MethodConfig:
         """In-memory bytes the compressed targets hold beyond the dense weights they replaced (their
         training form: masks, maps; negative when smaller), for memory.py. Default: the same."""
         return 0
+
+    def sweep_recovery(self, steps: int, lr: float) -> tuple[dict[str, Any], int]:
+        """How a sweep's recovery budget of `steps` at `lr` splits: parameters for this stage, and the
+        steps of a finetune stage after it. Default: all of it in the finetune stage."""
+        return {}, steps
 
     def calibration_chunk(self) -> int | None:
         """Examples per calibration chunk the stage trains on (None: any); the block-by-block engine

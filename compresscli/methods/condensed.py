@@ -30,7 +30,7 @@ from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from ..modules.condensed import CondensedConv2d, CondensedLinear, _Condensed
 from ..memory import Workload
-from .base import MethodConfig, StageContext, leaf_layers, register_method
+from .base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
 
 DEFAULT_SPARSITY = 0.9
 
@@ -38,6 +38,7 @@ DEFAULT_SPARSITY = 0.9
 @dataclass
 class CondensedConfig(MethodConfig):
     method = "condensed"
+    size_knob = SizeKnob("sparsity", 0.0, 0.9999)
     sparsity: float | None = None  # fraction of each neuron's inputs removed; default 0.9, or 1 - N/M with n_m
     n_m: list[int] | None = None  # [N, M]: keep N of every M consecutive inputs (e.g. [2, 4]); None: any k inputs
     score: Literal["magnitude", "activation"] = "magnitude"  # |W|, or |W| * ||X_j|| on calibration data

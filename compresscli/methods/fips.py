@@ -20,7 +20,7 @@ from ..architectures import Block, detect
 from ..export import replace_module
 from ..modules.fips import FipsLinear
 from ..memory import Workload
-from .base import MethodConfig, StageContext, register_method
+from .base import MethodConfig, SizeKnob, StageContext, register_method
 from .fips_init import build_group, kept_entries
 from .fips_masks import MaskSchedule
 from ..training import TrainConfig
@@ -30,6 +30,7 @@ from .reconstruct import reconstruct
 @dataclass
 class FipsConfig(MethodConfig):
     method = "fips"
+    size_knob = SizeKnob("budget", 0.0005, 1.0, log_scale=True)
     budget: float = 0.5  # fraction of the targeted MLP weights kept: U plus the non-zeros of the V_i (biases apart)
     sparsity: float = 0.75  # fraction of each group's V_i entries removed (one global threshold per group)
     group_size: int = 4  # at most this many consecutive blocks share a base; a stage splits into equal groups
@@ -91,6 +92,10 @@ class FipsConfig(MethodConfig):
             if work.captures:
                 total += 2 * work.calibration_tokens * work.width * work.value_bytes * work.blocks
         return total
+
+    def sweep_recovery(self, steps: int, lr: float) -> tuple[dict[str, Any], int]:
+        """Its block-wise reconstruction is recovery too: half the budget there, the finetune the rest."""
+        return {"steps": steps // 2}, steps - steps // 2
 
     def calibration_chunk(self) -> int | None:
         return self.batch_size

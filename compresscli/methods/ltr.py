@@ -16,13 +16,15 @@ from torch import nn
 
 from ..finetune import FinetuneConfig, recover
 from ..memory import Workload
-from .base import MethodConfig, StageContext, register_method
+from .base import MethodConfig, SizeKnob, StageContext, register_method
 from .magnitude import apply_masks, current_masks, keep_masks, prunable_layers
 
 
 @dataclass
 class LTRConfig(MethodConfig):
     method = "ltr"
+    size_knob = SizeKnob("sparsity", 0.0, 0.9999)
+    storage_like = "magnitude"
     sparsity: float = 0.8  # final fraction of the targeted weights removed
     prune_fraction: float = 0.2  # fraction of the remaining weights removed each round
     rewind_step: int = 0  # 0: rewind to the pretrained weights; k > 0: to the weights after k steps of round 1
@@ -41,6 +43,12 @@ class LTRConfig(MethodConfig):
             raise ValueError("round_steps must be >= 0 and final_steps >= 0")
         if not 0 <= self.rewind_step <= self.round_steps:
             raise ValueError(f"rewind_step must be in [0, round_steps={self.round_steps}], got {self.rewind_step}")
+
+    def sweep_recovery(self, steps: int, lr: float) -> tuple[dict[str, Any], int]:
+        """The whole budget inside the stage, spread over its rounds and the final recovery."""
+        rounds = max(1, len(ltr_schedule(self.sparsity, self.prune_fraction)))
+        per_round = steps // (rounds + 1)
+        return {"round_steps": per_round, "final_steps": steps - rounds * per_round, "lr": lr}, 0
 
     def needs_original(self) -> bool:
         return True

@@ -17,7 +17,7 @@ from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from . import scores as S
 from ..memory import Workload
-from .base import MethodConfig, StageContext, leaf_layers, register_method
+from .base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
 
 PRUNABLE = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 
@@ -25,6 +25,9 @@ PRUNABLE = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 @dataclass
 class MagnitudeConfig(MethodConfig):
     method = "magnitude"
+    size_knob = SizeKnob("sparsity", 0.0, 0.9999)
+    sweep_variants = {"magnitude": {"score": "magnitude"}, "snip": {"score": "snip"}, "synflow": {"score": "synflow"},
+                      "grasp": {"score": "grasp"}}
     sparsity: float = 0.5  # fraction of the targeted weights removed
     scope: Literal["global", "block", "layer"] = "global"  # one threshold over all targets, one per block, or the same fraction per layer
     score: Literal["magnitude", "snip", "synflow", "grasp"] = "magnitude"  # which weights matter (see scores.py)

@@ -30,7 +30,7 @@ from ..modules import CompressedModule
 from ..modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
 from ..modules.rps_hash import MAPPERS, Placement
 from ..memory import Workload
-from .base import MethodConfig, StageContext, leaf_layers, register_method
+from .base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
 
 LAYOUTS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
 
@@ -38,6 +38,7 @@ LAYOUTS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
 @dataclass
 class RPSConfig(MethodConfig):
     method = "rps"
+    size_knob = SizeKnob("compression", 1.0, 10000.0, log_scale=True)
     default_targets = ("linear",)  # every Linear but the classifier head; add `embeddings` for text models
     compression: float = 10.0  # factor c: the memory has floor(n / c) slots for the n targeted weights
     mapper: Literal["randomfold", "roast"] = "randomfold"  # STABLE-RPS's fold (a bijection at c = 1) or ROAST tiles
