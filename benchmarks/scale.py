@@ -40,6 +40,10 @@ RECIPES = {
                            "  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5, scope: layer}\n"),
     "condensed-2-4-activation": ("2:4 on the MLPs, chosen by |W| x ||X|| on the calibration set.",
                                  "  - method: condensed\n    targets: [mlp]\n    params: {n_m: [2, 4], score: activation}\n"),
+    "sparsegpt-50": ("SparseGPT 50% per layer on the MLPs, from the calibration set.",
+                     "  - method: sparsegpt\n    targets: [mlp]\n    params: {sparsity: 0.5}\n"),
+    "wanda-50": ("Wanda 50% per row on the MLPs, from the calibration set.",
+                 "  - method: wanda\n    targets: [mlp]\n    params: {sparsity: 0.5}\n"),
 }
 
 

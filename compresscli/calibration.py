@@ -30,10 +30,10 @@ class BlockIO:
 
 
 class Calibrator(Protocol):
-    def run(self, model: nn.Module, stop_after: nn.Module | None = None) -> None:
-        """Pass the calibration data through the part of `model` the stage works on (hooks see the
-        inputs); with `stop_after`, each forward ends once that module has run (what comes after it
-        cannot matter to statistics gathered before it)."""
+    def run(self, model: nn.Module, stop_after: nn.Module | None = None, limit: int | None = None) -> None:
+        """Pass the calibration data (its first `limit` chunks) through the part of `model` the stage
+        works on (hooks see the inputs); with `stop_after`, each forward ends once that module has run
+        (what comes after it cannot matter to statistics gathered before it)."""
 
     def block_io(self, block_names: list[str], chunk_size: int) -> list[list[BlockIO]]:
         """Per chunk, per block: the block's inputs and the original block's output on them."""
@@ -133,9 +133,9 @@ class WholeModelCalibrator:
         self.teacher, self.task, self.batches, self.device = teacher, task, batches, device
 
     @torch.no_grad()
-    def run(self, model: nn.Module, stop_after: nn.Module | None = None) -> None:
+    def run(self, model: nn.Module, stop_after: nn.Module | None = None, limit: int | None = None) -> None:
         with stopping_after(stop_after):
-            for batch in self.batches:
+            for batch in self.batches[:limit]:
                 try:
                     self.task.outputs(model, {k: v.to(self.device) for k, v in batch.items()})
                 except StopForward:

@@ -127,6 +127,7 @@ class Workload:
 
     weights: int  # targeted weights (elements)
     largest_layer: int  # elements of the largest targeted weight
+    fan_in: int  # the widest input of a targeted layer (a Hessian is fan_in x fan_in)
     value_bytes: int  # bytes per value in the run's dtype
     model_bytes: int  # the model (whole-model runs) or the unit (block by block) the stage works on
     blocks: int  # transformer blocks the stage runs through
@@ -166,16 +167,16 @@ def param_bytes(model: nn.Module, value_bytes: int, prefix: str = "") -> int:
     return total
 
 
-def _weights(model: nn.Module, names: list[str]) -> list[int]:
-    """Elements of each named layer's weight (its dense shape for compressed layers)."""
-    sizes = []
+def _weight_shapes(model: nn.Module, names: list[str]) -> list[tuple[int, ...]]:
+    """Each named layer's weight shape (its dense shape for compressed layers)."""
+    shapes = []
     for name in names:
         module = model.get_submodule(name)
         dense = getattr(module, "dense_equivalent", None)
         shape = dense()["weight"] if dense else getattr(getattr(module, "weight", None), "shape", None)
         if shape is not None:
-            sizes.append(math.prod(shape))
-    return sizes
+            shapes.append(tuple(shape))
+    return shapes
 
 
 @dataclass
@@ -235,8 +236,10 @@ def predict_memory(source, skeleton: nn.Module, recipe, targets: list[list[str]]
     dry = options.dry_run
 
     def workload(names: list[str], part_bytes: int, blocks: int) -> Workload:
-        sizes = _weights(skeleton, names)
-        return Workload(sum(sizes), max(sizes, default=0), value_bytes, part_bytes, blocks, shape.width, shape.heads,
+        shapes = _weight_shapes(skeleton, names)
+        sizes = [math.prod(s) for s in shapes]
+        fan_in = max((math.prod(s[1:]) for s in shapes), default=0)
+        return Workload(sum(sizes), max(sizes, default=0), fan_in, value_bytes, part_bytes, blocks, shape.width, shape.heads,
                         shape.vocab, shape.batch_tokens, shape.seq_len, shape.calibration_tokens,
                         captures=part_bytes == model_bytes)
 

@@ -143,12 +143,17 @@ def prepare_data(ckpt: Checkpoint, task: Task, options: RunOptions) -> tuple[Bat
     return batcher, split(load_examples(spec)), spec
 
 
-def choose_mode(prediction: MemoryPrediction, options: RunOptions) -> str:
-    """"whole-model" or "sequential": as asked, else whichever fits the budget (whole-model first);
-    a run that fits neither is refused with what to lower."""
+def choose_mode(prediction: MemoryPrediction, options: RunOptions, recipe: Recipe) -> str:
+    """"whole-model" or "sequential": as asked, else whichever fits the budget (whole-model first,
+    unless a stage prefers block by block and the recipe can run so); a run that fits neither is
+    refused with what to lower."""
     budget = options.memory_budget()
     if options.sequential is False:
         return "whole-model"
+    prefers = any(stage.config.prefers_block_by_block for stage in recipe.stages)
+    if prefers and options.sequential is None and prediction.sequential is not None \
+            and prediction.sequential <= budget:
+        return "sequential"
     if options.sequential or prediction.whole_model > budget:
         if prediction.sequential is None:
             raise CompressError(f"the whole-model run needs about {_gib(prediction.whole_model)} but "
@@ -184,7 +189,7 @@ def compress_source(source: Source, recipe: Recipe, out: Path | None, options: R
         if problem is not None:
             raise problem
     prediction = predict_memory(source, skeleton, recipe, targets, options)
-    mode = choose_mode(prediction, options)
+    mode = choose_mode(prediction, options, recipe)
     log.info("predicted peak: whole-model %s, sequential %s; running %s", _gib(prediction.whole_model),
              "-" if prediction.sequential is None else _gib(prediction.sequential), mode)
     del skeleton

@@ -50,12 +50,12 @@ class UnitCalibrator:
         self.streamer, self.store, self.stream = streamer, store, stream
         self.blocks, self.inputs, self.targets = blocks, inputs, targets
 
-    def run(self, model: nn.Module, stop_after: nn.Module | None = None) -> None:
+    def run(self, model: nn.Module, stop_after: nn.Module | None = None, limit: int | None = None) -> None:
         with stopping_after(stop_after):
             for block in self.blocks:
                 module = model.get_submodule(block.name)
                 stopped = False
-                for c, chunk in enumerate(self.stream.calls):
+                for c, chunk in enumerate(self.stream.calls[:limit]):
                     try:
                         self.streamer.run_block(module, block.index, chunk, self.store.get((self.inputs[block.index], c)))
                     except StopForward:

@@ -39,6 +39,9 @@ class MethodConfig:
     size_knob: ClassVar[SizeKnob | None] = None  # what a sweep turns to reach a compression ratio
     sweep_variants: ClassVar[dict[str, dict[str, Any]]] = {}  # more sweep entries: name -> fixed params
     storage_like: ClassVar[str | None] = None  # a method whose bytes are the same at an equal knob value
+    # Calibrates layer by layer inside each block: block by block it re-runs one block per layer group
+    # instead of the model up to that layer, so the pipeline runs it block by block whenever it can.
+    prefers_block_by_block: ClassVar[bool] = False
 
     def needs_data(self) -> bool:
         """Whether the stage reads calibration or training data (the pipeline then loads --data)."""

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from ..modules.condensed import CondensedConv2d, CondensedLinear, _Condensed
 from ..memory import Workload
+from .activation_stats import collect
 from .base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
 
 DEFAULT_SPARSITY = 0.9
@@ -151,28 +151,11 @@ def activation_norms(model: nn.Module, layers: dict[str, nn.Module], ctx: StageC
     (out x fan_in; for a grouped conv each output channel sees its group's inputs)."""
     if ctx.calibrator is None:
         raise ValueError("score activation needs calibration data, but none was given (pass --data)")
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name: str, layer: nn.Module):
-        def record(_module, args):
-            x = args[0].detach().float()
-            if isinstance(layer, (nn.Conv2d, CondensedConv2d)):
-                x = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, C*kh*kw, L)
-                x = x.transpose(1, 2)
-            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-            sums[name] = sums[name] + sq if name in sums else sq
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
-    try:
-        ctx.calibrator.run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
+    stats = collect(model, layers, ctx.calibrator)
     norms = {}
     for name, layer in layers.items():
         rows, groups = dense_view(layer)[0].shape[0], getattr(layer, "groups", 1)
-        per_group = sums[name].sqrt().view(groups, -1)  # (groups, fan_in)
+        per_group = stats[name].norms().view(groups, -1)  # (groups, fan_in)
         norms[name] = per_group.repeat_interleave(rows // groups, dim=0)  # (rows, fan_in)
     return norms
 
