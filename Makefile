@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned: it comes from local disk; a plain PyPI torchvision beside another torch breaks timm.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all fuzz gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,15 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ''
+
+# Long fuzzing of the readers (safetensors, codecs, recipes): FUZZ_EXAMPLES fresh random inputs per target.
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+# Every gpu-marked test and the GPU benchmarks, results under benchmarks/results/gpu/ (on CPU: says what it skipped).
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 bench: install
 	$(PY) benchmarks/magnitude_recovery.py

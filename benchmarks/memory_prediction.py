@@ -20,6 +20,8 @@ RECIPES = {
     "magnitude-block-50+finetune": ("stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5, scope: block}\n"
                                     "  - method: finetune\n    params: {steps: 4}\n"),
     "condensed-activation-90": "stages:\n  - method: condensed\n    targets: [mlp]\n    params: {score: activation}\n",
+    "sparsegpt-50+reconstruct": ("stages:\n  - method: sparsegpt\n    targets: [mlp]\n    params: {sparsity: 0.5}\n"
+                                 "  - method: reconstruct\n    params: {steps: 4}\n"),
     "fips-40": "stages:\n  - method: fips\n    targets: [mlp]\n    params: {budget: 0.4, steps: 10}\n",
 }
 RUNS = [  # (checkpoint, recipe, extra flags)
@@ -30,6 +32,8 @@ RUNS = [  # (checkpoint, recipe, extra flags)
     ("ref:minilm", "condensed-activation-90", ["--sequential"]),
     ("ref:minilm", "fips-40", ["--whole-model"]),
     ("ref:minilm", "fips-40", ["--sequential"]),
+    ("ref:minilm", "sparsegpt-50+reconstruct", ["--whole-model"]),
+    ("ref:minilm", "sparsegpt-50+reconstruct", ["--sequential"]),
 ]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .cpu_isa import avoid_unusable_amx
 from .methods import METHODS, MethodConfig, StageContext, compress_
 from .methods.condensed import CondensedConfig
 from .methods.fips import FipsConfig
@@ -14,6 +15,8 @@ from .methods.ltr import LTRConfig
 from .methods.magnitude import MagnitudeConfig
 from .methods.rps import RPSConfig
 from .finetune import FinetuneConfig
+
+avoid_unusable_amx()  # before any matmul: oneDNN reads its ISA cap once
 
 
 def load(path: str | Path) -> nn.Module:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .memory import is_out_of_memory
 from .tasks import Task, task_for
 from .source import (Source, assign_tensors, build_skeleton, check_fit, conv1d_to_linear, hf_class, hf_config_of,
                      open_source, skeleton_of)
@@ -88,6 +89,8 @@ def _from_pretrained(source: Source, dtype: torch.dtype | None) -> nn.Module:
         model, info = cls.from_pretrained(str(source.directory), dtype=dtype or "auto", output_loading_info=True,
                                           local_files_only=True)
     except (OSError, ValueError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise
         raise CheckpointError(f"transformers cannot load {source.directory} ({str(err).splitlines()[0]})",
                               "check the checkpoint's config.json and weight files") from None
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}

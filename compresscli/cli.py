@@ -269,6 +269,31 @@ def sweep(checkpoint: CheckpointArg,
         out_console.print(f"plot: {out / 'pareto.png'}")
 
 
+@app.command("export")
+def export_(out: Annotated[Path, typer.Argument(help="A compresscli output directory (written by `compress run`).")],
+            to: Annotated[Path, typer.Option("--to", help="Directory to write (atomically).")],
+            format_: Annotated[str, typer.Option("--format", help="dense: a plain Hugging Face or timm directory, pruned weights as zeros.")] = "dense",
+            force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty --to.")] = False,
+            shard_size: Annotated[str, typer.Option("--shard-size", help="Largest weight file before sharding (Hugging Face; timm reads one file).")] = "2GiB",
+            as_json: JsonOpt = False) -> None:
+    """Write OUT as a plain checkpoint that transformers or timm load with no compresscli installed."""
+    from .ecosystem import export
+    from .report import human_bytes
+    from .safetensors_io import parse_size
+
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as err:
+        raise CompressError(f"--shard-size: {err}") from None
+    result = export(out, to, format_, force=force, shard_bytes=shard_bytes, progress=RichProgress(enabled=not as_json))
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    out_console.print(f"{result.kind} {result.model_class} ({result.format}) -> {result.to}: "
+                      f"{', '.join(result.files)} ({human_bytes(result.bytes)}), "
+                      f"{result.decoded_layers} compressed layers written dense", highlight=False)
+
+
 @app.command()
 def inspect(path: Annotated[str, typer.Argument(help="A checkpoint directory, a .safetensors file, or ref:NAME.")],
             top: Annotated[int, typer.Option("--top", help="Show the N largest layers (0: all).")] = 0,
@@ -407,11 +432,12 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     """Entry point: one line on stderr per error, non-zero exit, traceback only with --debug."""
-    from .memory import return_freed_memory_promptly
+    from .memory import explain_out_of_memory, return_freed_memory_promptly
 
     return_freed_memory_promptly()
     try:
-        code = app(standalone_mode=False)  # click turns Ctrl-C into exit code 130 here
+        with explain_out_of_memory("the command", "free memory, or lower --batch-size and the numbers of examples"):
+            code = app(standalone_mode=False)  # click turns Ctrl-C into exit code 130 here
         if code == 130:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:

@@ -25,3 +25,12 @@ class DataError(CompressError):
 
 class DivergedError(CompressError):
     """Training produced a NaN/inf loss: the run stops and nothing is written."""
+
+
+class ResourceError(CompressError):
+    """The machine ran out of memory or disk mid-run: the message says what to lower or free."""
+
+
+class StageError(CompressError):
+    """A stage whose params or targets cannot apply to this model: a configuration problem the pipeline
+    reports with the recipe and stage, unlike any other exception from a method, which is a bug."""

@@ -24,6 +24,7 @@ FORMAT_VERSION = "1"
 FORMAT_METADATA = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
 SHARED_PREFIX = "shared."  # tensors owned by several layers, stored once
 _REEXPORT = "the file is incomplete; re-export it"
+_DAMAGED = "the file is damaged; re-export it"
 _MISMATCH = "the config.json does not match the weight files"
 
 
@@ -75,6 +76,12 @@ def save_model(model: nn.Module, directory: Path, shard_bytes: int = 2 * 1024**3
     return writer.close()
 
 
+def _is_layer_meta(meta: Any) -> bool:
+    """A layer's metadata is an object whose `shared` (read before any layer is decoded) lists names."""
+    shared = meta.get("shared", []) if isinstance(meta, dict) else None
+    return isinstance(shared, list) and all(isinstance(k, str) for k in shared)
+
+
 def read_format(index: TensorIndex, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Every shard's layer metadata and tied names, merged, after checking the format tag and version."""
     layers: dict[str, Any] = {}
@@ -90,10 +97,12 @@ def read_format(index: TensorIndex, where: str) -> tuple[dict[str, Any], dict[st
         try:
             file_layers = json.loads(metadata.get("layers", "{}"))
             file_tied = json.loads(metadata.get("tied", "{}"))
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, and integers too long to parse
             raise CheckpointError(f"{file}: its metadata is not valid JSON ({err})", _REEXPORT) from None
-        if not isinstance(file_layers, dict) or not isinstance(file_tied, dict):
-            raise CheckpointError(f"{file}: its metadata is damaged (layers/tied are not objects)", _REEXPORT)
+        if not isinstance(file_layers, dict) or not all(_is_layer_meta(m) for m in file_layers.values()):
+            raise CheckpointError(f"{file}: its metadata is damaged (layers is not an object of objects)", _REEXPORT)
+        if not isinstance(file_tied, dict) or not all(isinstance(v, str) for v in file_tied.values()):
+            raise CheckpointError(f"{file}: its metadata is damaged (tied is not an object of names)", _REEXPORT)
         layers.update(file_layers)
         tied.update(file_tied)
     return layers, tied
@@ -108,6 +117,82 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _listed(label: str, items: list[str]) -> str:
     return f"{label} {items[:5]}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+
+_BAD_VALUE = (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError)
+"""What a codec raises on params or tensors it cannot use: at the file boundary each is a CheckpointError."""
+
+
+def _dense_values(dense: nn.Module) -> dict[str, Any]:
+    """The sizes a codec's params must repeat: the dense layer's constructor values (in_features,
+    kernel_size, ...) and its tensors' shapes as `<name>_shape` (weight_shape, bias_shape)."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(dense).items()
+              if not k.startswith("_") and (type(v) in (int, str) or isinstance(v, tuple))}
+    values.update({f"{k}_shape": list(p.shape) for k, p in dense.named_parameters(recurse=False)})
+    return values
+
+
+def layer_codec(name: str, meta: Any, dense: nn.Module, where: str) -> tuple[type[CompressedModule], dict[str, Any],
+                                                                          set[str], set[str]]:
+    """A layer's codec, params, own tensor names and shared tensor keys, from its metadata, before
+    anything is read. Every size the params share with `dense` (the architecture's layer) must equal
+    it: sizes come from the architecture, so a damaged or hostile file cannot make decoding allocate
+    more than the model it claims to be."""
+    damaged = CheckpointError(f"{where}: the metadata of layer {name!r} is damaged", _DAMAGED)
+    if not name or not isinstance(meta, dict) or not isinstance(meta.get("params"), dict) \
+            or not isinstance(meta.get("codec"), str):
+        raise damaged
+    cls, version, params = codec_for(meta["codec"]), meta.get("version", 1), meta["params"]
+    if type(version) is not int:
+        raise damaged
+    if version > cls.codec_version:
+        raise CheckpointError(f"{where}: layer {name} uses {meta['codec']} v{version}, "
+                              f"this compresscli reads up to v{cls.codec_version}", "upgrade compresscli")
+    dense_values = _dense_values(dense)
+    for key, value in params.items():
+        if key in dense_values and value != dense_values[key]:
+            raise CheckpointError(f"{where}: layer {name} ({meta['codec']}) has {key}={value!r} in its metadata, "
+                                  f"the architecture says {dense_values[key]!r}", _MISMATCH)
+    try:
+        own, shared = set(cls.expected_tensors(params)), set(cls.expected_shared(params))
+    except _BAD_VALUE:
+        raise damaged from None
+    if not all(isinstance(k, str) for k in own | shared):
+        raise damaged
+    return cls, params, own, shared
+
+
+def shared_parameter(key: str, tensor: torch.Tensor, where: str) -> nn.Parameter:
+    """A shared tensor (FiPS base, RPS memory) as the trainable Parameter layers share: floating point only."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{where}: shared tensor {SHARED_PREFIX}{key} is {tensor.dtype}, not floating point",
+                              _DAMAGED)
+    return nn.Parameter(tensor)
+
+
+def decode_layer(cls: type[CompressedModule], name: str, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                 shared: dict[str, nn.Parameter], dense: nn.Module, where: str) -> CompressedModule:
+    """One compressed layer from its own tensors (names relative to it), after `layer_codec` checked
+    its params: a tensor that is also one of `dense`'s (a bias) must have its shape, and whatever
+    the codec rejects is a CheckpointError naming the layer, never a traceback."""
+    shapes = _dense_values(dense)
+    for rel, tensor in tensors.items():
+        if f"{rel}_shape" in shapes and list(tensor.shape) != shapes[f"{rel}_shape"]:
+            raise CheckpointError(f"{where}: tensor {name}.{rel} is {list(tensor.shape)}, the architecture says "
+                                  f"{shapes[f'{rel}_shape']}", _MISMATCH)
+    try:
+        layer = cls.from_tensors(tensors, params, shared)
+    except CheckpointError as err:  # the codec's own check: say which layer it is about
+        raise CheckpointError(f"{where}: layer {name}: {err.problem}", err.fix) from None
+    except _BAD_VALUE as err:
+        detail = f"its params have no {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{where}: layer {name} ({cls.codec.value}) cannot be decoded: {detail}",
+                              _DAMAGED) from None
+    weight = layer.dense_equivalent().get("weight")
+    if weight is not None and "weight_shape" in shapes and list(weight) != shapes["weight_shape"]:
+        raise CheckpointError(f"{where}: layer {name} ({cls.codec.value}) decodes to a {list(weight)} weight, "
+                              f"the architecture says {shapes['weight_shape']}", _MISMATCH)
+    return layer
 
 
 def tensors_to_model(model: nn.Module, index: TensorIndex, where: str, dtype: torch.dtype | None = None,
@@ -133,33 +218,25 @@ def tensors_to_model(model: nn.Module, index: TensorIndex, where: str, dtype: to
         if not inside(name):
             continue
         try:
-            cls = codec_for(meta["codec"])
-            version, params = meta.get("version", 1), meta["params"]
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{where}: the metadata of layer {name} is damaged", _REEXPORT) from None
-        if version > cls.codec_version:
-            raise CheckpointError(f"{where}: layer {name} uses {meta['codec']} v{version}, "
-                                  f"this compresscli reads up to v{cls.codec_version}", "upgrade compresscli")
-        expected = {f"{name}.{rel}" for rel in cls.expected_tensors(params)}
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: compressed layer {name} does not exist in the architecture",
+                                  _MISMATCH) from None
+        cls, params, own_names, wanted = layer_codec(name, meta, dense, where)
+        expected = {f"{name}.{rel}" for rel in own_names}
         missing = expected - names
         if missing:
             raise CheckpointError(f"{where}: layer {name} ({meta['codec']}) is missing tensors {sorted(missing)}",
                                   _REEXPORT)
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{where}: compressed layer {name} does not exist in the architecture",
-                                  _MISMATCH) from None
-        wanted = cls.expected_shared(params)
         absent = [k for k in wanted if k not in shared and SHARED_PREFIX + k not in index]
         if absent:
             raise CheckpointError(f"{where}: layer {name} needs shared tensors "
                                   f"{sorted(SHARED_PREFIX + k for k in absent)}", _REEXPORT)
         for key in wanted - set(shared):
-            shared[key] = nn.Parameter(index.read([SHARED_PREFIX + key])[SHARED_PREFIX + key])
+            shared[key] = shared_parameter(key, index.read([SHARED_PREFIX + key])[SHARED_PREFIX + key], where)
         own = {k[len(name) + 1:]: v for k, v in index.read(sorted(expected)).items()}
         names -= expected
-        layer = cls.from_tensors(own, params, {k: shared[k] for k in wanted})
+        layer = decode_layer(cls, name, own, params, {k: shared[k] for k in wanted}, dense, where)
         replace_module(model, name, layer.to(dtype) if dtype is not None else layer)
 
     covered = tuple(f"{name}." for name in layer_meta)

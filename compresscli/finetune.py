@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import StageError
 from .memory import Workload
 from .methods.base import MethodConfig, StageContext, register_method
 from .training import TrainConfig, train
@@ -30,15 +31,15 @@ class FinetuneConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+            raise StageError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise StageError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be in [0, 1) (a fraction of steps), got {self.warmup}")
+            raise StageError(f"warmup must be in [0, 1) (a fraction of steps), got {self.warmup}")
         if not 0 <= self.label_weight <= 1:
-            raise ValueError(f"label_weight must be in [0, 1], got {self.label_weight}")
+            raise StageError(f"label_weight must be in [0, 1], got {self.label_weight}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise StageError(f"temperature must be > 0, got {self.temperature}")
 
     def needs_original(self) -> bool:
         return self.steps > 0
@@ -60,7 +61,7 @@ def recover(model: nn.Module, params: list[nn.Parameter], config: FinetuneConfig
     if config.steps == 0 or ctx.dry_run:
         return {"steps": 0}
     if not ctx.train:
-        raise ValueError("fine-tuning needs training data, but the train split is empty")
+        raise StageError("fine-tuning needs training data, but the train split is empty")
     task, teacher, device = ctx.task, ctx.teacher, ctx.device
 
     def loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:

@@ -15,11 +15,16 @@ largest of the phases each execution mode goes through:
 """
 from __future__ import annotations
 
+import errno
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
+
+from .errors import ResourceError
 
 SAFETY = 1.10  # allocator slack and fragmentation, measured on MiniLM and generated Llama checkpoints
 
@@ -61,6 +66,35 @@ def _status(key: str) -> int:
 
 def current_rss() -> int:
     return _status("VmRSS")
+
+
+_OUT_OF_MEMORY_WORDS = ("can't allocate memory", "Cannot allocate memory", "std::bad_alloc")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, CUDA's OutOfMemoryError, or a library whose allocation failed: torch's CPU
+    allocator (a plain RuntimeError), a failed mmap (ENOMEM), C++'s bad_alloc."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    if isinstance(err, OSError) and err.errno == errno.ENOMEM:
+        return True
+    return isinstance(err, Exception) and any(w in str(err) for w in _OUT_OF_MEMORY_WORDS)
+
+
+@contextmanager
+def explain_out_of_memory(what: str, fix: str) -> Iterator[None]:
+    """Turn running out of memory inside the block into a ResourceError saying what to lower.
+
+    Context managers inside the block (the output's temporary directory) have cleaned up by the time
+    this runs, so the message is the only thing the failed run leaves."""
+    try:
+        yield
+    except BaseException as err:
+        if not is_out_of_memory(err):
+            raise
+        where = "GPU memory" if isinstance(err, torch.OutOfMemoryError) and "CUDA" in str(err) else "memory"
+        raise ResourceError(f"{what} ran out of {where} (peak resident {_status('VmHWM') / 1024**3:.2f} GiB)",
+                            fix) from None
 
 
 class PeakMemory:

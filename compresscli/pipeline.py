@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,16 +25,16 @@ from . import __version__
 from .architectures import Architecture, detect
 from .checkpoint import Checkpoint, load_compressed, load_source
 from .data import Batcher, Splits, batcher_for, load_examples, split
-from .errors import CompressError, RecipeError
+from .errors import CompressError, RecipeError, StageError
 from .evaluate import compare, max_output_difference
 from .export import FORMAT_METADATA, compressed_layers, write_model
-from .memory import MemoryPrediction, PeakMemory, available_memory, predict_memory
+from .memory import MemoryPrediction, PeakMemory, available_memory, explain_out_of_memory, predict_memory
 from .methods import StageContext, compress_
 from .modules import CompressedModule
 from .progress import Progress, SilentProgress
 from .recipe import Recipe, Stage
 from .report import inspect_path, render_markdown, subset_totals
-from .safetensors_io import ShardWriter, atomic_directory
+from .safetensors_io import ShardWriter, atomic_directory, output_lock
 from .source import Source, open_source, skeleton_of
 from .tasks import Task
 
@@ -43,6 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
                    "tokenizer.model", "merges.txt", "vocab.json")
 RELOAD_TOLERANCE = 1e-4  # relative to the output scale; the rebuilt model runs the same ops, so this is slack
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+STAGE_FIX = "change the stage's targets or params"
 
 
 @dataclass
@@ -176,10 +178,22 @@ def _gib(n: float) -> str:
 
 def compress_source(source: Source, recipe: Recipe, out: Path | None, options: RunOptions,
                     progress: Progress | None = None, force: bool = False) -> RunResult:
-    """Plan, predict, pick the mode and run. Nothing is read beyond headers until the mode is chosen."""
-    progress = progress or SilentProgress()
-    peak = PeakMemory()
+    """Plan, predict, pick the mode and run. Nothing is read beyond headers until the mode is chosen.
+    OUT is locked from the start (a second run writing it fails at once); running out of memory ends
+    in a ResourceError saying what to lower, with nothing written."""
     _check_out(source, out, options, force)
+    writes = out is not None and not options.dry_run
+    with output_lock(Path(out)) if writes else nullcontext(), explain_out_of_memory("the run", OUT_OF_MEMORY_FIX):
+        return _compress_source(source, recipe, out, options, progress or SilentProgress(), force)
+
+
+OUT_OF_MEMORY_FIX = ("lower --batch-size, --calibration-examples or --max-length, run block by block (--sequential, "
+                     "or a lower --max-memory), or free memory")
+
+
+def _compress_source(source: Source, recipe: Recipe, out: Path | None, options: RunOptions, progress: Progress,
+                     force: bool) -> RunResult:
+    peak = PeakMemory()
     skeleton = skeleton_of(source)
     targets = resolve_targets(recipe, skeleton)
     if options.sequential:
@@ -258,8 +272,9 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
         wanted = set(names)
         try:
             record.stats = compress_(model, stage.config, (lambda m, n: n in wanted) if names else None, ctx)
-        except ValueError as err:
-            raise RecipeError(f"{recipe.source}: stage {i} ({stage.method}): {err}", "change the stage's targets or params") from None
+        except StageError as err:
+            raise RecipeError(f"{recipe.source}: stage {i} ({stage.method}): {err.problem}",
+                              err.fix or STAGE_FIX) from None
         record.seconds = time.time() - t0
         record.params_after, record.bytes_after = stored_params(model, names), layer_bytes(model, names)
         records.append(record)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, StageError
 from .methods import METHODS, MethodConfig
 from .registry import did_you_mean
 
@@ -56,16 +57,27 @@ class Recipe:
 
 # ----------------------------------------------------------------------------- YAML with line numbers
 
+MAX_NODES = 100_000  # a recipe is a few dozen nodes; YAML aliases can expand a short text exponentially
+# PyYAML raises more than YAMLError on bad input: ValueError for `!!int 0b2` or `2001-13-45`, AttributeError
+# for `!!timestamp 2001-99-99`, TypeError for a list used as a key, RecursionError for deep nesting.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError, OverflowError)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
 def _compose(text: str, where: str) -> tuple[Any, dict[tuple, int]]:
     """safe-load the YAML, remembering the line of every key path, for errors that point at it."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{where}: not valid YAML ({str(err).splitlines()[0]})", "fix the YAML syntax") from None
     lines: dict[tuple, int] = {}
     constructor = yaml.SafeLoader("")
+    budget = [MAX_NODES]
 
     def build(node, path: tuple) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:  # aliases are expanded here, so `&a [*a, *a]` chains would grow exponentially
+            raise RecipeError(f"{where}: the recipe expands to more than {MAX_NODES} YAML nodes",
+                              "write it out without nested aliases")
         lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             out = {}
@@ -78,7 +90,11 @@ def _compose(text: str, where: str) -> tuple[Any, dict[tuple, int]]:
             return [build(item, path + (i,)) for i, item in enumerate(node.value)]
         return constructor.construct_object(node, deep=True)
 
-    return (build(root, ()) if root is not None else None), lines
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return (build(root, ()) if root is not None else None), lines
+    except _YAML_ERRORS as err:
+        raise RecipeError(f"{where}: not valid YAML ({_first_line(err)})", "fix the YAML syntax") from None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -161,7 +177,7 @@ def _stage(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> Stage:
     method = raw.get("method")
     if method is None:
         raise RecipeError(f"{at()}: stage {index} has no 'method'", f"choose one of: {', '.join(METHODS.names())}")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise RecipeError(f"{at('method')}: stage {index}: unknown method {method!r}", did_you_mean(str(method), METHODS.names()))
     params = raw.get("params") or {}
     if not isinstance(params, dict):
@@ -169,9 +185,12 @@ def _stage(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> Stage:
     try:
         config = make_config(method, params)
     except KeyError as err:
+        if len(err.args) != 2:  # not make_config's unknown key, but a config's own check
+            raise RecipeError(f"{at('params')}: stage {index} ({method}): {err}",
+                              "fix the value in the recipe") from None
         key, hint = err.args
         raise RecipeError(f"{at('params', key)}: stage {index} ({method}): unknown parameter {key!r}", hint) from None
-    except (ValueError, TypeError) as err:
+    except (StageError, ValueError, TypeError, ArithmeticError, RecursionError) as err:
         message = str(err)
         key = next((k for k in params if message.startswith(str(k))), None)
         path = ("params", key) if key is not None else ("params",)
@@ -212,20 +231,29 @@ def apply_override(stages: list[Any], override: str) -> None:
     """`--set N.key=value`: stage N's param `key` (or its targets/ignore/method) set to YAML `value`."""
     lhs, sep, rhs = override.partition("=")
     index, dot, key = lhs.partition(".")
-    if not sep or not dot or not index.strip().isdigit() or not key:
+    key = key.strip()
+    if not sep or not dot or not re.fullmatch(r"[0-9]{1,6}", index.strip()) or not key:
         raise RecipeError(f"--set {override!r} is not of the form STAGE.KEY=VALUE", "write e.g. --set 0.sparsity=0.9")
     i = int(index)
     if i >= len(stages):
         raise RecipeError(f"--set {override!r}: the recipe has stages 0..{len(stages) - 1}", "name an existing stage")
-    value = yaml.safe_load(rhs) if rhs.strip() else None
+    try:
+        value = yaml.safe_load(rhs) if rhs.strip() else None
+    except _YAML_ERRORS as err:
+        raise RecipeError(f"--set {override!r}: the value is not valid YAML ({_first_line(err)})",
+                          "quote the value, e.g. --set '0.targets=[mlp]'") from None
     stage = stages[i]
-    if key.strip() in STAGE_KEYS[:3]:
-        stage[key.strip()] = value
-    else:
-        stage.setdefault("params", {})
-        if stage["params"] is None:
-            stage["params"] = {}
-        stage["params"][key.strip()] = value
+    if not isinstance(stage, dict):
+        raise RecipeError(f"--set {override!r}: stage {i} is not a mapping", "fix the stage in the recipe first")
+    if key in STAGE_KEYS[:3]:
+        stage[key] = value
+        return
+    if stage.get("params") is None:
+        stage["params"] = {}
+    if not isinstance(stage["params"], dict):
+        raise RecipeError(f"--set {override!r}: the params of stage {i} are not a mapping",
+                          "write params: {key: value}")
+    stage["params"][key] = value
 
 
 def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -2,7 +2,11 @@
 output as it is produced, and output directories atomically."""
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
+import math
 import os
 import shutil
 import struct
@@ -15,7 +19,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ResourceError
 
 _FIX = "re-export it, or point at an intact copy"
 INDEX_NAME = "model.safetensors.index.json"
@@ -25,11 +29,40 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit: a larger header is damage, not data
+
+
+def _entry_problem(entry: object) -> str | None:
+    """Why a header entry cannot describe a tensor, or None when it can.
+
+    Checked before anything is read or allocated: a shape, dtype or offset in a damaged or hostile
+    header must not reach the loader, which would size reads and tensors from it."""
+    if not isinstance(entry, dict):
+        return "its entry is not a JSON object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"dtype {dtype!r} is not a name"
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        return f"data offsets {offsets!r} are not two integers"
+    start, end = offsets
+    if not 0 <= start <= end:
+        return f"data offsets {offsets} are not a byte range"
+    if dtype in DTYPES:  # other dtypes are left to the safetensors library, which names them when read
+        needed = math.prod(shape) * DTYPES[dtype].itemsize
+        if needed != end - start:
+            return f"shape {shape} of {dtype} needs {needed} bytes, its offsets span {end - start}"
+    return None
+
+
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Tensor entries and `__metadata__` from the header alone, after checking the file is whole.
 
     Checks what the safetensors loader would only discover lazily: that the header parses and that
-    every tensor's byte range lies inside the file (a truncated download fails here, by name).
+    every tensor's byte range lies inside the file (a truncated download fails here, by name). The
+    header length is checked against the file before it is read, so a damaged length cannot make
+    us allocate more than the file holds.
     """
     path = Path(path)
     if not path.is_file():
@@ -40,22 +73,25 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
         if len(raw_len) < 8:
             raise CheckpointError(f"corrupt safetensors file {path} (shorter than its 8-byte header length)", _FIX)
         (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > size - 8:
-            raise CheckpointError(f"corrupt safetensors file {path} (header length {header_len} exceeds the file)", _FIX)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"corrupt safetensors file {path} (header length {header_len} exceeds the file "
+                                  f"or the {MAX_HEADER_BYTES}-byte limit)", _FIX)
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: also over-long integers
             raise CheckpointError(f"corrupt safetensors file {path} (header is not JSON: {err})", _FIX) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"corrupt safetensors file {path} (header is not a JSON object)", _FIX)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"corrupt safetensors file {path} (__metadata__ is not a map of strings)", _FIX)
     data_len = size - 8 - header_len
     for name, entry in header.items():
-        try:
-            start, end = entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"corrupt safetensors file {path} (entry {name!r} has no data offsets)", _FIX) from None
-        if not 0 <= start <= end <= data_len:
+        problem = _entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"corrupt safetensors file {path}: tensor {name!r}: {problem}", _FIX)
+        end = entry["data_offsets"][1]
+        if end > data_len:
             raise CheckpointError(
                 f"truncated safetensors file {path}: tensor {name!r} ends at byte {end} but the data holds {data_len}", _FIX)
     return header, metadata
@@ -276,30 +312,89 @@ class ShardWriter:
         return final
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file-size limit
+
+
+_LOCKED: set[Path] = set()  # outputs this process holds the lock of
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold `.OUT.lock` beside `out`, so a second run writing the same OUT fails at once instead of
+    racing the first to the final rename. Re-entrant within a process (a run locks OUT when it starts
+    and saves through `atomic_directory`, which locks it too). The holder removes the file; a run
+    that opened it just before that checks it holds the file that is still on disk."""
+    out = Path(out).absolute()
+    if out in _LOCKED:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(f"another run is writing {out} right now",
+                                  "wait for it to finish, or choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it between our open and our lock: take the new one
+    _LOCKED.add(out)
+    try:
+        yield
+    finally:
+        _LOCKED.discard(out)
+        os.unlink(path)
+        os.close(fd)
+
+
+def _written_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
 @contextmanager
 def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; it becomes `out` only if the block completes.
 
     On any exception (Ctrl-C included) the temporary directory is removed and `out` is untouched,
-    so a failed run never leaves a half-written checkpoint.
+    so a failed run never leaves a half-written checkpoint; one killed outright (SIGKILL, the kernel's
+    out-of-memory killer) leaves it behind, and the next run writing `out` removes it (the lock says
+    no live run owns it). A full disk is an error saying how much
+    was written; a second run writing the same `out` meanwhile fails at once (see `output_lock`).
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should look like any other directory
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(out):
+        if out.exists() and not force:
+            raise CheckpointError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # left by a run killed outright
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should look like any other directory
+        try:
+            yield tmp
+            if out.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, trash / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            written = _written_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ResourceError(f"writing {out} failed after {written / 1024**2:.1f} MiB: {err.strerror}",
+                                f"free disk space where {out.parent} lies (or raise its quota or file-size limit), "
+                                "or choose an --out elsewhere; nothing was kept") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

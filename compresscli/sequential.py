@@ -26,11 +26,11 @@ from .activations import ActivationStore
 from .architectures import Block
 from .blockstream import BlockStreamer
 from .calibration import BlockIO, StopForward, split_batches, stopping_after, token_mask
-from .errors import RecipeError
+from .errors import RecipeError, StageError
 from .evaluate import compare_outputs
 from .export import FORMAT_METADATA, write_model
 from .methods import StageContext, compress_
-from .pipeline import RunOptions, StageRecord, layer_bytes, prepare_data, stored_params
+from .pipeline import STAGE_FIX, RunOptions, StageRecord, layer_bytes, prepare_data, stored_params
 from .progress import Progress, SilentProgress
 from .recipe import Recipe
 from .safetensors_io import ShardWriter
@@ -250,9 +250,9 @@ def _run_unit(unit: list[int], streamed: StreamedModel, streamer: BlockStreamer,
         t0 = time.time()
         try:
             stats = compress_(model, stage.config, lambda m, n: n in wanted, ctx)
-        except ValueError as err:
+        except StageError as err:
             raise RecipeError(f"{recipe.source}: stage {recipe.stages.index(stage)} ({stage.method}) on "
-                              f"{blocks[unit[0]].name}: {err}", "change the stage's targets or params") from None
+                              f"{blocks[unit[0]].name}: {err.problem}", err.fix or STAGE_FIX) from None
         record.seconds += time.time() - t0
         record.params_after += stored_params(model, names)
         record.bytes_after += layer_bytes(model, names)

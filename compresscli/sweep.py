@@ -22,7 +22,7 @@ from torch import nn
 
 from .architectures import detect
 from .checkpoint import Checkpoint
-from .errors import CompressError, DivergedError
+from .errors import CompressError, DivergedError, StageError
 from .finetune import FinetuneConfig
 from .methods import METHODS, MethodConfig, StageContext, compress_
 from .methods.base import SizeKnob
@@ -97,7 +97,7 @@ def measured_ratio(model: nn.Module, names: list[str], spec: SweepMethod, knob_v
     wanted = set(names)
     try:
         compress_(trial, stage_config(spec, knob_value), lambda m, n: n in wanted, ctx)
-    except ValueError:  # too small to build (e.g. a FiPS budget that leaves rank 0): beyond any ratio
+    except StageError:  # too small to build (e.g. a FiPS budget that leaves rank 0): beyond any ratio
         return math.inf
     return dense / max(1, layer_bytes(trial, names))
 

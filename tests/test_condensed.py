@@ -13,7 +13,7 @@ from torch import nn
 
 from compresscli import FinetuneConfig, MagnitudeConfig, StageContext, compress_, load
 from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import CheckpointError, RecipeError
+from compresscli.errors import CheckpointError, RecipeError, StageError
 from compresscli.kernels import available_paths, cpu, dispatch, force_path, gather_mm
 from compresscli.methods.condensed import CondensedConfig, fan_in_k
 from compresscli.modules import SparseLinear, codec_for
@@ -143,14 +143,14 @@ def test_activation_score_reads_the_calibration_inputs():
     ctx = StageContext(task=ImageClassification(), calibration=calibration)
     compress_(model, CondensedConfig(sparsity=0.75, score="activation"), None, ctx)
     assert (model[0].indices[:, 0] == 0).all() and (model[0].indices[:, 1] == 7).all()
-    with pytest.raises(ValueError, match="calibration data"):
+    with pytest.raises(StageError, match="calibration data"):
         compress_(nn.Sequential(nn.Linear(8, 4)), CondensedConfig(score="activation"), None, StageContext())
 
 
 def test_chaining_after_magnitude_never_revives_pruned_weights():
     model = tiny_timm()
     compress_(model, MagnitudeConfig(sparsity=0.7, scope="layer"), _mlp)
-    masks = {n: (m.mask.clone(), m.masked_weight().detach().clone()) for n, m in model.named_modules()
+    masks = {n: (m.mask.clone(), m.dense_weight().detach().clone()) for n, m in model.named_modules()
              if isinstance(m, SparseLinear)}
     compress_(model, CondensedConfig(sparsity=0.9), _mlp)
     for name, layer in _layers(model).items():
@@ -178,7 +178,7 @@ def test_config_errors_name_the_field():
                      "      n_m: [2, 4]\n")
     for bad, needle in [({"sparsity": 1.0}, "sparsity must be"), ({"n_m": [4, 2]}, "n_m must be"),
                         ({"k_multiple": 0}, "k_multiple must be"), ({"min_salient": 0}, "min_salient must be")]:
-        with pytest.raises(ValueError, match=needle):
+        with pytest.raises(StageError, match=needle):
             CondensedConfig(**bad)
     assert CondensedConfig().sparsity == 0.9 and CondensedConfig(n_m=[1, 4]).sparsity == 0.75
 

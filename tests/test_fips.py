@@ -9,6 +9,7 @@ import torch
 from compresscli import StageContext, compress_, load
 from compresscli.architectures import detect
 from compresscli.checkpoint import load_checkpoint
+from compresscli.errors import RecipeError, StageError
 from compresscli.methods.fips import FipsConfig, plan_groups
 from compresscli.methods.fips_init import decompose, fips_rank, kept_entries, magnitude_masks
 from compresscli.modules.fips import FipsLinear
@@ -114,9 +115,9 @@ def test_six_blocks_split_into_equal_groups_and_explicit_groups_are_checked():
     blocks = detect(model).blocks
     assert [[b.index for b in g] for g in plan_groups(blocks, 4, None)] == [[0, 1, 2], [3, 4, 5]]
     assert [[b.index for b in g] for g in plan_groups(blocks, 4, [[0], [1, 2, 3, 4, 5]])] == [[0], [1, 2, 3, 4, 5]]
-    with pytest.raises(ValueError, match="exactly once"):
+    with pytest.raises(StageError, match="exactly once"):
         plan_groups(blocks, 4, [[0, 1], [1, 2, 3, 4, 5]])
-    with pytest.raises(ValueError, match="not targeted"):
+    with pytest.raises(StageError, match="not targeted"):
         plan_groups(blocks, 4, [[0, 1, 2, 3, 4, 5, 6]])
 
 
@@ -127,7 +128,7 @@ def test_swin_groups_never_cross_a_change_of_width():
     widths = {layer.base_key: layer.width for layer in _fips_layers(model).values()}
     assert sorted(widths.values()) == [16, 32]
     blocks = detect(model).blocks
-    with pytest.raises(ValueError, match="change of width"):
+    with pytest.raises(StageError, match="change of width"):
         plan_groups(blocks, 4, [[b.index for b in blocks]])
 
 
@@ -149,19 +150,19 @@ def test_hf_families_share_one_base_across_every_mlp_matrix(tiny_hf_dirs, family
 
 def test_fips_refuses_partial_blocks_and_other_layers():
     model = tiny_timm(depth=2)
-    with pytest.raises(ValueError, match="not targeted"):
+    with pytest.raises(StageError, match="not targeted"):
         compress_(model, FipsConfig(steps=0), lambda m, n: n == "blocks.0.mlp.fc1")
-    with pytest.raises(ValueError, match="only the MLP layers"):
+    with pytest.raises(StageError, match="only the MLP layers"):
         compress_(model, FipsConfig(steps=0), lambda m, n: n.endswith("attn.qkv") or ".mlp.fc" in n)
 
 
 @pytest.mark.parametrize("field,value", [("budget", 0.0), ("budget", 1.5), ("sparsity", 1.0), ("group_size", 0),
                                          ("mask_update", "sometimes")])
 def test_config_errors_name_the_field(field, value):
-    from compresscli.recipe import make_config
+    from compresscli.recipe import parse_recipe
 
-    with pytest.raises(ValueError, match=field):
-        make_config("fips", {field: value})
+    with pytest.raises(RecipeError, match=rf":4: stage 0 \(fips\): {field}"):
+        parse_recipe(f"stages:\n  - method: fips\n    params:\n      {field}: {value}\n")
 
 
 def test_global_magnitude_masks_respect_current_masks():
@@ -207,7 +208,7 @@ def test_rigl_moves_the_pattern_but_not_the_count():
 
 def test_reconstruction_without_calibration_data_is_a_clear_error():
     model = tiny_timm(depth=2)
-    with pytest.raises(ValueError, match="calibration data"):
+    with pytest.raises(StageError, match="calibration data"):
         compress_(model, FipsConfig(steps=5), _mlp_filter(model), _context(model, []))
 
 

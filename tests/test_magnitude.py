@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compresscli import FinetuneConfig, MagnitudeConfig, StageContext, compress_
-from compresscli.errors import DivergedError
+from compresscli.errors import DivergedError, StageError
 from compresscli.modules import SparseLinear
 from compresscli.tasks import ImageClassification
 from conftest import tiny_timm
@@ -56,7 +56,7 @@ def test_pruning_again_prunes_further_and_keeps_old_zeros():
 
 def test_non_prunable_target_is_a_clear_error():
     model = tiny_timm()
-    with pytest.raises(ValueError, match="no Linear or Conv2d"):
+    with pytest.raises(StageError, match="no Linear or Conv2d"):
         compress_(model, MagnitudeConfig(), lambda m, n: n.endswith("norm1"))
 
 
@@ -76,7 +76,7 @@ def test_finetune_keeps_masks_fixed_and_learns():
     for name, mask in masks.items():
         layer = model.get_submodule(name)
         assert torch.equal(layer.mask, mask)
-        assert (layer.masked_weight()[~mask] == 0).all()
+        assert (layer.dense_weight()[~mask] == 0).all()
 
 
 def test_finetune_divergence_stops_with_a_clear_error():

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from compresscli import StageContext, compress_, load
+from compresscli.errors import StageError
 from compresscli.calibration import StopForward, stopping_after
 from compresscli.methods.activation_stats import collect, forward_groups
 from compresscli.methods.obs import MaskSpec, inverse_cholesky, sparsegpt
@@ -113,7 +114,7 @@ def test_cholesky_failures_retry_with_more_damping_then_name_the_layer():
     indefinite = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05]))  # needs ~10x the default damping
     upper = inverse_cholesky(indefinite, 0.01, "l")
     assert torch.isfinite(upper).all()
-    with pytest.raises(ValueError, match="encoder.layer.3.output.dense: the calibration Hessian"):
+    with pytest.raises(StageError, match="encoder.layer.3.output.dense: the calibration Hessian"):
         inverse_cholesky(torch.full((4, 4), float("nan")), 0.01, "encoder.layer.3.output.dense")
 
 
@@ -196,7 +197,7 @@ def test_condensed_format_runs_on_the_condensed_layer():
 @pytest.mark.parametrize("bad,needle", [({"n_m": [4, 2]}, "n_m must be"), ({"sparsity": 1.0}, "sparsity must be"),
                                         ({"format": "condensed", "scope": "global"}, "scope: layer")])
 def test_config_errors_name_the_field(bad, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(StageError, match=needle):
         SparseGPTConfig(**bad)
 
 

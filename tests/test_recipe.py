@@ -1,6 +1,6 @@
 import pytest
 
-from compresscli.errors import RecipeError
+from compresscli.errors import RecipeError, StageError
 from compresscli.recipe import bundled_recipes, load_recipe, parse_recipe
 
 GOOD = """description: test
@@ -63,3 +63,24 @@ def test_unknown_recipe_name_suggests():
         load_recipe("magnitude-5")
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe("missing/recipe.yaml")
+
+
+@pytest.mark.parametrize("raised, expected", [(StageError("sparsity 0.99 leaves no weight"), RecipeError),
+                                              (ValueError("an index bug"), ValueError)])
+def test_only_a_stage_error_is_reported_as_a_recipe_mistake(tiny_hf_dirs, monkeypatch, raised, expected):
+    """A method's configuration problem names the recipe and stage; any other exception is a bug and
+    surfaces as itself, never as "change the stage's params"."""
+    from compresscli.checkpoint import load_checkpoint
+    from compresscli.methods import METHODS
+    from compresscli.pipeline import RunOptions, run_recipe
+
+    def handler(model, selected, config, ctx):
+        raise raised
+
+    monkeypatch.setattr(METHODS.get("magnitude"), "handler", handler)
+    recipe = parse_recipe("stages:\n  - method: magnitude\n    targets: [mlp]\n")
+    with pytest.raises(expected) as caught:
+        run_recipe(load_checkpoint(tiny_hf_dirs["bert"]), recipe, None, RunOptions(dry_run=True, evaluate=False))
+    if expected is RecipeError:
+        assert "stage 0 (magnitude): sparsity 0.99 leaves no weight" in str(caught.value)
+        assert "change the stage's targets or params" in str(caught.value)

@@ -16,7 +16,7 @@ from torch import nn
 
 from compresscli import MagnitudeConfig, compress_, load
 from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import RecipeError
+from compresscli.errors import RecipeError, StageError
 from compresscli.export import save_model, tensors_to_model
 from compresscli.safetensors_io import TensorIndex
 from compresscli.methods.rps import RPSConfig
@@ -268,7 +268,7 @@ def test_tied_lm_head_reads_the_embedding_slots(tiny_hf_dirs, tmp_path):
                                            ({"memory_scale": -1}, "memory_scale must be"),
                                            ({"seed": -2}, "seed must be")])
 def test_bad_config_is_a_clear_error(params, needle):
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(StageError, match=needle):
         RPSConfig(**params)
     text = f"description: x\nstages:\n  - method: rps\n    params: {json.dumps(params)}\n"
     with pytest.raises(RecipeError, match=needle):
@@ -276,15 +276,15 @@ def test_bad_config_is_a_clear_error(params, needle):
 
 
 def test_bad_targets_are_clear_errors():
-    with pytest.raises(ValueError, match="no Linear, Conv2d or Embedding"):
+    with pytest.raises(StageError, match="no Linear, Conv2d or Embedding"):
         compress_(tiny_timm(), RPSConfig(), lambda m, n: n.endswith("norm1"))
-    with pytest.raises(ValueError, match="fewer than one roast tile"):
+    with pytest.raises(StageError, match="fewer than one roast tile"):
         compress_(tiny_timm(), RPSConfig(compression=100, mapper="roast"), lambda m, n: n == "blocks.0.mlp.fc1")
-    with pytest.raises(ValueError, match="leaves no memory"):
+    with pytest.raises(StageError, match="leaves no memory"):
         compress_(Mixed(), RPSConfig(compression=10**6), None)
     model = tiny_timm()
     compress_(model, MagnitudeConfig(sparsity=0.5), lambda m, n: n == "blocks.0.mlp.fc1")
-    with pytest.raises(ValueError, match="already compressed"):
+    with pytest.raises(StageError, match="already compressed"):
         compress_(model, RPSConfig(), lambda m, n: n == "blocks.0.mlp.fc1")
 
 

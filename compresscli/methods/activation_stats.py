@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..calibration import Calibrator
+from ..errors import StageError
 
 
 @dataclass
@@ -71,7 +72,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], calibrator: Calibrat
             handle.remove()
     missing = [n for n, s in stats.items() if s.count == 0]
     if missing:
-        raise ValueError(f"the calibration data never reached {', '.join(missing[:3])}")
+        raise StageError(f"the calibration data never reached {', '.join(missing[:3])}")
     return stats
 
 
@@ -104,5 +105,5 @@ def forward_groups(model: nn.Module, layers: dict[str, nn.Module], calibrator: C
             groups.append([name])
     unreached = [n for n in layers if all(n != o for o, _ in order)]
     if unreached:
-        raise ValueError(f"the calibration data never reached {', '.join(unreached[:3])}")
+        raise StageError(f"the calibration data never reached {', '.join(unreached[:3])}")
     return groups

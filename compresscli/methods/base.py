@@ -13,6 +13,7 @@ from torch import nn
 
 from ..architectures import Block
 from ..calibration import Calibrator, WholeModelCalibrator
+from ..errors import StageError
 from ..memory import Workload
 from ..progress import Progress, SilentProgress
 from ..registry import Registry
@@ -31,7 +32,7 @@ class SizeKnob:
 @dataclass
 class MethodConfig:
     """Base of every method's config. Subclasses are dataclasses whose field defaults are the
-    method's defaults; `__post_init__` raises ValueError naming the field and the fix."""
+    method's defaults; `__post_init__` raises StageError naming the field and the fix."""
 
     method: ClassVar[str]
     default_targets: ClassVar[tuple[str, ...]] = ("mlp",)
@@ -151,5 +152,5 @@ def leaf_layers(selected: dict[str, nn.Module], types: tuple[type, ...], what: s
                 found[f"{name}.{child_name}"] = child
     if not found:
         kinds = sorted({type(m).__name__ for m in selected.values()})
-        raise ValueError(f"the targets select no {what} (they select {', '.join(kinds)})")
+        raise StageError(f"the targets select no {what} (they select {', '.join(kinds)})")
     return found

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import StageError
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from ..modules.condensed import CondensedConv2d, CondensedLinear, _Condensed
@@ -49,22 +50,22 @@ class CondensedConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.n_m is not None:
             if len(self.n_m) != 2 or not 0 < self.n_m[0] < self.n_m[1]:
-                raise ValueError(f"n_m must be [N, M] with 0 < N < M (e.g. [2, 4]), got {self.n_m}")
+                raise StageError(f"n_m must be [N, M] with 0 < N < M (e.g. [2, 4]), got {self.n_m}")
             implied = 1 - self.n_m[0] / self.n_m[1]
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
-                raise ValueError(f"sparsity {self.sparsity} conflicts with n_m {self.n_m} (which means sparsity "
+                raise StageError(f"sparsity {self.sparsity} conflicts with n_m {self.n_m} (which means sparsity "
                                  f"{implied:g}); give only one of them")
             if self.k_multiple != 1 or self.ablate:
-                raise ValueError("n_m fixes where the kept inputs lie; leave k_multiple at 1 and ablate off")
+                raise StageError("n_m fixes where the kept inputs lie; leave k_multiple at 1 and ablate off")
             self.sparsity = implied
         if self.sparsity is None:
             self.sparsity = DEFAULT_SPARSITY
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+            raise StageError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
         if self.k_multiple < 1:
-            raise ValueError(f"k_multiple must be >= 1, got {self.k_multiple}")
+            raise StageError(f"k_multiple must be >= 1, got {self.k_multiple}")
         if not 0.0 < self.min_salient <= 1.0:
-            raise ValueError(f"min_salient must be in (0, 1], got {self.min_salient}")
+            raise StageError(f"min_salient must be in (0, 1], got {self.min_salient}")
 
     def needs_data(self) -> bool:
         return self.score == "activation"
@@ -86,7 +87,7 @@ def condensable_layers(selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
     layers = leaf_layers(selected, LAYER_TYPES, "Linear or Conv2d layer")
     for name, layer in layers.items():
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
-            raise ValueError(f"{name}: condensed supports zero-padded convolutions only "
+            raise StageError(f"{name}: condensed supports zero-padded convolutions only "
                              f"(padding_mode={layer.padding_mode!r})")
     return layers
 
@@ -97,7 +98,7 @@ def dense_view(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(layer, _Condensed):
             weight, mask = layer.dense_weight(), layer.mask()
         elif isinstance(layer, (SparseLinear, SparseConv2d)):
-            weight, mask = layer.masked_weight(), layer.mask
+            weight, mask = layer.dense_weight(), layer.mask
         else:
             weight, mask = layer.weight, None
         rows = weight.shape[0]
@@ -119,7 +120,7 @@ def n_m_indices(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The top n of every group of m consecutive inputs, per row (rows x fan_in * n / m), sorted."""
     rows, fan_in = score.shape
     if fan_in % m:
-        raise ValueError(f"n_m {n}:{m} needs a fan-in divisible by {m}, a layer has {fan_in}")
+        raise StageError(f"n_m {n}:{m} needs a fan-in divisible by {m}, a layer has {fan_in}")
     within = torch.topk(score.view(rows, fan_in // m, m), n, dim=2).indices  # (rows, groups, n)
     base = torch.arange(0, fan_in, m, device=score.device).view(1, -1, 1)
     return (within + base).view(rows, -1).sort(dim=1).values
@@ -150,7 +151,7 @@ def activation_norms(model: nn.Module, layers: dict[str, nn.Module], ctx: StageC
     """||X_j||_2 over every calibration token/position, per layer, shaped like the layer's weight rows
     (out x fan_in; for a grouped conv each output channel sees its group's inputs)."""
     if ctx.calibrator is None:
-        raise ValueError("score activation needs calibration data, but none was given (pass --data)")
+        raise StageError("score activation needs calibration data, but none was given (pass --data)")
     stats = collect(model, layers, ctx.calibrator)
     norms = {}
     for name, layer in layers.items():

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ..architectures import Block, detect
+from ..errors import StageError
 from ..export import replace_module
 from ..modules.fips import FipsLinear
 from ..memory import Workload
@@ -49,25 +50,25 @@ class FipsConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget must be in (0, 1] (the fraction of the MLP weights kept), got {self.budget}")
+            raise StageError(f"budget must be in (0, 1] (the fraction of the MLP weights kept), got {self.budget}")
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction of V removed), got {self.sparsity}")
+            raise StageError(f"sparsity must be in [0, 1) (the fraction of V removed), got {self.sparsity}")
         if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+            raise StageError(f"group_size must be >= 1, got {self.group_size}")
         if self.groups is not None and (not self.groups or any(not g for g in self.groups)):
-            raise ValueError(f"groups must be a non-empty list of non-empty lists of block indices, got {self.groups}")
+            raise StageError(f"groups must be a non-empty list of non-empty lists of block indices, got {self.groups}")
         if self.steps < 0 or self.batch_size < 1 or self.update_every < 1:
-            raise ValueError("steps must be >= 0, batch_size >= 1 and update_every >= 1")
+            raise StageError("steps must be >= 0, batch_size >= 1 and update_every >= 1")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise StageError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+            raise StageError(f"warmup must be in [0, 1), got {self.warmup}")
         if not 0.0 <= self.drop_fraction < 1.0:
-            raise ValueError(f"drop_fraction must be in [0, 1), got {self.drop_fraction}")
+            raise StageError(f"drop_fraction must be in [0, 1), got {self.drop_fraction}")
         if self.mask_update == "gmp" and not 0.0 <= self.initial_sparsity <= self.sparsity:
-            raise ValueError(f"initial_sparsity must be in [0, sparsity={self.sparsity}], got {self.initial_sparsity}")
+            raise StageError(f"initial_sparsity must be in [0, sparsity={self.sparsity}], got {self.initial_sparsity}")
         if not 0.0 < self.mask_until <= 1.0:
-            raise ValueError(f"mask_until must be in (0, 1], got {self.mask_until}")
+            raise StageError(f"mask_until must be in (0, 1], got {self.mask_until}")
 
     def needs_data(self) -> bool:
         return self.steps > 0
@@ -111,11 +112,11 @@ def targeted_blocks(model: nn.Module, selected: dict[str, nn.Module]) -> list[Bl
     """The blocks whose MLP layers are all selected; anything else selected is an error."""
     arch = detect(model)
     if not arch.blocks:
-        raise ValueError(f"fips needs transformer blocks with an MLP, and none were found in this {arch.family} model")
+        raise StageError(f"fips needs transformer blocks with an MLP, and none were found in this {arch.family} model")
     owner = {layer.name: block for block in arch.blocks for layer in block.mlp}
     stray = [name for name in selected if name not in owner]
     if stray:
-        raise ValueError(f"fips compresses only the MLP layers of whole blocks, but the targets include "
+        raise StageError(f"fips compresses only the MLP layers of whole blocks, but the targets include "
                          f"{', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''} (use targets: [mlp])")
     blocks = []
     for block in arch.blocks:
@@ -124,14 +125,14 @@ def targeted_blocks(model: nn.Module, selected: dict[str, nn.Module]) -> list[Bl
             continue
         if len(chosen) < len(block.mlp):
             missing = [layer.name for layer in block.mlp if layer.name not in selected]
-            raise ValueError(f"block {block.name}: fips shares a base across all of a block's MLP layers, but "
+            raise StageError(f"block {block.name}: fips shares a base across all of a block's MLP layers, but "
                              f"{', '.join(missing)} is not targeted")
         for name in chosen:
             layer = selected[name]
             if isinstance(layer, FipsLinear):
-                raise ValueError(f"{name} is already compressed by fips")
+                raise StageError(f"{name} is already compressed by fips")
             if type(layer) is not nn.Linear:
-                raise ValueError(f"{name} is a {type(layer).__name__}, not a dense Linear: fips must come before "
+                raise StageError(f"{name} is a {type(layer).__name__}, not a dense Linear: fips must come before "
                                  "any other compression of the MLP layers")
         blocks.append(block)
     return blocks
@@ -145,15 +146,15 @@ def plan_groups(blocks: list[Block], group_size: int, explicit: list[list[int]] 
         flat = [i for group in explicit for i in group]
         unknown = sorted(set(flat) - set(by_index))
         if unknown:
-            raise ValueError(f"groups name blocks {unknown} whose MLPs are not targeted "
+            raise StageError(f"groups name blocks {unknown} whose MLPs are not targeted "
                              f"(targeted blocks: {sorted(by_index)})")
         if len(flat) != len(set(flat)) or set(flat) != set(by_index):
-            raise ValueError(f"groups must name every targeted block exactly once (targeted: {sorted(by_index)}, "
+            raise StageError(f"groups must name every targeted block exactly once (targeted: {sorted(by_index)}, "
                              f"groups: {explicit})")
         groups = [[by_index[i] for i in group] for group in explicit]
         for group in groups:
             if len({b.stage for b in group}) > 1:
-                raise ValueError(f"group {[b.index for b in group]} crosses a change of width (blocks of different "
+                raise StageError(f"group {[b.index for b in group]} crosses a change of width (blocks of different "
                                  "stages); keep each group inside one stage")
         return groups
     runs: list[list[Block]] = []

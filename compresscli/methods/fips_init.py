@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import StageError
 from ..modules.fips import FipsLinear
 from .magnitude import keep_masks
 
@@ -70,13 +71,13 @@ def build_group(layers: list[tuple[str, nn.Linear, str]], budget: float, sparsit
     pieces = [view_dxh(layer.weight.detach(), orientation) for _, layer, orientation in layers]
     widths = {p.shape[0] for p in pieces}
     if len(widths) != 1:
-        raise ValueError(f"the MLP layers {[n for n, _, _ in layers]} have different widths {sorted(widths)}; "
+        raise StageError(f"the MLP layers {[n for n, _, _ in layers]} have different widths {sorted(widths)}; "
                          "a group must not cross a change of width")
     w_cat = torch.cat(pieces, 1)  # (d, H)
     d, columns = w_cat.shape
     rank = fips_rank(d, columns, budget, sparsity)
     if rank < 1:
-        raise ValueError(f"budget {budget} leaves rank 0 for the group of {layers[0][0]}; raise the budget "
+        raise StageError(f"budget {budget} leaves rank 0 for the group of {layers[0][0]}; raise the budget "
                          "or lower the sparsity")
     u, v = decompose(w_cat, rank)
     factors = list(v.split([p.shape[1] for p in pieces], dim=1))  # (r, h_i) each

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import StageError
 from ..finetune import FinetuneConfig, recover
 from ..memory import Workload
 from .base import MethodConfig, SizeKnob, StageContext, register_method
@@ -36,13 +37,13 @@ class LTRConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+            raise StageError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
         if not 0.0 < self.prune_fraction < 1.0:
-            raise ValueError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
+            raise StageError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
         if self.round_steps < 0 or self.final_steps < 0:
-            raise ValueError("round_steps must be >= 0 and final_steps >= 0")
+            raise StageError("round_steps must be >= 0 and final_steps >= 0")
         if not 0 <= self.rewind_step <= self.round_steps:
-            raise ValueError(f"rewind_step must be in [0, round_steps={self.round_steps}], got {self.rewind_step}")
+            raise StageError(f"rewind_step must be in [0, round_steps={self.round_steps}], got {self.rewind_step}")
 
     def sweep_recovery(self, steps: int, lr: float) -> tuple[dict[str, Any], int]:
         """The whole budget inside the stage, spread over its rounds and the final recovery."""

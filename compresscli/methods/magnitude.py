@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..architectures import block_names_of
+from ..errors import StageError
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
 from . import scores as S
@@ -36,9 +37,9 @@ class MagnitudeConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+            raise StageError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
         if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+            raise StageError(f"rounds must be >= 1, got {self.rounds}")
 
     def needs_data(self) -> bool:
         return self.score != "magnitude"
@@ -151,7 +152,7 @@ def score_layers(model: nn.Module, layers: dict[str, nn.Module], score: str, ctx
     if score == "magnitude":
         return S.magnitude_scores(layers)
     if not ctx.calibration:
-        raise ValueError(f"score {score} needs calibration data, but none was given (pass --data)")
+        raise StageError(f"score {score} needs calibration data, but none was given (pass --data)")
     if score == "synflow":
         return S.synflow_scores(model, layers, S.ones_like_batch(ctx.calibration[0]), ctx.task)
     scorer = S.snip_scores if score == "snip" else S.grasp_scores

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import StageError
+
 
 @dataclass(frozen=True)
 class MaskSpec:
@@ -48,7 +50,7 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float, name: str, retries:
                 if info.item() == 0 and torch.isfinite(inverse).all():
                     return inverse.float()
             damp *= 10
-    raise ValueError(f"{name}: the calibration Hessian is not positive definite even with damping "
+    raise StageError(f"{name}: the calibration Hessian is not positive definite even with damping "
                      f"{damp / 10:g} x mean(diag H) in float64 (are its inputs finite?); give more or other "
                      "calibration data, or raise percdamp")
 

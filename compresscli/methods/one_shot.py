@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import StageError
 from ..export import replace_module
 from ..modules import SparseLinear
 from ..modules.condensed import CondensedLinear
@@ -30,7 +31,7 @@ def linear_targets(selected: dict[str, nn.Module]) -> dict[str, nn.Linear]:
 def check_n_m(n_m: list[int] | None) -> None:
     """A config's `n_m`, if given, is [N, M] with 0 < N < M."""
     if n_m is not None and (len(n_m) != 2 or not 0 < n_m[0] < n_m[1]):
-        raise ValueError(f"n_m must be [N, M] with 0 < N < M (e.g. [2, 4]), got {n_m}")
+        raise StageError(f"n_m must be [N, M] with 0 < N < M (e.g. [2, 4]), got {n_m}")
 
 
 def check_fan_ins(layers: dict[str, nn.Linear], n_m: list[int] | None) -> None:
@@ -39,7 +40,7 @@ def check_fan_ins(layers: dict[str, nn.Linear], n_m: list[int] | None) -> None:
         return
     bad = [n for n, layer in layers.items() if layer.in_features % n_m[1]]
     if bad:
-        raise ValueError(f"n_m {n_m[0]}:{n_m[1]} needs fan-ins divisible by {n_m[1]}; {bad[0]} has "
+        raise StageError(f"n_m {n_m[0]}:{n_m[1]} needs fan-ins divisible by {n_m[1]}; {bad[0]} has "
                          f"{layers[bad[0]].in_features}")
 
 
@@ -73,7 +74,7 @@ def prune_in_order(model: nn.Module, layers: dict[str, nn.Linear], ctx: StageCon
                    storage: str, keep_gram: bool) -> dict[str, Any]:
     """Solve every layer group by group (see the module docstring); per-layer sparsity in the stats."""
     if ctx.calibrator is None:
-        raise ValueError("this method needs calibration data, but none was given (pass --data)")
+        raise StageError("this method needs calibration data, but none was given (pass --data)")
     sparsity = {}
     with ctx.progress.task("one-shot pruning", total=len(layers)) as bar:
         for group in forward_groups(model, layers, ctx.calibrator):

@@ -19,6 +19,7 @@ from torch import nn
 from ..architectures import detect
 from ..calibration import BlockIO, move
 from ..blockstream import first_tensor
+from ..errors import StageError
 from ..memory import Workload
 from ..modules import CompressedModule
 from ..training import StepHooks, TrainConfig, train
@@ -40,11 +41,11 @@ class ReconstructConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
-            raise ValueError("steps must be >= 0 and batch_size >= 1")
+            raise StageError("steps must be >= 0 and batch_size >= 1")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise StageError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be in [0, 1) (a fraction of the steps), got {self.warmup}")
+            raise StageError(f"warmup must be in [0, 1) (a fraction of the steps), got {self.warmup}")
 
     def needs_data(self) -> bool:
         return self.steps > 0
@@ -84,7 +85,7 @@ def reconstruct(model: nn.Module, block_names: list[str], params: list[nn.Parame
                 label: str = "block-wise reconstruction") -> dict[str, Any]:
     """Train `params` so every block of `block_names` reproduces the original block's output."""
     if ctx.calibrator is None:
-        raise ValueError("block-wise reconstruction needs calibration data, but none was given (pass --data)")
+        raise StageError("block-wise reconstruction needs calibration data, but none was given (pass --data)")
     device = ctx.device
     with ctx.progress.task("capturing block inputs"):
         data = ctx.calibrator.block_io(block_names, batch_size)
@@ -117,7 +118,7 @@ def targeted_blocks(model: nn.Module, selected: dict[str, nn.Module]) -> list[st
     blocks = [b.name for b in detect(model).blocks]
     chosen = [b for b in blocks if any(n == b or n.startswith(b + ".") or b.startswith(n + ".") for n in selected)]
     if not chosen:
-        raise ValueError(f"the targets lie in no transformer block ({', '.join(list(selected)[:3])}); reconstruct "
+        raise StageError(f"the targets lie in no transformer block ({', '.join(list(selected)[:3])}); reconstruct "
                          "works block by block (targets: [blocks])")
     return chosen
 
@@ -133,7 +134,7 @@ def reconstruct_stage(model: nn.Module, selected: dict[str, nn.Module], config: 
     if config.train == "compressed":
         modules = [m for block in modules for m in block.modules() if isinstance(m, CompressedModule)]
         if not modules:
-            raise ValueError("train: compressed, but the targeted blocks hold no compressed layer; put reconstruct "
+            raise StageError("train: compressed, but the targeted blocks hold no compressed layer; put reconstruct "
                              "after a compression stage, or use train: block")
     params = list({id(p): p for m in modules for p in m.parameters()}.values())
     stats = reconstruct(model, names, params, ctx, config.training(), config.batch_size)

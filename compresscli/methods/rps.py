@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..architectures import block_names_of
+from ..errors import StageError
 from ..export import replace_module
 from ..modules import CompressedModule
 from ..modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
@@ -52,17 +53,17 @@ class RPSConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if not (isinstance(self.compression, (int, float)) and math.isfinite(self.compression) and self.compression >= 1):
-            raise ValueError(f"compression must be a number >= 1 (memory = targeted weights / compression), "
+            raise StageError(f"compression must be a number >= 1 (memory = targeted weights / compression), "
                              f"got {self.compression}")
         if self.mapper not in MAPPERS:
-            raise ValueError(f"mapper must be one of {', '.join(MAPPERS)}, got {self.mapper!r}")
+            raise StageError(f"mapper must be one of {', '.join(MAPPERS)}, got {self.mapper!r}")
         for name in ("block_k", "block_n", "block_z"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise StageError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise StageError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not (isinstance(self.memory_scale, (int, float)) and self.memory_scale > 0 and math.isfinite(self.memory_scale)):
-            raise ValueError(f"memory_scale must be a number > 0, got {self.memory_scale}")
+            raise StageError(f"memory_scale must be a number > 0, got {self.memory_scale}")
 
     def needs_data(self) -> bool:
         return False
@@ -89,14 +90,14 @@ def sharable_layers(model: nn.Module, selected: dict[str, nn.Module]) -> dict[st
         inner = [module] + [m for m in module.modules() if m is not module]
         done = next((m for m in inner if isinstance(m, CompressedModule)), None)
         if done is not None:
-            raise ValueError(f"{name} is already compressed ({done.codec.value}); rps reads dense Linear, Conv2d "
+            raise StageError(f"{name} is already compressed ({done.codec.value}); rps reads dense Linear, Conv2d "
                              "and Embedding weights, so put the rps stage first or target other layers")
     layers = leaf_layers(selected, tuple(LAYOUTS), "Linear, Conv2d or Embedding layer")
     for name, layer in layers.items():
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
-            raise ValueError(f"{name}: padding_mode {layer.padding_mode!r} is not supported by rps (only 'zeros')")
+            raise StageError(f"{name}: padding_mode {layer.padding_mode!r} is not supported by rps (only 'zeros')")
         if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.sparse):
-            raise ValueError(f"{name}: embeddings with max_norm or sparse gradients are not supported by rps")
+            raise StageError(f"{name}: embeddings with max_norm or sparse gradients are not supported by rps")
     return layers
 
 
@@ -157,11 +158,11 @@ def share_(model: nn.Module, layers: dict[str, nn.Module], config: RPSConfig, st
     n = sum(w.numel() for w in weights.values())
     size = math.floor(n / config.compression)
     if size < 1:
-        raise ValueError(f"compression {config.compression:g} leaves no memory for {n} weights; use at most {n}")
+        raise StageError(f"compression {config.compression:g} leaves no memory for {n} weights; use at most {n}")
     if config.mapper == "roast":
         tile = max(config.block_k * config.block_n, config.block_z)
         if tile > size:
-            raise ValueError(f"the memory has {size} slots, fewer than one roast tile ({tile}); "
+            raise StageError(f"the memory has {size} slots, fewer than one roast tile ({tile}); "
                              "lower compression or block_k / block_n / block_z")
     first = next(iter(weights.values()))
     memory = nn.Parameter(torch.zeros(size, dtype=first.dtype, device=first.device))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import StageError
 from ..memory import Workload
 from .activation_stats import collect, forward_groups
 from .base import MethodConfig, SizeKnob, StageContext, register_method
@@ -38,13 +39,13 @@ class SparseGPTConfig(MethodConfig):
         if self.n_m is not None:
             self.sparsity = 1 - self.n_m[0] / self.n_m[1]
             if self.scope != "layer":
-                raise ValueError("n_m fixes every layer's sparsity; leave scope at layer")
+                raise StageError("n_m fixes every layer's sparsity; leave scope at layer")
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+            raise StageError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
         if self.blocksize < 1 or not self.percdamp > 0:
-            raise ValueError("blocksize must be >= 1 and percdamp > 0")
+            raise StageError("blocksize must be >= 1 and percdamp > 0")
         if self.format == "condensed" and self.scope == "global":
-            raise ValueError("format condensed keeps the same fan-in in every row of a layer; use scope: layer")
+            raise StageError("format condensed keeps the same fan-in in every row of a layer; use scope: layer")
 
     def whole_model_only(self) -> str | None:
         if self.scope == "global":
@@ -96,7 +97,7 @@ def sparsegpt_stage(model: nn.Module, selected: dict[str, nn.Module], config: Sp
     blocksize = max(config.blocksize // config.n_m[1], 1) * config.n_m[1] if config.n_m else config.blocksize
     if config.scope == "global":
         if ctx.calibrator is None:
-            raise ValueError("sparsegpt needs calibration data, but none was given (pass --data)")
+            raise StageError("sparsegpt needs calibration data, but none was given (pass --data)")
         sparsity = global_sparsities(model, layers, ctx, config)
     else:
         sparsity = {name: config.sparsity for name in layers}

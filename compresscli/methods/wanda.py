@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import StageError
 from ..memory import Workload
 from .base import MethodConfig, SizeKnob, StageContext, register_method
 from .one_shot import check_fan_ins, check_n_m, linear_targets, prior_keep, prune_in_order
@@ -33,7 +34,7 @@ class WandaConfig(MethodConfig):
         if self.n_m is not None:
             self.sparsity = 1 - self.n_m[0] / self.n_m[1]
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
+            raise StageError(f"sparsity must be in [0, 1) (the fraction removed), got {self.sparsity}")
 
     def working_bytes(self, work: Workload) -> int:
         """The largest layer's float scores and its per-row top-k."""

@@ -67,6 +67,20 @@ class CompressedModule(nn.Module):
         """Shapes of the dense tensors this layer replaces (for ratios against dense)."""
         raise NotImplementedError
 
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight this layer computes with, in the replaced layer's layout, zero where weights
+        were removed."""
+        raise NotImplementedError
+
+    def dense_tensors(self) -> dict[str, torch.Tensor]:
+        """The dense tensors this layer computes with, keyed as the layer it replaces holds them
+        (weight, bias): what a plain transformers/timm export stores."""
+        tensors = {"weight": self.dense_weight().detach()}
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            tensors["bias"] = bias.detach()
+        return tensors
+
 
 CODECS: Registry[type[CompressedModule]] = Registry("codec")
 

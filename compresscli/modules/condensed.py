@@ -20,7 +20,7 @@ from torch import nn
 from .. import kernels
 from ..errors import CheckpointError
 from .base import Codec, CompressedModule, register_codec
-from .sparse_codec import index_dtype
+from .sparse_codec import VALUE_DTYPES, index_dtype
 
 
 def structure_problem(values: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor | None, out_features: int,
@@ -30,6 +30,8 @@ def structure_problem(values: torch.Tensor, indices: torch.Tensor, rows: torch.T
         return f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must be equal (rows x k) shapes"
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         return f"indices must be integers, got {indices.dtype}"
+    if values.dtype not in VALUE_DTYPES:  # the values are trained: a Parameter needs floating point
+        return f"values must be float16/bfloat16/float32/float64, got {values.dtype}"
     kept, k = values.shape
     if kept == 0:
         return "no output neuron is kept"
@@ -43,7 +45,7 @@ def structure_problem(values: torch.Tensor, indices: torch.Tensor, rows: torch.T
         return f"neuron {int(repeated.nonzero()[0])} reads the same input twice (indices must be unique per row)"
     if rows is None:
         return None if kept == out_features else f"{kept} rows of values without row ids, expected {out_features}"
-    if rows.dim() != 1 or rows.numel() != kept or rows.is_floating_point():
+    if rows.dim() != 1 or rows.numel() != kept or rows.is_floating_point() or rows.dtype == torch.bool:
         return f"row ids must be {kept} integers, got {rows.dtype} {tuple(rows.shape)}"
     if int(rows.min()) < 0 or int(rows.max()) >= out_features or rows.unique().numel() != kept:
         return f"row ids must be unique and lie in [0, {out_features})"
@@ -131,6 +133,10 @@ class _Condensed(CompressedModule):
             problem = f"indices are stored as int16 or int32, found {indices.dtype}"
         if problem is None and values.shape[1] != params["k"]:
             problem = f"values hold k={values.shape[1]} per neuron, the metadata says k={params['k']}"
+        bias = tensors.get("bias")
+        if problem is None and bias is not None and (bias.shape != (params["out_features"],)
+                                                     or bias.dtype not in VALUE_DTYPES):
+            problem = f"bias must be {params['out_features']} floats, got {bias.dtype} {list(bias.shape)}"
         if problem is not None:
             raise CheckpointError(f"invalid {cls.codec.value} layer: {problem}", "the file is damaged; re-export it")
         return {"values": values, "indices": indices, "rows": rows, "bias": tensors.get("bias")}

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from . import sparse_codec
 from .base import Codec, CompressedModule, register_codec
 
@@ -112,9 +113,13 @@ class FipsLinear(CompressedModule):
         if tuple(base.shape) != (params["width"], params["rank"]):
             raise ValueError(f"shared base {params['base_key']!r} is {tuple(base.shape)}, "
                              f"expected {(params['width'], params['rank'])}")
+        bias, outputs = tensors.get("bias"), params["hidden"] if params["orientation"] == "in" else params["width"]
+        if bias is not None and (bias.shape != (outputs,) or bias.dtype not in sparse_codec.VALUE_DTYPES):
+            raise CheckpointError(f"invalid fips_linear layer: bias must be {outputs} floats, got {bias.dtype} "
+                                  f"{list(bias.shape)}", "the file is damaged; re-export it")
         encoded = {k.removeprefix("factor."): v for k, v in tensors.items() if k.startswith("factor.")}
         factor, mask = sparse_codec.decode(params["format"], encoded, (params["rank"], params["hidden"]))
-        return cls(base, factor.to(base.device), mask.to(base.device), tensors.get("bias"), params["orientation"],
+        return cls(base, factor.to(base.device), mask.to(base.device), bias, params["orientation"],
                    params["base_key"], params["counts_base"])
 
     def stored_parameters(self) -> int:
@@ -128,6 +133,10 @@ class FipsLinear(CompressedModule):
         if self.bias is not None:
             shapes["bias"] = self.bias.shape
         return shapes
+
+    def dense_weight(self) -> torch.Tensor:
+        weight = self.weight_dxh()  # (d, h): fc2's (out, in) as is, fc1's transposed
+        return weight.t() if self.orientation == "in" else weight
 
     def extra_repr(self) -> str:
         return (f"{self.in_features} -> {self.out_features}, rank={self.rank}, orientation={self.orientation}, "

@@ -14,9 +14,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
 from .base import Codec, CompressedModule, register_codec
 from .rps_hash import Placement
 from .rps_memory import book_for
+
+
+_PLACEMENT_INTS = ("memory_size", "seed", "offset", "tensor_index", "block_k", "block_n", "block_z")
+
+
+def _stored_problem(tensors: dict[str, torch.Tensor], placement: Any, memory: torch.Tensor, dims: int) -> str | None:
+    """Why a stored RPS layer cannot be rebuilt, or None. The map is recomputed from the placement's
+    integers, so they are checked before it is: a zero tile size would divide by zero, an offset near
+    2^63 would wrap the int64 positions, a 4-D weight cannot be tiled as a linear one."""
+    if not isinstance(placement, dict) or not set(placement) <= set(Placement.__dataclass_fields__):
+        return f"placement must be an object with a Placement's fields, got {str(placement)[:60]}"
+    if not all(type(placement.get(k, 1)) is int for k in _PLACEMENT_INTS):
+        return f"placement must hold integers for {', '.join(_PLACEMENT_INTS)}"
+    blocks = [placement.get(k, 32) for k in ("block_k", "block_n", "block_z")]
+    if not 0 <= placement.get("offset", 0) < 2**62 or min(blocks) < 1:
+        return "placement needs an offset in [0, 2^62) and tile sizes of at least 1"
+    layout = placement.get("layout", "linear")
+    if layout not in ("linear", "conv", "embedding") or (layout == "linear" and dims != 2):  # roast tiles it 2-D
+        return f"placement layout {str(layout)[:20]!r} does not fit a {dims}-D weight"
+    if placement.get("memory_size") != memory.numel():
+        return f"the placement is for {placement.get('memory_size')} memory slots, the memory holds {memory.numel()}"
+    scale, bias = tensors["weight_scale"], tensors.get("bias")
+    if scale.numel() != 1 or not scale.is_floating_point():
+        return f"weight_scale must be one float, got {scale.dtype} {list(scale.shape)}"
+    if bias is not None and (bias.dim() != 1 or not bias.is_floating_point()):
+        return f"bias must be a 1-D float tensor, got {bias.dtype} {list(bias.shape)}"
+    return None
 
 
 class _SharedWeight(CompressedModule):
@@ -66,6 +94,9 @@ class _SharedWeight(CompressedModule):
             shapes["bias"] = self.bias.shape
         return shapes
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"weight_scale": self.weight_scale.detach()}
         if self.bias is not None:
@@ -89,9 +120,12 @@ class _SharedWeight(CompressedModule):
 
     @staticmethod
     def _shared_args(tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                     shared: dict[str, nn.Parameter] | None) -> dict[str, Any]:
+                     shared: dict[str, nn.Parameter] | None, dims: int = 2) -> dict[str, Any]:
         if not shared or params["memory"] not in shared:
             raise ValueError(f"RPS layer needs the shared memory {params['memory']!r}")
+        problem = _stored_problem(tensors, params["placement"], shared[params["memory"]], dims)
+        if problem:
+            raise CheckpointError(f"invalid RPS layer: {problem}", "the file is damaged; re-export it")
         return {"memory": shared[params["memory"]], "memory_name": params["memory"],
                 "placement": Placement(**params["placement"]), "scale": float(tensors["weight_scale"]),
                 "scale_gradients": params["scale_gradients"], "bias": tensors.get("bias"),
@@ -147,7 +181,7 @@ class RPSConv2d(_SharedWeight):
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
                      shared: dict[str, nn.Parameter] | None = None) -> "RPSConv2d":
-        return cls(*(params[n] for n in cls.CONV_ARGS), **cls._shared_args(tensors, params, shared))
+        return cls(*(params[n] for n in cls.CONV_ARGS), **cls._shared_args(tensors, params, shared, dims=4))
 
 
 @register_codec

@@ -43,7 +43,7 @@ class _SparseWeight(CompressedModule):
                 self.bias.copy_(bias)
         return self
 
-    def masked_weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         return self.weight * self.mask
 
     def stored_parameters(self) -> int:
@@ -97,7 +97,7 @@ class SparseLinear(nn.Linear, _SparseWeight):
         return layer._adopt(linear, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.masked_weight(), self.bias)  # (..., in) -> (..., out)
+        return F.linear(x, self.dense_weight(), self.bias)  # (..., in) -> (..., out)
 
     def codec_params(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, **self._weight_params()}
@@ -128,7 +128,7 @@ class SparseConv2d(nn.Conv2d, _SparseWeight):
         return layer._adopt(conv, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.masked_weight(), self.bias)  # (B, C, H, W) -> (B, O, H', W')
+        return self._conv_forward(x, self.dense_weight(), self.bias)  # (B, C, H, W) -> (B, O, H', W')
 
     def codec_params(self) -> dict[str, Any]:
         conv = {name: (list(v) if isinstance(v, tuple) else v) for name in self._CONV_ARGS

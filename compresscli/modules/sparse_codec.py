@@ -5,8 +5,13 @@ row pointer. `encode` picks whichever is smaller for the given mask, so bytes fo
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..errors import CheckpointError
+
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a weight can be stored as
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -65,12 +70,51 @@ def encode(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -> tuple
     raise ValueError(f"unknown sparse format {fmt!r}")
 
 
+def _is_index(t: torch.Tensor) -> bool:
+    return t.dim() == 1 and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> str | None:
+    """Why `tensors` are not a `fmt` encoding of a `shape` weight, or None when they are.
+
+    Checked before `decode` allocates or indexes anything: sizes come from the stored tensors (a
+    bitmask holds a bit per weight, a row pointer an entry per row), so a damaged file is a message,
+    never an out-of-range index or an allocation its tensors do not justify."""
+    if fmt not in TENSORS_BY_FORMAT:
+        return f"unknown sparse format {fmt!r}, expected one of {sorted(TENSORS_BY_FORMAT)}"
+    if not shape or not all(type(s) is int and s >= 0 for s in shape):
+        return f"weight shape {list(shape)} is not a list of sizes"
+    missing = TENSORS_BY_FORMAT[fmt] - set(tensors)
+    if missing:
+        return f"{fmt} needs tensors {sorted(missing)}"
+    rows, cols, values = shape[0], math.prod(shape[1:]), tensors["values"]
+    if values.dim() != 1 or values.dtype not in VALUE_DTYPES:
+        return f"values must be a 1-D float16/bfloat16/float32/float64 tensor, got {values.dtype} {list(values.shape)}"
+    if fmt == "bitmask":
+        mask = tensors["mask"]
+        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (rows * cols + 7) // 8:
+            return (f"mask must hold {(rows * cols + 7) // 8} uint8 bytes for {rows}x{cols}, "
+                    f"got {mask.dtype} {list(mask.shape)}")
+        return None
+    row_ptr, col_idx = tensors["row_ptr"], tensors["col_idx"]
+    if not _is_index(row_ptr) or row_ptr.numel() != rows + 1:
+        return f"row_ptr must be {rows + 1} integers, got {row_ptr.dtype} {list(row_ptr.shape)}"
+    if not _is_index(col_idx) or col_idx.numel() != values.numel():
+        return f"col_idx must be {values.numel()} integers (one per value), got {col_idx.dtype} {list(col_idx.shape)}"
+    steps = row_ptr.long().diff()
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.numel() or bool((steps < 0).any()):
+        return f"row_ptr must rise from 0 to {values.numel()} (the number of values)"
+    if col_idx.numel() and (int(col_idx.min()) < 0 or int(col_idx.max()) >= cols):
+        return f"col_idx must lie in [0, {cols})"
+    return None
+
+
 def decode(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of `encode`: the dense weight (zeros where pruned) and its bool mask."""
-    rows = shape[0]
-    cols = 1
-    for s in shape[1:]:
-        cols *= s
+    problem = structure_problem(fmt, tensors, tuple(shape))
+    if problem:
+        raise CheckpointError(f"invalid sparse {fmt} encoding: {problem}", "the file is damaged; re-export it")
+    rows, cols = shape[0], math.prod(shape[1:])
     values = tensors["values"]
     if fmt == "bitmask":
         mask2d = unpack_bits(tensors["mask"], rows * cols).view(rows, cols)
@@ -82,8 +126,9 @@ def decode(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -
         mask2d[row_of, col_idx] = True
     else:
         raise ValueError(f"unknown sparse format {fmt!r}")
-    if int(mask2d.sum()) != values.numel():
-        raise ValueError(f"{fmt} mask selects {int(mask2d.sum())} entries but {values.numel()} values are stored")
+    if int(mask2d.sum()) != values.numel():  # a bitmask with other counts, or a CSR row naming a column twice
+        raise CheckpointError(f"invalid sparse {fmt} encoding: it selects {int(mask2d.sum())} entries but "
+                              f"{values.numel()} values are stored", "the file is damaged; re-export it")
     dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
     dense[mask2d] = values
     return dense.view(shape), mask2d.view(shape)

@@ -1,0 +1,296 @@
+"""`compress export --format dense`: every codec's dense form, and plain directories that transformers and
+timm load in a process where compresscli cannot be imported, computing what compresscli.load(OUT) computes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import compresscli
+from compresscli.checkpoint import load_checkpoint
+from compresscli.ecosystem import export
+from compresscli.modules import CODECS, SparseConv2d, SparseLinear, codec_for
+from compresscli.modules.condensed import CondensedConv2d, CondensedLinear
+from compresscli.modules.fips import FipsLinear
+from compresscli.modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
+from compresscli.modules.rps_hash import Placement
+from compresscli.pipeline import RunOptions, run_recipe
+from compresscli.recipe import parse_recipe
+from compresscli.safetensors_io import read_header
+from conftest import run_cli, tiny_timm
+
+# ----------------------------------------------------------------------------- every codec's dense form
+
+
+def _sparse(dense: nn.Module) -> tuple[nn.Module, nn.Module]:
+    cls = SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d
+    donor = type(dense)(*((dense.in_features, dense.out_features) if isinstance(dense, nn.Linear) else
+                          (dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding)))
+    return cls.from_dense(donor, torch.rand(donor.weight.shape) > 0.6), dense
+
+
+def _rps(cls: type, dense: nn.Module, args: tuple, layout: str) -> tuple[nn.Module, nn.Module]:
+    placement = Placement(memory_size=40, mapper="roast", seed=3, offset=0, tensor_index=0, layout=layout,
+                          block_k=2, block_n=3, block_z=2)
+    bias = torch.randn(dense.weight.shape[0]) if layout != "embedding" else None
+    return cls(*args, memory=nn.Parameter(torch.randn(40)), memory_name="rps.0", placement=placement, scale=0.5,
+               scale_gradients=True, bias=bias), dense
+
+
+def _fips(orientation: str) -> tuple[nn.Module, nn.Module]:
+    base = nn.Parameter(torch.randn(6, 4))  # (d, r)
+    layer = FipsLinear(base, torch.randn(4, 10), torch.rand(4, 10) > 0.5, torch.randn(10 if orientation == "in" else 6),
+                       orientation, "fips.0", True)
+    return layer, nn.Linear(6, 10) if orientation == "in" else nn.Linear(10, 6)
+
+
+def _condensed_linear() -> tuple[nn.Module, nn.Module]:  # neurons 1 and 3 ablated: they output their bias
+    indices = torch.stack([torch.randperm(8)[:3] for _ in range(3)])
+    return CondensedLinear(8, 5, torch.randn(3, 3), indices, torch.tensor([0, 2, 4]), torch.randn(5)), nn.Linear(8, 5)
+
+
+def _condensed_conv() -> tuple[nn.Module, nn.Module]:
+    indices = torch.stack([torch.randperm(18)[:5] for _ in range(4)])
+    layer = CondensedConv2d(2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.randn(4, 5), indices, None, torch.randn(4))
+    return layer, nn.Conv2d(2, 4, 3, padding=1)
+
+
+# A small layer of each codec and the dense layer it replaces, with an input for both.
+SAMPLES = {
+    "sparse_linear": [(lambda: _sparse(nn.Linear(12, 7)), (3, 12))],
+    "sparse_conv2d": [(lambda: _sparse(nn.Conv2d(3, 4, 3, padding=1)), (2, 3, 6, 6))],
+    "condensed_linear": [(_condensed_linear, (3, 8))],
+    "condensed_conv2d": [(_condensed_conv, (2, 2, 5, 5))],
+    "fips_linear": [(lambda: _fips("in"), (3, 6)), (lambda: _fips("out"), (3, 10))],
+    "rps_linear": [(lambda: _rps(RPSLinear, nn.Linear(6, 5), (6, 5), "linear"), (3, 6))],
+    "rps_conv2d": [(lambda: _rps(RPSConv2d, nn.Conv2d(2, 4, 3, padding=1), (2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+                                 "conv"), (2, 2, 5, 5))],
+    "rps_embedding": [(lambda: _rps(RPSEmbedding, nn.Embedding(11, 6), (11, 6, None), "embedding"), None)],
+}
+
+
+@pytest.mark.parametrize("codec", CODECS.names())
+def test_every_codec_decodes_to_the_dense_layer_it_computes(codec):
+    if codec not in SAMPLES:
+        pytest.fail(f"add a small {codec} layer to SAMPLES in tests/test_ecosystem_export.py")
+    for make, shape in SAMPLES[codec]:
+        torch.manual_seed(0)
+        layer, dense = make()
+        params = json.loads(json.dumps(layer.codec_params()))
+        shared = {k: nn.Parameter(v.detach().clone()) for k, v in layer.shared_tensors().items()}
+        decoded = codec_for(codec).from_tensors(layer.to_tensors(), params, shared).eval()
+        dense.load_state_dict(decoded.dense_tensors())  # strict: exactly the dense layer's keys and shapes
+        x = torch.randint(0, 11, (3, 4)) if shape is None else torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(dense(x), decoded(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- loading without compresscli
+
+# Runs in a fresh interpreter where `import compresscli` fails: DIR must load with transformers or timm alone.
+LOADER = """
+import json, sys
+sys.modules["compresscli"] = None  # any import of it raises ImportError
+import torch
+jobs = json.loads(sys.argv[1])
+for job in jobs:
+    inputs = torch.load(job["inputs"])
+    if job["library"] == "timm":
+        import timm
+        config = json.load(open(job["dir"] + "/config.json"))
+        models = [timm.create_model("local-dir:" + job["dir"], pretrained=True),
+                  timm.create_model(config["architecture"], pretrained=True, num_classes=config["num_classes"],
+                                    pretrained_cfg_overlay=dict(config["pretrained_cfg"],
+                                                                file=job["dir"] + "/model.safetensors"),
+                                    **config["model_args"])]
+        outputs = [m.eval()(inputs["x"]) for m in models]
+    else:
+        import transformers
+        config = transformers.AutoConfig.from_pretrained(job["dir"])
+        cls = getattr(transformers, config.architectures[0]) if job["library"] == "hf-class" else transformers.AutoModel
+        model, info = cls.from_pretrained(job["dir"], output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        if "text" in inputs:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(job["dir"])
+            assert tokenizer(inputs["text"], return_tensors="pt")["input_ids"].tolist() == inputs["input_ids"].tolist()
+        out = model.eval()(input_ids=inputs["input_ids"])
+        outputs = [out.logits if hasattr(out, "logits") else out.last_hidden_state]
+    torch.save([o.detach() for o in outputs], job["result"])
+assert sys.modules["compresscli"] is None and not any(m.startswith("compresscli.") for m in sys.modules)
+"""
+
+
+def _load_elsewhere(tmp_path: Path, jobs: list[dict]) -> None:
+    done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(jobs)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _job(tmp_path: Path, name: str, directory: Path, library: str, inputs: dict) -> dict:
+    torch.save(inputs, tmp_path / f"{name}-inputs.pt")
+    return {"dir": str(directory), "library": library, "inputs": str(tmp_path / f"{name}-inputs.pt"),
+            "result": str(tmp_path / f"{name}-result.pt")}
+
+
+def _compress(source: Path, recipe: str, out: Path) -> Path:
+    run_recipe(load_checkpoint(source), parse_recipe(recipe), out, RunOptions(evaluate=False))
+    return out
+
+
+def _output(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"])
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5}\n"
+TINY_RECIPES = {
+    # GPT-2: Conv1D written back transposed; the tied wte / lm_head read one RPS memory
+    "gpt2": "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.6}\n"
+            "  - method: rps\n    targets: [attention, embeddings]\n    params: {compression: 4, mapper: roast}\n",
+    "bert": "stages:\n  - method: condensed\n    targets: [mlp]\n"
+            "    params: {sparsity: 0.75, ablate: true, min_salient: 0.9}\n",
+    "llama": "stages:\n  - method: fips\n    targets: [mlp]\n    params: {budget: 0.5, steps: 0}\n",
+}
+
+
+def _untie(out: Path, copy: Path) -> Path:
+    """A copy of a GPT-2 output whose RPS lm_head reads the memory with another scale than wte."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(out, copy)
+    tensors = load_file(copy / "model.safetensors")
+    tensors["lm_head.weight_scale"] = tensors["lm_head.weight_scale"] * 2
+    save_file(tensors, str(copy / "model.safetensors"), metadata=read_header(copy / "model.safetensors")[1])
+    return copy
+
+
+def test_tiny_hf_families_load_in_plain_transformers(tmp_path, tiny_hf_dirs):
+    jobs, expected = [], {}
+    outs = {family: _compress(tiny_hf_dirs[family], recipe, tmp_path / f"{family}-out")
+            for family, recipe in TINY_RECIPES.items()}
+    outs["gpt2-untied"] = _untie(outs["gpt2"], tmp_path / "gpt2-untied-out")
+    for family, out in outs.items():
+        shard = {"shard_bytes": 20_000} if family == "llama" else {}  # several shards and the index
+        result = export(out, tmp_path / f"{family}-dense", **shard)
+        assert result.decoded_layers > 0 and result.untied == (["lm_head.weight"] if family == "gpt2-untied" else [])
+        inputs = {"input_ids": torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))}
+        expected[family] = _output(compresscli.load(out), inputs)
+        jobs.append(_job(tmp_path, family, result.to, "hf-class", inputs))
+
+    gpt2 = tmp_path / "gpt2-dense"
+    header, metadata = read_header(gpt2 / "model.safetensors")
+    assert header["transformer.h.0.mlp.c_fc.weight"]["shape"] == [32, 128]  # Conv1D: in x out, as GPT-2 stores it
+    assert "lm_head.weight" not in header and metadata == {"format": "pt"}  # tied: stored once, as transformers does
+    assert "compression" not in json.loads((gpt2 / "config.json").read_text())
+    llama = json.loads((tmp_path / "llama-dense" / "model.safetensors.index.json").read_text())
+    assert len(set(llama["weight_map"].values())) > 1
+    assert json.loads((tmp_path / "gpt2-untied-dense" / "config.json").read_text())["tie_word_embeddings"] is False
+    _load_elsewhere(tmp_path, jobs)
+    for job, family in zip(jobs, outs):
+        (got,) = torch.load(job["result"])
+        torch.testing.assert_close(got, expected[family], atol=1e-5, rtol=1e-4)
+
+
+def test_real_minilm_with_its_tokenizer_loads_in_plain_transformers(tmp_path, minilm_dir, capsys):
+    out = _compress(minilm_dir, MAGNITUDE, tmp_path / "out")
+    code, stdout, stderr = run_cli(capsys, "export", str(out), "--to", str(tmp_path / "dense"), "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["kind"] == "hf" and result["files"] == ["model.safetensors"] and result["decoded_layers"] == 12
+    assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= set(result["copied"])
+    import transformers
+
+    text = "Compressed models should load anywhere."
+    ids = transformers.AutoTokenizer.from_pretrained(out)(text, return_tensors="pt")["input_ids"]
+    inputs = {"input_ids": ids, "text": text}
+    compressed = compresscli.load(out)
+    expected = _output(compressed, inputs)
+    job = _job(tmp_path, "minilm", tmp_path / "dense", "hf-auto", inputs)
+    _load_elsewhere(tmp_path, [job])
+    (got,) = torch.load(job["result"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    fc1 = compressed.encoder.layer[0].intermediate.dense
+    dense_fc1 = transformers.AutoModel.from_pretrained(tmp_path / "dense").encoder.layer[0].intermediate.dense.weight
+    assert torch.equal(dense_fc1, fc1.dense_weight()) and not dense_fc1[~fc1.mask].any()  # pruned: zeros
+
+
+def test_timm_vit_loads_in_plain_timm(tmp_path):
+    from safetensors.torch import save_file
+
+    source = tmp_path / "vit"
+    source.mkdir()
+    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    model = tiny_timm(**args)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(source / "model.safetensors"))
+    (source / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 5,
+                                                    "model_args": args, "pretrained_cfg": {"input_size": [3, 16, 16]}}))
+    recipe = MAGNITUDE + "  - method: condensed\n    targets: [attention]\n    params: {sparsity: 0.5}\n"
+    out = _compress(source, recipe, tmp_path / "out")
+    result = export(out, tmp_path / "dense")
+    assert result.kind == "timm" and result.files == ["model.safetensors"] and result.decoded_layers == 8
+    inputs = {"x": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))}
+    with torch.no_grad():
+        expected = compresscli.load(out)(inputs["x"])
+    job = _job(tmp_path, "vit", result.to, "timm", inputs)
+    _load_elsewhere(tmp_path, [job])
+    for got in torch.load(job["result"]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert compresscli.load(tmp_path / "dense").__class__.__name__ == "VisionTransformer"  # and compresscli reads it
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bert_out(tmp_path_factory, tiny_hf_dirs) -> Path:
+    return _compress(tiny_hf_dirs["bert"], MAGNITUDE, tmp_path_factory.mktemp("bad") / "out")
+
+
+def _error(capsys, *args: str) -> str:
+    code, _, stderr = run_cli(capsys, "export", *args)
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr
+
+
+def test_bad_input_is_one_line(capsys, tmp_path, tiny_hf_dirs, bert_out):
+    assert "not a compresscli output" in _error(capsys, str(tiny_hf_dirs["bert"]), "--to", str(tmp_path / "a"))
+    assert "no such file or directory" in _error(capsys, str(tmp_path / "nowhere"), "--to", str(tmp_path / "b"))
+    assert "did you mean 'dense'" in _error(capsys, str(bert_out), "--to", str(tmp_path / "c"), "--format", "dens")
+    assert "overlaps" in _error(capsys, str(bert_out), "--to", str(bert_out / "inside"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert "--force" in _error(capsys, str(bert_out), "--to", str(taken))
+    assert (taken / "keep.txt").read_text() == "mine"
+    code, _, stderr = run_cli(capsys, "export", str(bert_out), "--to", str(taken), "--force")
+    assert code == 0 and not (taken / "keep.txt").exists() and (taken / "model.safetensors").is_file(), stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(capsys, "export", str(bert_out), "--to", str(empty))[0] == 0
+
+
+def test_a_damaged_output_writes_nothing(tmp_path, bert_out):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from compresscli.errors import CheckpointError
+    from compresscli.safetensors_io import read_header as header_of
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bert_out, copy)
+    metadata = header_of(copy / "model.safetensors")[1]
+    tensors = load_file(copy / "model.safetensors")
+    tensors["stowaway"] = torch.zeros(1)
+    save_file(tensors, str(copy / "model.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['stowaway'\]"):
+        export(copy, tmp_path / "dense")
+    assert not (tmp_path / "dense").exists() and [p.name for p in tmp_path.iterdir()] == ["copy"]
