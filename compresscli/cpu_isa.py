@@ -3,7 +3,7 @@
 Some virtual machines pass the host's CPUID through (amx_tile, amx_bf16 in /proc/cpuinfo, the kernel's
 XSAVE support and permission all say yes) while executing an AMX instruction still traps: oneDNN then
 picks AMX for every bf16 matmul and the process dies of SIGILL, in the middle of a run on a bf16
-checkpoint. Whether AMX runs is probed once per machine, in a subprocess that does a bf16 matmul with
+checkpoint. Whether AMX runs is probed once per machine ($COMPRESSCLI_CACHE/amx-probe.json), in a subprocess that does a bf16 matmul with
 plain torch, and remembered; where it does not, oneDNN is capped at the ISA below AMX
 (ONEDNN_MAX_CPU_ISA, read at its first matmul), which changes speed only. A user who sets
 ONEDNN_MAX_CPU_ISA decides for themselves and no probe runs.
@@ -17,6 +17,8 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from .references import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,11 @@ def _cpu() -> tuple[str, set[str]]:
     return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
-def _cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compresscli" / "amx-probe.json"
-
-
 def amx_runs() -> bool:
     """Whether a bf16 matmul on AMX survives here: probed once per CPU model and kernel, then cached."""
     model, _ = _cpu()
     key = f"{model} | {platform.release()}"
-    path = _cache_file()
+    path = cache_dir() / "amx-probe.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
