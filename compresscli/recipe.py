@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -164,6 +164,13 @@ def make_config(method: str, params: dict[str, Any]) -> MethodConfig:
     return cls(**checked)
 
 
+def _reject_unknown_keys(raw: dict, allowed: tuple[str, ...], place: Callable[[Any], str]) -> None:
+    """A RecipeError at `place(key)` for the first key of `raw` not in `allowed`, with the nearest allowed one."""
+    for key in raw:
+        if key not in allowed:
+            raise RecipeError(f"{place(key)}: unknown key {key!r}", did_you_mean(str(key), allowed))
+
+
 def _stage(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> Stage:
     def at(*path: Any) -> str:
         line = lines.get(("stages", index) + path) or lines.get(("stages", index))
@@ -171,9 +178,7 @@ def _stage(raw: Any, index: int, where: str, lines: dict[tuple, int]) -> Stage:
 
     if not isinstance(raw, dict):
         raise RecipeError(f"{at()}: stage {index} must be a mapping with a 'method' key", "see `compress recipes`")
-    for key in raw:
-        if key not in STAGE_KEYS:
-            raise RecipeError(f"{at(key)}: stage {index}: unknown key {key!r}", did_you_mean(str(key), STAGE_KEYS))
+    _reject_unknown_keys(raw, STAGE_KEYS, lambda key: f"{at(key)}: stage {index}")
     method = raw.get("method")
     if method is None:
         raise RecipeError(f"{at()}: stage {index} has no 'method'", f"choose one of: {', '.join(METHODS.names())}")
@@ -213,9 +218,7 @@ def parse_recipe(text: str, where: str = "<recipe>", overrides: list[str] | None
     raw, lines = _compose(text, where)
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with 'description' and 'stages'", "see `compress recipes`")
-    for key in raw:
-        if key not in RECIPE_KEYS:
-            raise RecipeError(f"{where}:{lines.get((key,), '?')}: unknown key {key!r}", did_you_mean(str(key), RECIPE_KEYS))
+    _reject_unknown_keys(raw, RECIPE_KEYS, lambda key: f"{where}:{lines.get((key,), '?')}")
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"{where}: the recipe has no stages", "add a list under 'stages:'")

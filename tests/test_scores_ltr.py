@@ -1,9 +1,11 @@
 """Pruning scores (SNIP, SynFlow, GraSP) against hand-computed cases, and LTR's schedule and rewinding."""
 import math
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from compresscli import StageContext, compress_
 from compresscli.methods import scores as S
@@ -66,6 +68,103 @@ def test_grasp_matches_hand_computed_hessian_gradient_product():
         hg += torch.outer(a @ (g @ xb), xb) / len(x)
     scores = S.grasp_scores(model, {"w": model}, ImageClassification(), batches, torch.device("cpu"))
     assert torch.allclose(scores["w"], w * hg, atol=1e-6)
+
+
+def _two_layer_case():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    return model, [{"pixel_values": x[:3], "labels": y[:3]}, {"pixel_values": x[3:], "labels": y[3:]}]
+
+
+def _exact_grasp(model, batches, cross_layer=True):
+    """The paper's S(-theta) = -theta * Hg, with g and the full 24 x 24 Hessian H of the mean loss over
+    both weight matrices (biases held fixed) computed outright in float64. cross_layer=False zeroes the
+    blocks between the two layers, to show the check would catch a per-layer Hessian."""
+    params = dict(model.named_parameters())
+    names = ["0.weight", "2.weight"]
+    theta = torch.cat([params[n].detach().double().flatten() for n in names])
+    fixed = {n: p.detach().double() for n, p in params.items() if n not in names}
+
+    def loss(flat):
+        weights = dict(zip(names, flat.split([params[n].numel() for n in names])))
+        full = {**fixed, **{n: w.view(params[n].shape) for n, w in weights.items()}}
+        return sum(nn.functional.cross_entropy(functional_call(model, full, (b["pixel_values"].double(),)),
+                                               b["labels"]) for b in batches) / len(batches)
+
+    g = torch.autograd.functional.jacobian(loss, theta)
+    h = torch.autograd.functional.hessian(loss, theta)
+    if not cross_layer:
+        split = params[names[0]].numel()
+        h[:split, split:] = h[split:, :split] = 0
+    s = -theta * (h @ g)
+    return {n[:-len(".weight")]: t.view(params[n].shape).float()
+            for n, t in zip(names, s.split([params[n].numel() for n in names]))}
+
+
+def test_grasp_is_the_papers_hessian_gradient_score_and_prunes_its_largest():
+    """Wang et al. 2020, eq. 8-9: S(-theta) = -theta * Hg, and the weights with the largest S are removed
+    (in the authors' code: top-k of -theta * Hg pruned, one threshold over all layers)."""
+    model, batches = _two_layer_case()
+    exact = _exact_grasp(model, batches)
+    keep = S.grasp_scores(model, {"0": model[0], "2": model[2]}, ImageClassification(), batches,
+                          torch.device("cpu"))
+    scale = max(s.abs().max() for s in exact.values())
+    for name in exact:  # the keep-score is -S: higher means keep
+        assert torch.allclose(keep[name], -exact[name], atol=1e-5 * scale)
+    per_layer = _exact_grasp(model, batches, cross_layer=False)
+    assert not all(torch.allclose(keep[n], -per_layer[n], atol=1e-2 * scale) for n in per_layer)
+
+    flat = torch.cat([exact["0"].flatten(), exact["2"].flatten()])
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    pruned[flat.topk(flat.numel() // 2).indices] = True
+    ctx = StageContext(task=ImageClassification(), calibration=batches)
+    compress_(model, MagnitudeConfig(sparsity=0.5, score="grasp"), lambda m, n: isinstance(m, nn.Linear), ctx)
+    kept = torch.cat([model[0].mask.flatten(), model[2].mask.flatten()])
+    assert torch.equal(kept, ~pruned)
+
+
+SCORES = get_args(get_type_hints(MagnitudeConfig)["score"])
+
+
+def _direct_scores(score, model, layers, batches):
+    """Each scorer called by hand, as scores.py documents it, for the dispatch test below."""
+    task, cpu = ImageClassification(), torch.device("cpu")
+    direct = {"magnitude": lambda: S.magnitude_scores(layers),
+              "snip": lambda: S.snip_scores(model, layers, task, batches, cpu),
+              "grasp": lambda: S.grasp_scores(model, layers, task, batches, cpu),
+              "synflow": lambda: S.synflow_scores(model, layers, S.ones_like_batch(batches[0]), task)}
+    assert score in direct, f"MagnitudeConfig accepts score {score!r}: say here how its scorer is called"
+    return direct[score]()
+
+
+def _keep_top(scores, sparsity):
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[flat.topk(round((1 - sparsity) * flat.numel())).indices] = True
+    return dict(zip(scores, (k.view(s.shape) for k, s in zip(keep.split([s.numel() for s in scores.values()]),
+                                                               scores.values()))))
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_score_option_uses_its_scorer(score):
+    """The `score:` option really reaches its scorer: the stage's mask is the scorer's own top-k, and
+    (for every score but magnitude) not the magnitude mask."""
+    torch.manual_seed(0)
+    batches = [{"pixel_values": torch.randn(8, 3, 16, 16), "labels": torch.randint(0, 5, (8,))}]
+    reference = tiny_timm()
+    names = [n for n, m in reference.named_modules() if ".mlp." in n and isinstance(m, nn.Linear)]
+    expected = _keep_top(_direct_scores(score, reference, {n: reference.get_submodule(n) for n in names}, batches),
+                         0.5)
+    masks = {}
+    for s in {score, "magnitude"}:
+        model = tiny_timm()
+        ctx = StageContext(task=ImageClassification(), calibration=batches)
+        compress_(model, MagnitudeConfig(sparsity=0.5, score=s, rounds=1), lambda m, n: n in names, ctx)
+        masks[s] = {n: model.get_submodule(n).mask for n in names}
+    assert all(torch.equal(masks[score][n], expected[n]) for n in names)
+    if score != "magnitude":
+        assert any(not torch.equal(masks[score][n], masks["magnitude"][n]) for n in names)
 
 
 @pytest.mark.parametrize("score", ["snip", "synflow", "grasp"])

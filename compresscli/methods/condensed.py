@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import StageError
 from ..export import replace_module
 from ..modules import SparseConv2d, SparseLinear
+from ..modules.base import CONV_ARGS
 from ..modules.condensed import CondensedConv2d, CondensedLinear, _Condensed
 from ..memory import Workload
 from .activation_stats import collect
@@ -182,7 +183,7 @@ def condense(layer: nn.Module, config: CondensedConfig, norms: torch.Tensor | No
     values = (weight if kept is None else weight[kept]).gather(1, indices)
     bias = layer.bias.detach() if layer.bias is not None else None
     if isinstance(layer, (nn.Conv2d, CondensedConv2d)):
-        conv = {name: getattr(layer, name) for name in CondensedConv2d.CONV_ARGS}
+        conv = {name: getattr(layer, name) for name in CONV_ARGS}
         return CondensedConv2d(**conv, values=values, indices=indices, rows=kept, bias=bias)
     return CondensedLinear(layer.in_features, layer.out_features, values, indices, rows=kept, bias=bias)
 

@@ -75,11 +75,24 @@ class CompressedModule(nn.Module):
     def dense_tensors(self) -> dict[str, torch.Tensor]:
         """The dense tensors this layer computes with, keyed as the layer it replaces holds them
         (weight, bias): what a plain transformers/timm export stores."""
-        tensors = {"weight": self.dense_weight().detach()}
+        return {"weight": self.dense_weight().detach(), **self._bias_entry()}
+
+    def _bias_entry(self, shape: bool = False) -> dict[str, Any]:
+        """{"bias": the bias (or its shape)} when the layer has one, else {}: every codec stores the
+        bias as it is, dense, under the dense layer's name."""
         bias = getattr(self, "bias", None)
-        if bias is not None:
-            tensors["bias"] = bias.detach()
-        return tensors
+        if bias is None:
+            return {}
+        return {"bias": bias.shape if shape else bias.detach()}
+
+
+CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+"""What a compressed Conv2d keeps of nn.Conv2d's constructor (the codecs support zero padding only)."""
+
+
+def conv_params(layer: nn.Module, names: tuple[str, ...] = CONV_ARGS) -> dict[str, Any]:
+    """`layer`'s Conv2d constructor arguments as JSON-able codec params (tuples become lists)."""
+    return {name: list(v) if isinstance(v, tuple) else v for name in names for v in [getattr(layer, name)]}
 
 
 CODECS: Registry[type[CompressedModule]] = Registry("codec")

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import CheckpointError
-from .base import Codec, CompressedModule, register_codec
+from .base import CONV_ARGS, Codec, CompressedModule, conv_params, register_codec
 from .sparse_codec import VALUE_DTYPES, index_dtype
 
 
@@ -100,18 +100,13 @@ class _Condensed(CompressedModule):
         return self.values.numel() + (self.bias.numel() if self.bias is not None else 0)
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
-        shapes = {"weight": torch.Size(self.weight_shape)}
-        if self.bias is not None:
-            shapes["bias"] = torch.Size([self.out_features])
-        return shapes
+        return {"weight": torch.Size(self.weight_shape), **self._bias_entry(shape=True)}
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"values": self.values.detach(), "indices": self.indices}
         if self.rows is not None:
             tensors["rows"] = self.rows
-        if self.bias is not None:
-            tensors["bias"] = self.bias.detach()
-        return tensors
+        return {**tensors, **self._bias_entry()}
 
     def _condensed_params(self) -> dict[str, Any]:
         return {"out_features": self.out_features, "fan_in": self.fan_in, "k": self.k,
@@ -192,7 +187,6 @@ class CondensedConv2d(_Condensed):
     The forward runs the convolution on the dense view: the condensed kernels serve Linear layers."""
 
     codec = Codec.CONDENSED_CONV2D
-    CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
                  padding: tuple[int, int] | str, dilation: tuple[int, int], groups: int, values: torch.Tensor,
@@ -212,12 +206,10 @@ class CondensedConv2d(_Condensed):
                         self.groups)  # (B, C, H, W) -> (B, O, H', W')
 
     def codec_params(self) -> dict[str, Any]:
-        conv = {name: (list(v) if isinstance(v, tuple) else v) for name in self.CONV_ARGS
-                for v in [getattr(self, name)]}
-        return {**conv, **self._condensed_params()}
+        return {**conv_params(self), **self._condensed_params()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
                      shared: dict[str, nn.Parameter] | None = None) -> "CondensedConv2d":
-        conv = {name: params[name] for name in cls.CONV_ARGS}
+        conv = {name: params[name] for name in CONV_ARGS}
         return cls(**conv, **cls._checked(tensors, params))

@@ -80,10 +80,7 @@ class FipsLinear(CompressedModule):
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         _, encoded = sparse_codec.encode(self.factor, self.mask, self.storage_format)
-        tensors = {f"factor.{k}": v for k, v in encoded.items()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.detach()
-        return tensors
+        return {**{f"factor.{k}": v for k, v in encoded.items()}, **self._bias_entry()}
 
     def shared_tensors(self) -> dict[str, torch.Tensor]:
         return {self.base_key: self.base}
@@ -129,10 +126,7 @@ class FipsLinear(CompressedModule):
         return count + (self.base.numel() if self.counts_base else 0)
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
-        shapes = {"weight": torch.Size((self.out_features, self.in_features))}
-        if self.bias is not None:
-            shapes["bias"] = self.bias.shape
-        return shapes
+        return {"weight": torch.Size((self.out_features, self.in_features)), **self._bias_entry(shape=True)}
 
     def dense_weight(self) -> torch.Tensor:
         weight = self.weight_dxh()  # (d, h): fc2's (out, in) as is, fc1's transposed

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import Codec, CompressedModule, register_codec
+from .base import CONV_ARGS, Codec, CompressedModule, conv_params, register_codec
 from .rps_hash import Placement
 from .rps_memory import book_for
 
@@ -89,19 +89,13 @@ class _SharedWeight(CompressedModule):
         return own + (self.memory.numel() if first else 0)
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
-        shapes = {"weight": torch.Size(self.weight_shape)}
-        if self.bias is not None:
-            shapes["bias"] = self.bias.shape
-        return shapes
+        return {"weight": torch.Size(self.weight_shape), **self._bias_entry(shape=True)}
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"weight_scale": self.weight_scale.detach()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.detach()
-        return tensors
+        return {"weight_scale": self.weight_scale.detach(), **self._bias_entry()}
 
     def shared_tensors(self) -> dict[str, torch.Tensor]:
         return {self.memory_name: self.memory}
@@ -160,7 +154,6 @@ class RPSLinear(_SharedWeight):
 @register_codec
 class RPSConv2d(_SharedWeight):
     codec = Codec.RPS_CONV2D
-    CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
                  padding: tuple[int, int] | str, dilation: tuple[int, int], groups: int, **shared: Any):
@@ -175,13 +168,12 @@ class RPSConv2d(_SharedWeight):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def codec_params(self) -> dict[str, Any]:
-        conv = {n: (list(v) if isinstance(v, tuple) else v) for n in self.CONV_ARGS for v in [getattr(self, n)]}
-        return {**conv, **self._shared_params()}
+        return {**conv_params(self), **self._shared_params()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
                      shared: dict[str, nn.Parameter] | None = None) -> "RPSConv2d":
-        return cls(*(params[n] for n in cls.CONV_ARGS), **cls._shared_args(tensors, params, shared, dims=4))
+        return cls(*(params[n] for n in CONV_ARGS), **cls._shared_args(tensors, params, shared, dims=4))
 
 
 @register_codec

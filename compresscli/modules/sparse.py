@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sparse_codec
-from .base import Codec, CompressedModule, register_codec
+from .base import CONV_ARGS, Codec, CompressedModule, conv_params, register_codec
 
 
 class _SparseWeight(CompressedModule):
@@ -50,17 +50,11 @@ class _SparseWeight(CompressedModule):
         return int(self.mask.sum()) + (self.bias.numel() if self.bias is not None else 0)
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
-        shapes = {"weight": self.weight.shape}
-        if self.bias is not None:
-            shapes["bias"] = self.bias.shape
-        return shapes
+        return {"weight": self.weight.shape, **self._bias_entry(shape=True)}
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         fmt, encoded = sparse_codec.encode(self.weight, self.mask, self.storage_format)
-        tensors = {f"weight.{k}": v for k, v in encoded.items()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.detach()
-        return tensors
+        return {**{f"weight.{k}": v for k, v in encoded.items()}, **self._bias_entry()}
 
     def _weight_params(self) -> dict[str, Any]:
         rows = self.weight.shape[0]
@@ -113,8 +107,7 @@ class SparseLinear(nn.Linear, _SparseWeight):
 @register_codec
 class SparseConv2d(nn.Conv2d, _SparseWeight):
     codec = Codec.SPARSE_CONV2D
-    _CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                  "padding_mode")
+    _CONV_ARGS = (*CONV_ARGS, "padding_mode")  # nn.Conv2d's own forward runs, so any padding mode works
 
     def __init__(self, *args, mask: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,9 +124,7 @@ class SparseConv2d(nn.Conv2d, _SparseWeight):
         return self._conv_forward(x, self.dense_weight(), self.bias)  # (B, C, H, W) -> (B, O, H', W')
 
     def codec_params(self) -> dict[str, Any]:
-        conv = {name: (list(v) if isinstance(v, tuple) else v) for name in self._CONV_ARGS
-                for v in [getattr(self, name)]}
-        return {**conv, **self._weight_params()}
+        return {**conv_params(self, self._CONV_ARGS), **self._weight_params()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
