@@ -127,3 +127,12 @@ def load_compressed(source: Source, dtype: torch.dtype | None = None) -> Checkpo
 
 __all__ = ["Checkpoint", "build_model", "build_skeleton", "load_checkpoint", "load_compressed", "load_source",
            "parse_dtype"]
+
+
+def recorded_original(ckpt: Checkpoint) -> Checkpoint:
+    """The original a compresscli output records as its source (what `eval` and `bench` compare with
+    when no --baseline is given)."""
+    source = (ckpt.compression or {}).get("source")
+    if source is None:
+        raise CheckpointError(f"{ckpt.name} records no original to compare with", "pass --baseline ORIGINAL")
+    return load_checkpoint(source)

@@ -154,29 +154,17 @@ def run(checkpoint: CheckpointArg,
 
 @app.command("eval")
 def eval_(checkpoint: CheckpointArg,
-          baseline: Annotated[Optional[str], typer.Option("--baseline", help="The original, to compare side by side.")] = None,
+          baseline: Annotated[Optional[str], typer.Option("--baseline", help="The original, to compare side by side (default: the source a compresscli output records).")] = None,
           data: DataOpt = None, weights: WeightsOpt = None,
           baseline_weights: Annotated[Optional[Path], typer.Option("--baseline-weights", help="Weights for a timm:ARCH baseline.")] = None,
           examples: Annotated[Optional[int], typer.Option("--examples", help="Cap on held-out examples.")] = None,
           device: DeviceOpt = "auto", batch_size: BatchOpt = 32, as_json: JsonOpt = False) -> None:
     """Accuracy (or cosine / perplexity) of CHECKPOINT beside its original, on the same held-out data."""
-    from .checkpoint import load_checkpoint
-    from .evaluate import compare
-    from .pipeline import RunOptions, pick_device, prepare_data
+    from .evaluate import evaluate_pair
 
-    progress = RichProgress(enabled=not as_json)
-    dev = pick_device(device)
-    with progress.task("loading checkpoints"):
-        ckpt = load_checkpoint(checkpoint, weights)
-        base = load_checkpoint(baseline, baseline_weights) if baseline else None
-    task = ckpt.task()
-    if task.name == "text-encoder" and base is None:
-        raise CompressError("an encoder is judged by embedding cosine to its original", "pass --baseline ORIGINAL")
-    batcher, splits, spec = prepare_data(ckpt, task, RunOptions(data=data))
-    batches = batcher.batches(splits.eval, batch_size, examples)
-    with progress.task("evaluating"):
-        result = {"data": spec, "checkpoint": checkpoint, "baseline": baseline,
-                  **compare(base.model.to(dev) if base else None, ckpt.model.to(dev), task, batches, dev)}
+    result = evaluate_pair(checkpoint, baseline, weights=weights, baseline_weights=baseline_weights, data=data,
+                           examples=examples, device=device, batch_size=batch_size,
+                           progress=RichProgress(enabled=not as_json))
     if as_json:
         _emit_json(result)
     else:
@@ -312,16 +300,54 @@ def inspect(path: Annotated[str, typer.Argument(help="A checkpoint directory, a 
     rows = result["layers"]
     if top:
         rows = sorted(rows, key=lambda r: -r["bytes"])[:top]
-    table = Table(title=f"{path}")
-    for col in ("layer", "shape", "codec", "params (non-zero)", "dense params", "bytes", "ratio"):
-        table.add_column(col, justify="right" if col not in ("layer", "codec") else "left")
-    for r in rows:
-        table.add_row(r["name"], "x".join(map(str, r["shape"])), r["codec"], f"{r['stored_params']:,}",
-                      f"{r['dense_params']:,}", human_bytes(r["bytes"]), f"{r['ratio']:.3f}")
     t = result["totals"]
-    table.add_row("total", "", "", f"{t['stored_params']:,}", f"{t['dense_params']:,}", human_bytes(t["file_bytes"]),
-                  f"{t['ratio']:.3f}", style="bold")
-    out_console.print(table)
+    cells = [{"layer": r["name"], "shape": "x".join(map(str, r["shape"])), "codec": r["codec"],
+              "stored": f"{r['stored_params']:,}", "dense": f"{r['dense_params']:,}",
+              "bytes": human_bytes(r["bytes"]), "ratio": f"{r['ratio']:.3f}"} for r in rows]
+    total = {"layer": "total", "shape": "", "codec": "", "stored": f"{t['stored_params']:,}",
+             "dense": f"{t['dense_params']:,}", "bytes": human_bytes(t["file_bytes"]),
+             "ratio": f"{t['ratio']:.3f}"}
+    out_console.print(_layer_table(str(path), cells, total, out_console.width))
+
+
+NAME_WIDTH = 28  # room a layer name needs to be read whole (e.g. "encoder.layer.11.output.dense")
+
+
+def _shorten(name: str, room: int) -> str:
+    """`name` in at most `room` characters: its dotted parts abbreviated to their first letter from the
+    left ("encoder.layer.1.attention.self.query" -> "e.l.1.attention.self.query"), numbers and the last
+    part kept, so rows stay distinct; cut from the left with "…" only if that is not enough."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if len(".".join(parts)) <= room:
+            break
+        if not parts[i].isdigit():
+            parts[i] = parts[i][:1]
+    short = ".".join(parts)
+    return short if len(short) <= room else "…" + short[-(room - 1):]
+
+
+def _layer_table(title: str, cells: list[dict[str, str]], total: dict[str, str], width: int) -> Table:
+    """The inspect table fitted to `width` columns: the shape, then the dense count, are dropped when
+    the layer names would get fewer than NAME_WIDTH characters, and names too long for what is left
+    are abbreviated from the left (`_shorten`), keeping the parts that tell layers apart."""
+    columns = list(total)
+    droppable = ["shape", "dense"]
+
+    def others(cols: list[str]) -> int:  # each column: its widest cell, 2 of padding, 1 border
+        return 1 + sum(max(len(c), *(len(row[c]) for row in [*cells, total])) + 3 for c in cols if c != "layer")
+
+    while width - others(columns) - 3 < NAME_WIDTH and droppable:
+        columns.remove(droppable.pop(0))
+    room = max(16, width - others(columns) - 3)
+    table = Table(title=title, caption="stored: parameters as stored (non-zeros; shared tensors once); "
+                                       "dense: those of the layer it replaces")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("layer", "codec") else "right", no_wrap=True)
+    for row in cells:
+        table.add_row(*[_shorten(row["layer"], room) if c == "layer" else row[c] for c in columns])
+    table.add_row(*[total[c] for c in columns], style="bold")
+    return table
 
 
 @app.command()

@@ -183,3 +183,13 @@ def batcher_for(checkpoint, task, max_length: int = 128) -> Batcher:
         raise DataError(f"{checkpoint.name} has no tokenizer files beside its config",
                         "copy tokenizer.json / vocab.txt into the checkpoint directory")
     return Batcher("text", tokenizer=AutoTokenizer.from_pretrained(str(directory)), max_length=max_length)
+
+
+def prepare_data(checkpoint, task, spec: str | None, max_length: int = 128) -> tuple[Batcher, Splits, str]:
+    """The batcher, splits and data name for `checkpoint`: `spec`, or the pydoc corpus for a text model
+    (images have no default: the classes must be the model's)."""
+    spec = spec or ("pydoc" if task.modality == "text" else None)
+    if spec is None:
+        raise DataError(f"{checkpoint.name} reads images and no --data was given",
+                        "pass --data digits, mnist1d or imagefolder:DIR")
+    return batcher_for(checkpoint, task, max_length), split(load_examples(spec)), spec

@@ -9,12 +9,17 @@ the same code scores two models held whole (`compare`) and two streams computed 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint, recorded_original
+from .data import prepare_data
+from .errors import CompressError
+from .progress import Progress, SilentProgress
 from .tasks import Task, next_token_nll
 
 Batch = dict[str, torch.Tensor]
@@ -31,6 +36,35 @@ def _outputs(original: nn.Module | None, compressed: nn.Module, task: Task, batc
         batch = {k: v.to(device) for k, v in batch.items()}
         out_o = task.outputs(original, batch).float() if original is not None else None
         yield batch, out_o, task.outputs(compressed, batch).float()
+
+
+def evaluate_pair(checkpoint: str | Path, baseline: str | Path | None = None, *, weights: Path | None = None,
+                  baseline_weights: Path | None = None, data: str | None = None, examples: int | None = None,
+                  device: str = "auto", batch_size: int = 32, max_length: int = 128,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """`compress eval`: `checkpoint` beside its original on the same held-out data. The original is
+    `baseline`, else the one a compresscli output records; a plain checkpoint with neither is scored
+    alone, except an encoder, which is judged only by its embeddings' cosine to an original."""
+    from .pipeline import pick_device  # the run's device rule; pipeline imports this module
+
+    progress = progress or SilentProgress()
+    dev = pick_device(device)
+    with progress.task("loading checkpoints"):
+        ckpt = load_checkpoint(checkpoint, weights)
+        if baseline is not None:
+            original = load_checkpoint(baseline, baseline_weights)
+        elif ckpt.compression is not None:
+            original = recorded_original(ckpt)
+        else:
+            original = None
+    task = ckpt.task()
+    if task.name == "text-encoder" and original is None:
+        raise CompressError("an encoder is judged by embedding cosine to its original", "pass --baseline ORIGINAL")
+    batcher, splits, spec = prepare_data(ckpt, task, data, max_length)
+    batches = batcher.batches(splits.eval, batch_size, examples)
+    with progress.task("evaluating"):
+        metrics = compare(original.model.to(dev) if original else None, ckpt.model.to(dev), task, batches, dev)
+    return {"data": spec, "checkpoint": ckpt.name, "baseline": original.name if original else None, **metrics}
 
 
 def compare(original: nn.Module | None, compressed: nn.Module, task: Task, batches: list[Batch],
@@ -111,11 +145,3 @@ def _causal_lm(task: Task, triples: Iterable[Triple]) -> dict[str, Any]:
             "metrics": [_metric("perplexity", ppl_o, ppl_c, higher_is_better=False),
                         _metric("top-1 agreement", 1.0, torch.cat(agree).mean().item())]}
 
-
-@torch.no_grad()
-def max_output_difference(a: nn.Module, b: nn.Module, task: Task, batch: dict[str, torch.Tensor],
-                          device: torch.device) -> float:
-    """Largest absolute difference between two models' outputs on one batch (the reload check)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    a.eval(), b.eval()
-    return (task.outputs(a, batch).float() - task.outputs(b, batch).float()).abs().max().item()

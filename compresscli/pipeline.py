@@ -24,9 +24,9 @@ from torch import nn
 from . import __version__
 from .architectures import Architecture, detect
 from .checkpoint import Checkpoint, load_compressed, load_source
-from .data import Batcher, Splits, batcher_for, load_examples, split
+from .data import prepare_data
 from .errors import CompressError, RecipeError, StageError
-from .evaluate import compare, max_output_difference
+from .evaluate import compare
 from .export import FORMAT_METADATA, compressed_layers, write_model
 from .memory import MemoryPrediction, PeakMemory, available_memory, explain_out_of_memory, predict_memory
 from .methods import StageContext, compress_
@@ -134,15 +134,6 @@ def resolve_targets(recipe: Recipe, model: nn.Module, arch: Architecture | None 
 
 def needs_data(recipe: Recipe, options: RunOptions) -> bool:
     return (options.evaluate and not options.dry_run) or any(s.config.needs_data() for s in recipe.stages)
-
-
-def prepare_data(ckpt: Checkpoint, task: Task, options: RunOptions) -> tuple[Batcher, Splits, str]:
-    spec = options.data or ("pydoc" if task.modality == "text" else None)
-    if spec is None:
-        raise CompressError(f"{ckpt.name} reads images and no --data was given",
-                            "pass --data digits, mnist1d or imagefolder:DIR")
-    batcher = batcher_for(ckpt, task, options.max_length)
-    return batcher, split(load_examples(spec)), spec
 
 
 def choose_mode(prediction: MemoryPrediction, options: RunOptions, recipe: Recipe) -> str:
@@ -258,7 +249,7 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
     batcher = splits = data_name = None
     if needs_data(recipe, options):
         with progress.task("loading data"):
-            batcher, splits, data_name = prepare_data(ckpt, task, options)
+            batcher, splits, data_name = prepare_data(ckpt, task, options.data, options.max_length)
             ctx = StageContext(teacher=teacher, task=task, device=device, progress=progress, dry_run=options.dry_run,
                                seed=options.seed, train=batcher.batches(splits.train, options.batch_size),
                                calibration=batcher.batches(splits.calibration, options.batch_size,

@@ -26,11 +26,12 @@ from .activations import ActivationStore
 from .architectures import Block
 from .blockstream import BlockStreamer
 from .calibration import BlockIO, StopForward, split_batches, stopping_after, token_mask
+from .data import prepare_data
 from .errors import RecipeError, StageError
 from .evaluate import compare_outputs
 from .export import FORMAT_METADATA, write_model
 from .methods import StageContext, compress_
-from .pipeline import STAGE_FIX, RunOptions, StageRecord, layer_bytes, prepare_data, stored_params
+from .pipeline import STAGE_FIX, RunOptions, StageRecord, layer_bytes, stored_params
 from .progress import Progress, SilentProgress
 from .recipe import Recipe
 from .safetensors_io import ShardWriter
@@ -153,7 +154,7 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
     data_name = None
     if needs_data or evaluate:
         with progress.task("loading data"):
-            batcher, splits, data_name = prepare_data(streamed.as_checkpoint(), task, options)
+            batcher, splits, data_name = prepare_data(streamed.as_checkpoint(), task, options.data, options.max_length)
     named: dict[str, list[dict[str, torch.Tensor]]] = {}
     if needs_data:
         chunk = calibration_chunk(recipe, options.batch_size)

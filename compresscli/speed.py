@@ -16,8 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .errors import CompressError
+from .checkpoint import Checkpoint, recorded_original
 from .tasks import Task
 
 Batch = dict[str, torch.Tensor]
@@ -136,12 +135,7 @@ def measure_speed(original: nn.Module, compressed: nn.Module, task: Task,
 def compare_checkpoints(compressed: Checkpoint, original: Checkpoint | None = None, **options: Any) -> dict[str, Any]:
     """`measure_speed` for two loaded checkpoints; the original defaults to the source recorded in a
     compresscli output directory. `options` are measure_speed's keyword arguments."""
-    if original is None:
-        source = (compressed.compression or {}).get("source")
-        if source is None:
-            raise CompressError(f"{compressed.name} records no original to compare with",
-                                "pass --baseline ORIGINAL")
-        original = load_checkpoint(source)
+    original = original or recorded_original(compressed)
     task = compressed.task()
     result = measure_speed(original.model, compressed.model, task, **options)
     return {"checkpoint": compressed.name, "baseline": original.name, **result}

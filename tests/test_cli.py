@@ -53,8 +53,15 @@ def test_eval_and_inspect_on_the_output(capsys, minilm_out, minilm_dir):
     out, _ = minilm_out
     code, stdout, _ = run_cli(capsys, "eval", str(out), "--baseline", str(minilm_dir), "--examples", "16", "--json")
     assert code == 0
-    result = json.loads(stdout)
-    assert result["metrics"][0]["original"] == 1.0 and result["metrics"][0]["compressed"] < 1.0
+    cosine = json.loads(stdout)["metrics"][0]
+    assert 0.5 < cosine["compressed"] < 0.999
+    code, stdout, _ = run_cli(capsys, "eval", str(out), "--examples", "16", "--json")  # the original OUT records
+    assert code == 0 and json.loads(stdout)["metrics"][0] == cosine
+    code, stdout, _ = run_cli(capsys, "eval", str(minilm_dir), "--baseline", str(minilm_dir), "--examples", "16",
+                              "--json")
+    assert code == 0 and json.loads(stdout)["metrics"][0]["compressed"] == pytest.approx(1.0, abs=1e-6)
+    code, _, stderr = run_cli(capsys, "eval", str(minilm_dir), "--examples", "16")
+    assert code == 1 and "pass --baseline ORIGINAL" in stderr
     code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json")
     layers = {r["name"]: r for r in json.loads(stdout)["layers"]}
     fc1 = layers["encoder.layer.0.intermediate.dense"]
@@ -63,6 +70,26 @@ def test_eval_and_inspect_on_the_output(capsys, minilm_out, minilm_dir):
     assert fc1["dense_params"] == 1536 * 384 + 1536 and fc1["bytes"] < fc1["dense_bytes"]
     code, stdout, _ = run_cli(capsys, "inspect", str(minilm_dir), "--json")
     assert code == 0 and json.loads(stdout)["totals"]["dense_params"] >= 22_713_216
+
+
+def test_inspect_fits_80_columns_with_names_that_tell_layers_apart(capsys, minilm_out, monkeypatch):
+    from compresscli import cli
+
+    monkeypatch.setattr(cli.out_console, "width", 80)
+    code, stdout, _ = run_cli(capsys, "inspect", str(minilm_out[0]))
+    assert code == 0 and max(map(len, stdout.splitlines())) <= 80
+    shown = [line.split("│")[1].strip() for line in stdout.splitlines() if line.startswith("│")][:-1]  # - total
+    code, stdout, _ = run_cli(capsys, "inspect", str(minilm_out[0]), "--json")
+    full = [row["name"] for row in json.loads(stdout)["layers"]]
+
+    def abbreviates(short: str, name: str) -> bool:  # part by part: kept, or its first letter; numbers and last kept
+        a, b = short.split("."), name.split(".")
+        return len(a) == len(b) and a[-1] == b[-1] and all(
+            x == y or (not y.isdigit() and x == y[0]) for x, y in zip(a, b))
+
+    assert len(shown) == len(full) and len(set(shown)) == len(shown)  # every layer, no two rows alike
+    assert all(abbreviates(s, n) or (s.startswith("…") and n.endswith(s[1:])) for s, n in zip(shown, full))
+    assert "intermediate.dense" in shown[0] and shown[0] != full[0]  # shortened, the telling part kept
 
 
 def test_compress_a_compressed_checkpoint_further(capsys, tmp_path, minilm_out):
