@@ -370,16 +370,30 @@ def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, cap
         cpu.library.cache_clear()
 
 
-def test_speed_report_is_json_and_names_the_kernel():
+def test_speed_report_is_json_and_names_the_kernel(monkeypatch):
+    """A clock that each forward pass advances by a known time (4 ms original, 1 ms compressed): the report
+    must time each model's own passes, give their medians and spread, and a speed-up of exactly 4."""
+    import types
+
+    from compresscli import speed
+
     original = tiny_timm().eval()
     compressed = tiny_timm().eval()
     compress_(compressed, CondensedConfig(sparsity=0.9), _mlp)
+    now = [0.0]
+    for model, seconds in ((original, 0.004), (compressed, 0.001)):
+        model.register_forward_pre_hook(lambda *_, s=seconds: now.__setitem__(0, now[0] + s))
+    monkeypatch.setattr(speed, "time", types.SimpleNamespace(perf_counter=lambda: now[0], thread_time=lambda: now[0]))
     result = measure_speed(original, compressed, ImageClassification(), batch_sizes=(1, 4), warmup=1, repeats=3,
                            threads=1, input_size=(3, 16, 16))
-    assert json.loads(json.dumps(result))["batches"][0]["batch"] == 1
+    assert json.loads(json.dumps(result)) == result
+    assert [row["batch"] for row in result["batches"]] == [1, 4]
+    ran = "cpu" if "cpu" in CPU_PATHS else "dense"  # 10% density: the compiled kernel wherever it exists
     for row in result["batches"]:
-        assert row["original_ms"]["median"] > 0 and row["speedup"] > 0
-        assert sum(row["kernels"].values()) == 4
+        assert row["original_ms"] == pytest.approx({"median": 4.0, "p10": 4.0, "p90": 4.0})
+        assert row["compressed_ms"] == pytest.approx({"median": 1.0, "p10": 1.0, "p90": 1.0})
+        assert row["speedup"] == pytest.approx(4.0)
+        assert row["kernels"] == {ran: 4}  # the 4 condensed MLP layers, nothing else
 
 
 def test_bench_command_times_a_compressed_dir_against_its_recorded_source(tmp_path, capsys):
@@ -475,4 +489,5 @@ def test_triton_kernels_on_gpu(dtype, n):
     layer = CondensedLinear(fan_in, rows, v.float(), idx, bias=b.float()).cuda().to(dtype)
     with torch.no_grad():
         assert torch.allclose(layer(x).float(), expected, atol=tol, rtol=tol)
-    assert layer.last_path in ("triton_gemv", "triton_tiled", "dense")
+    # density 138 / 1376 = 0.10: the gemv kernel up to GEMV_MAX_ROWS rows, the tiled one beyond, never dense
+    assert layer.last_path == ("triton_gemv" if n <= dispatch.GEMV_MAX_ROWS else "triton_tiled")

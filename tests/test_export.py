@@ -81,9 +81,30 @@ def test_unexpected_tensor_is_named(outputs, tmp_path):
 
 
 def test_compresses_in_place_with_a_filter(tiny_hf_dirs):
+    """Exactly the modules the filter accepts become sparse, at the sparsity asked; everything else is the
+    same module with the same weights."""
+    from compresscli.modules import SparseLinear
+
     model = load_checkpoint(tiny_hf_dirs["bert"]).model
+    before = {n: m for n, m in model.named_modules()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chosen = [n for n in before if n.endswith("intermediate.dense")]
     stats = compress_(model, MagnitudeConfig(sparsity=0.5), lambda m, n: n.endswith("intermediate.dense"))
-    assert stats["layers"] == 2
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert sorted(sparse) == sorted(chosen) == [f"encoder.layer.{i}.intermediate.dense" for i in (0, 1)]
+    kept = sum(int(m.mask.sum()) for m in sparse.values())
+    assert stats["layers"] == 2 and stats["kept"] == kept == 32 * 64  # half of the two 64 x 32 weights
+    for name, layer in sparse.items():  # the largest half of the magnitudes, in place of the dense weight
+        dense = weights[f"{name}.weight"]
+        assert torch.equal(layer.dense_weight(), dense * layer.mask)
+    scores = torch.cat([weights[f"{n}.weight"].abs().flatten() for n in chosen])
+    assert torch.cat([weights[f"{n}.weight"].abs()[sparse[n].mask] for n in chosen]).min() >= scores.median()
+    for name, module in model.named_modules():
+        if not any(name == n or name.startswith(f"{n}.") for n in chosen):
+            assert module is before[name], name
+    for name, param in model.named_parameters():
+        if not any(name.startswith(f"{n}.") for n in chosen):
+            assert torch.equal(param, weights[name]), name
 
 
 def test_metadata_records_format_and_codecs(outputs):

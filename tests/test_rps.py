@@ -148,12 +148,26 @@ def test_c1_recovers_every_weight():
 
 def test_stats_and_compression():
     model = tiny_timm()
-    stats = compress_(model, RPSConfig(compression=10), lambda m, n: ".mlp." in n or ".attn." in n)
-    assert stats["memory"] == stats["weights"] // 10 and stats["compression"] == pytest.approx(10, rel=1e-3)
+    targets = lambda m, n: ".mlp." in n or ".attn." in n  # noqa: E731
+    linears = {n: m.weight.detach().clone() for n, m in model.named_modules()
+               if targets(m, n) and isinstance(m, nn.Linear)}
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    norm_weights = {n: copy.deepcopy(m.state_dict()) for n, m in norms.items()}
+    stats = compress_(model, RPSConfig(compression=10), targets)
+    weights = sum(w.numel() for w in linears.values())
+    assert stats["weights"] == weights and stats["memory"] == weights // 10 == _memory(model).numel()
+    assert stats["compression"] == pytest.approx(10, rel=1e-3)
     assert stats["slot_load_min"] >= 10 and stats["slot_load_max"] <= 11 and stats["empty_slots"] == 0
-    assert stats["layers"] == 8 and 0 < stats["projection_rel_error"] < 1
-    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
-    assert norms and all(isinstance(model.get_submodule(n), nn.LayerNorm) for n in norms)
+    layers = _rps_layers(model)
+    assert sorted(layers) == sorted(linears) and len(layers) == stats["layers"] == 8  # qkv, proj, fc1, fc2 x 2
+    error = sum((layers[n].weight.detach().double() - w.double()).pow(2).sum() for n, w in linears.items())
+    power = sum(w.double().pow(2).sum() for w in linears.values())
+    assert stats["projection_rel_error"] == pytest.approx(math.sqrt(error / power), rel=1e-6)
+    assert 0 < stats["projection_rel_error"] < 1
+    assert len(norms) == 5  # 2 per block and the final norm: the same modules, with the same weights
+    for name, norm in norms.items():
+        assert model.get_submodule(name) is norm
+        assert all(torch.equal(v, norm_weights[name][k]) for k, v in norm.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- gradient scaling

@@ -11,6 +11,49 @@ from compresscli.sweep import SweepOptions, check_methods, finetune_steps, run_s
 from conftest import run_cli
 
 
+def _painted(png, color: str):
+    """Which pixels of a PNG have matplotlib's `color` ("C0", "C1", ...): a (rows, columns) bool array."""
+    import matplotlib.colors
+    import matplotlib.image
+    import numpy as np
+
+    pixels = matplotlib.image.imread(str(png))[..., :3]
+    return np.abs(pixels - np.array(matplotlib.colors.to_rgb(color))).sum(-1) < 0.1
+
+
+def _drawn(png, color: str) -> list[tuple[slice, slice]]:
+    """The (rows, columns) extents of the separate shapes drawn in `color`."""
+    from scipy import ndimage
+
+    return ndimage.find_objects(ndimage.label(_painted(png, color))[0])
+
+
+def test_pareto_plot_draws_each_method_where_its_runs_are(tmp_path):
+    """Method a: 1 kB -> 0.5 and 100 kB -> 0.9; method b: one run at 10 kB -> 0.6. On the log x axis b's
+    point lies at the middle of a's line, below it; a's line rises to the right."""
+    from compresscli.sweep_plot import pareto_plot
+
+    def run(method, size, value):
+        return {"status": "ok", "method": method, "bytes": size, "value": value, "original": 0.95,
+                "dense_bytes": 1e6, "metric": "accuracy"}
+
+    state = {"config": {"methods": ["a", "b"], "source": "/models/tiny"},
+             "runs": {"a-x1": run("a", 1e3, 0.5), "a-x2": run("a", 1e5, 0.9), "b-x1": run("b", 1e4, 0.6),
+                      "b-x9": {"status": "failed", "method": "b"}}}
+    png = tmp_path / "p.png"
+    pareto_plot(state, png)
+    a, b = _drawn(png, "C0"), _drawn(png, "C1")
+    assert len(a) == len(b) == 2  # each method: its data and its legend handle
+    rows, cols = max(a, key=lambda box: box[1].stop - box[1].start)  # a's line, two decades wide
+    point_rows, point_cols = min(b, key=lambda box: box[1].stop - box[1].start)  # b's lone marker
+    assert cols.stop - cols.start > 300 and rows.stop - rows.start > 100
+    blue = _painted(png, "C0")[rows, :]
+    left, right = blue[:, cols.start + 2].nonzero()[0], blue[:, cols.stop - 3].nonzero()[0]
+    assert left.min() > right.max()  # a rises: its left end is lower on the image
+    assert abs((point_cols.start + point_cols.stop) / 2 - (cols.start + cols.stop) / 2) <= 3  # 10 kB: midway
+    assert (point_rows.start + point_rows.stop) / 2 > (rows.start + rows.stop) / 2 + 20  # 0.6 < 0.7: below
+
+
 def _options(methods, ratios):
     return SweepOptions(methods, ratios, steps=2, run=RunOptions(data="digits", eval_examples=64))
 
@@ -37,7 +80,8 @@ def test_sweep_resumes_where_it_stopped(tmp_path, digits_vit_dir):
         run = state["runs"][run_id]
         assert run["status"] == "ok" and run["ratio"] == pytest.approx(target, rel=0.03)
         assert 0 < run["value"] <= 1 and run["original"] >= 0.9  # 64 eval images
-    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    line = _drawn(tmp_path / "pareto.png", "C0")  # magnitude: its legend handle and its two points joined
+    assert len(line) == 2 and max(cols.stop - cols.start for _, cols in line) > 100
     assert "| magnitude |" in (tmp_path / "sweep.md").read_text()
 
 
