@@ -6,6 +6,12 @@ removed), in the source architecture's layout: GPT-2's Conv1D weights transposed
 stored once as the original stores them. Layers are decoded one at a time and streamed through a
 ShardWriter, so the export holds one layer's dense weights (plus the tensors layers share and the
 kept half of a tie), never a second copy of the model.
+
+`compressed-tensors` writes the same directory with the sparse layers (magnitude-style `sparse_linear`,
+and `condensed_linear` where it is 2:4) in compressed-tensors' sparse formats (see ct_sparse) and the
+`quantization_config` block that names them in config.json. A first pass decodes each sparse layer
+once to refuse what has no such format and to choose between `sparse-24-bitmask` (every layer 2:4)
+and `sparse-bitmask`; the second writes, as `dense` does.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import ct_sparse
 from .errors import CheckpointError, CompressError
 from .export import SHARED_PREFIX, read_format, replace_module, tensors_to_model
 from .modules import CompressedModule
@@ -29,7 +36,7 @@ from .safetensors_io import INDEX_NAME, ShardWriter, TensorIndex, atomic_directo
 from .source import Source, build_skeleton, conv1d_to_linear, open_source, tied_groups
 
 log = logging.getLogger(__name__)
-FORMATS = ("dense",)
+FORMATS = ("dense", "compressed-tensors")
 HF_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
 _MISMATCH = "the config.json does not match the weight files"
 
@@ -48,6 +55,8 @@ class ExportResult:
     decoded_layers: int  # compressed layers written dense
     copied: list[str] = field(default_factory=list)  # other files copied from OUT
     untied: list[str] = field(default_factory=list)  # tied in the architecture, no longer equal: stored apart
+    sparse_format: str | None = None  # compressed-tensors: the sparsity format the compressed layers are in
+    notes: list[str] = field(default_factory=list)  # what the user must know to load it
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "to": str(self.to)}
@@ -67,14 +76,33 @@ def export(out: str | Path, to: str | Path, fmt: str = "dense", force: bool = Fa
     to = Path(to)
     replace = _check_target(source.directory, to, force)
     kind = source.model_kind
+    progress = progress or SilentProgress()
+    sparsity = _plan_sparsity(source, progress) if fmt == "compressed-tensors" else None
     with atomic_directory(to, force=replace) as tmp:
         writer = ShardWriter(tmp, shard_bytes if kind == "hf" else sys.maxsize, HF_METADATA)
-        decoded, untied = _write_dense(source, writer, progress or SilentProgress())
+        decoded, untied = _write_dense(source, writer, progress, sparsity.encode if sparsity else None)
         files = writer.close()
-        (tmp / "config.json").write_text(json.dumps(_plain_config(source, untied), indent=2))
+        config = _plain_config(source, untied)
+        if sparsity:
+            config["quantization_config"] = sparsity.quantization_config()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copied = _copy_side_files(source.directory, tmp)
     return ExportResult(to, fmt, kind, source.model_class, [f.name for f in files], len(writer.names),
-                        writer.total_bytes, decoded, copied, untied)
+                        writer.total_bytes, decoded, copied, untied, sparsity.format if sparsity else None,
+                        _loading_notes(fmt))
+
+
+def _loading_notes(fmt: str) -> list[str]:
+    """A compressed-tensors sparse export that the installed transformers would load wrong, said out loud:
+    transformers 5 keeps no sparsity_config and leaves those layers randomly initialised (only its load
+    report lists them), and compressed-tensors >= 0.15 has no sparse decompressor any more."""
+    import transformers
+
+    if fmt != "compressed-tensors" or int(transformers.__version__.split(".")[0]) < 5:
+        return []
+    return [f"transformers {transformers.__version__} cannot load sparse compressed-tensors checkpoints (it leaves "
+            "the sparse layers randomly initialised): decompress with compressed-tensors <= 0.14 "
+            "(ModelCompressor.decompress, transformers 4), or export --format dense for transformers 5"]
 
 
 def _check_target(out: Path, to: Path, force: bool) -> bool:
@@ -89,13 +117,48 @@ def _check_target(out: Path, to: Path, force: bool) -> bool:
     return to.exists()
 
 
-def _write_dense(source: Source, writer: ShardWriter, progress: Progress) -> tuple[int, list[str]]:
-    """Decode and write the checkpoint one module at a time: a compressed layer as its dense tensors,
-    any other module's own tensors as stored; returns the decoded layer count and the untied keys."""
+def _plan_sparsity(source: Source, progress: Progress) -> ct_sparse.SparsityBlock:
+    """Refuse a checkpoint compressed-tensors cannot hold (a timm model, a layer with no sparse format)
+    and choose its one sparsity format, decoding each compressed layer once."""
+    if source.model_kind != "hf":
+        raise CompressError("compressed-tensors is a Hugging Face transformers format, this is a timm model",
+                            "use --format dense, which timm loads")
+    layers, _ = read_format(source.index, source.name)
+    for unit, meta in layers.items():
+        ct_sparse.refuse_codec(unit, meta["codec"])
+    model, transposed = _skeleton(source)
+    conv1d_to_linear(model)
+    shared: dict[str, nn.Parameter] = {}
+    all_24 = bool(layers)
+    with torch.no_grad(), progress.task("checking sparsity", total=len(layers)) as task:
+        for unit, meta in layers.items():
+            weight = _read_unit(model, unit, layers, source.index, source.name, shared)[f"{unit}.weight"]
+            weight = weight.t() if unit in transposed else weight  # (rows, cols) as the file will store it
+            if meta["codec"] == "condensed_linear":
+                ct_sparse.refuse_condensed(unit, weight, meta["params"]["k"])
+            all_24 = all_24 and ct_sparse.fits_24(weight)
+            task.advance()
+    return ct_sparse.SparsityBlock(ct_sparse.BITMASK_24 if all_24 else ct_sparse.BITMASK, sorted(layers))
+
+
+def _skeleton(source: Source) -> tuple[nn.Module, set[str]]:
+    """The architecture with parameters on meta, and the names of its Conv1D modules (whose weights the
+    original stores transposed; `conv1d_to_linear` turns them into the layout the file is stored in)."""
+    model = build_skeleton(source.model_kind, source.config, source.model_class)
+    return model, {name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+
+
+Encoder = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _write_dense(source: Source, writer: ShardWriter, progress: Progress,
+                 encode: Encoder | None = None) -> tuple[int, list[str]]:
+    """Decode and write the checkpoint one module at a time: a compressed layer as its dense tensors
+    (or, given `encode`, as what it makes of them), any other module's own tensors as stored; returns
+    the decoded layer count and the untied keys."""
     where, index = source.name, source.index
     layers, file_tied = read_format(index, where)
-    model = build_skeleton(source.model_kind, source.config, source.model_class)  # parameters on meta
-    transposed = {name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    model, transposed = _skeleton(source)
     order = list(model.state_dict())
     keeper_of: dict[str, str] = {}  # a tied tensor -> the one of its group the original stores (the first)
     for group in tied_groups(model):
@@ -129,6 +192,8 @@ def _write_dense(source: Source, writer: ShardWriter, progress: Progress) -> tup
                     kept[key] = tensor
                 written[key] = tensor.t() if key.rpartition(".")[0] in transposed and key.endswith(".weight") \
                     else tensor
+            if encode is not None and unit in layers:
+                written = encode(unit, written)
             writer.add(written)
             task.advance()
     if untied:

@@ -1,5 +1,6 @@
-"""`compress export --format dense`: every codec's dense form, and plain directories that transformers and
-timm load in a process where compresscli cannot be imported, computing what compresscli.load(OUT) computes."""
+"""`compress export`: every codec's dense form; `--format dense` directories that transformers and timm load,
+and `--format compressed-tensors` directories that compressed-tensors decompresses, in a process where
+compresscli cannot be imported, computing what compresscli.load(OUT) computes."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 
 import compresscli
+from compresscli import ct_sparse
 from compresscli.checkpoint import load_checkpoint
-from compresscli.ecosystem import export
+from compresscli.ecosystem import FORMATS, export
 from compresscli.modules import CODECS, SparseConv2d, SparseLinear, codec_for
 from compresscli.modules.condensed import CondensedConv2d, CondensedLinear
 from compresscli.modules.fips import FipsLinear
@@ -21,6 +23,7 @@ from compresscli.modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
 from compresscli.modules.rps_hash import Placement
 from compresscli.pipeline import RunOptions, run_recipe
 from compresscli.recipe import parse_recipe
+from compresscli.errors import CompressError
 from compresscli.safetensors_io import read_header
 from conftest import run_cli, tiny_timm
 
@@ -94,9 +97,47 @@ def test_every_codec_decodes_to_the_dense_layer_it_computes(codec):
 
 # Runs in a fresh interpreter where `import compresscli` fails: DIR must load with transformers or timm alone.
 LOADER = """
-import json, sys
+import glob, json, sys
 sys.modules["compresscli"] = None  # any import of it raises ImportError
 import torch
+
+
+def decompressed(directory, config):
+    # compressed-tensors <= 0.14 decompresses sparse checkpoints itself (ModelCompressor); 0.15 removed its
+    # sparse compressors but still validates the sparsity_config and unpacks the bitmasks: decode with those
+    import transformers
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from compressed_tensors.config import SparsityCompressionConfig
+    from compressed_tensors.utils import unpack_bitmasks
+    block = config.quantization_config["sparsity_config"]
+    sparsity = SparsityCompressionConfig.load_from_registry(block["format"], **block)
+    del config.quantization_config  # the model itself is built plain, then given the decompressed weights
+    model = getattr(transformers, config.architectures[0])(config)
+    try:
+        BaseCompressor.get_value_from_registry(sparsity.format)
+    except KeyError:
+        from safetensors.torch import load_file
+        state = {k: v for f in sorted(glob.glob(directory + "/*.safetensors")) for k, v in load_file(f).items()}
+        for target in sparsity.targets:
+            shape = state.pop(target + ".shape").flatten().tolist()
+            mask = unpack_bitmasks(state.pop(target + ".bitmask"), shape)
+            values = state.pop(target + ".compressed").flatten()
+            if sparsity.format == "sparse-bitmask":
+                counts = mask.sum(1)
+                assert torch.equal(state.pop(target + ".row_offsets"), counts.cumsum(0) - counts)
+            else:
+                assert (mask.view(shape[0], -1, 4).sum(-1) == 2).all() and values.numel() == mask.numel() // 2
+            weight = torch.zeros(shape, dtype=values.dtype)
+            weight[mask] = values
+            state[target + ".weight"] = weight
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied to the input
+    else:
+        ModelCompressor.from_pretrained(directory).decompress(directory, model)
+    model.tie_weights()
+    return model
+
+
 jobs = json.loads(sys.argv[1])
 for job in jobs:
     inputs = torch.load(job["inputs"])
@@ -109,6 +150,12 @@ for job in jobs:
                                                                 file=job["dir"] + "/model.safetensors"),
                                     **config["model_args"])]
         outputs = [m.eval()(inputs["x"]) for m in models]
+    elif job["library"] == "compressed-tensors":
+        import transformers
+        config = transformers.AutoConfig.from_pretrained(job["dir"])
+        model = decompressed(job["dir"], config)
+        out = model.eval()(input_ids=inputs["input_ids"])
+        outputs = [out.logits if hasattr(out, "logits") else out.last_hidden_state]
     else:
         import transformers
         config = transformers.AutoConfig.from_pretrained(job["dir"])
@@ -137,8 +184,8 @@ def _job(tmp_path: Path, name: str, directory: Path, library: str, inputs: dict)
             "result": str(tmp_path / f"{name}-result.pt")}
 
 
-def _compress(source: Path, recipe: str, out: Path) -> Path:
-    run_recipe(load_checkpoint(source), parse_recipe(recipe), out, RunOptions(evaluate=False))
+def _compress(source: Path, recipe: str, out: Path, **options) -> Path:
+    run_recipe(load_checkpoint(source), parse_recipe(recipe), out, RunOptions(evaluate=False, **options))
     return out
 
 
@@ -149,6 +196,8 @@ def _output(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5}\n"
+WANDA_24 = "stages:\n  - method: wanda\n    targets: [mlp]\n    params: {n_m: [2, 4]}\n"  # SparseLinear, 2:4
+CONDENSED_24 = "stages:\n  - method: condensed\n    targets: [mlp]\n    params: {n_m: [2, 4]}\n"
 TINY_RECIPES = {
     # GPT-2: Conv1D written back transposed; the tied wte / lm_head read one RPS memory
     "gpt2": "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.6}\n"
@@ -199,24 +248,49 @@ def test_tiny_hf_families_load_in_plain_transformers(tmp_path, tiny_hf_dirs):
         torch.testing.assert_close(got, expected[family], atol=1e-5, rtol=1e-4)
 
 
-def test_real_minilm_with_its_tokenizer_loads_in_plain_transformers(tmp_path, minilm_dir, capsys):
-    out = _compress(minilm_dir, MAGNITUDE, tmp_path / "out")
-    code, stdout, stderr = run_cli(capsys, "export", str(out), "--to", str(tmp_path / "dense"), "--json")
+def _needs_compressed_tensors() -> None:
+    pytest.importorskip("compressed_tensors", reason="--format compressed-tensors is checked with the "
+                        "compressed-tensors package itself: pip install compressed-tensors (or .[test])")
+
+
+# (format, recipe, sparsity format): magnitude pruning is unstructured, wanda's 2:4 a SparseLinear in 2:4
+MINILM_EXPORTS = {"dense": ("dense", MAGNITUDE, None),
+                  "ct-bitmask": ("compressed-tensors", MAGNITUDE, ct_sparse.BITMASK),
+                  "ct-24": ("compressed-tensors", WANDA_24, ct_sparse.BITMASK_24)}
+
+
+@pytest.mark.parametrize("case", MINILM_EXPORTS)
+def test_real_minilm_with_its_tokenizer_loads_without_compresscli(tmp_path, minilm_dir, capsys, case):
+    fmt, recipe, sparse_format = MINILM_EXPORTS[case]
+    if fmt != "dense":
+        _needs_compressed_tensors()
+    out = _compress(minilm_dir, recipe, tmp_path / "out", calibration_examples=8, max_length=16)
+    code, stdout, stderr = run_cli(capsys, "export", str(out), "--to", str(tmp_path / "dense"), "--format", fmt,
+                                   "--json")
     assert code == 0, stderr
     result = json.loads(stdout)
     assert result["kind"] == "hf" and result["files"] == ["model.safetensors"] and result["decoded_layers"] == 12
+    assert result["sparse_format"] == sparse_format
     assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= set(result["copied"])
     import transformers
+
+    transformers_5 = int(transformers.__version__.split(".")[0]) >= 5
+    assert bool(result["notes"]) == (fmt == "compressed-tensors" and transformers_5)  # the loading trap, said
 
     text = "Compressed models should load anywhere."
     ids = transformers.AutoTokenizer.from_pretrained(out)(text, return_tensors="pt")["input_ids"]
     inputs = {"input_ids": ids, "text": text}
     compressed = compresscli.load(out)
     expected = _output(compressed, inputs)
-    job = _job(tmp_path, "minilm", tmp_path / "dense", "hf-auto", inputs)
+    job = _job(tmp_path, "minilm", tmp_path / "dense", "hf-auto" if fmt == "dense" else fmt, inputs)
     _load_elsewhere(tmp_path, [job])
     (got,) = torch.load(job["result"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    if fmt != "dense":
+        header, _ = read_header(tmp_path / "dense" / "model.safetensors")
+        assert "encoder.layer.0.intermediate.dense.weight" not in header
+        assert header["encoder.layer.0.intermediate.dense.bitmask"]["shape"] == [1536, 384 // 8]
+        return
     fc1 = compressed.encoder.layer[0].intermediate.dense
     dense_fc1 = transformers.AutoModel.from_pretrained(tmp_path / "dense").encoder.layer[0].intermediate.dense.weight
     assert torch.equal(dense_fc1, fc1.dense_weight()) and not dense_fc1[~fc1.mask].any()  # pruned: zeros
@@ -244,6 +318,130 @@ def test_timm_vit_loads_in_plain_timm(tmp_path):
     for got in torch.load(job["result"]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert compresscli.load(tmp_path / "dense").__class__.__name__ == "VisionTransformer"  # and compresscli reads it
+    with pytest.raises(CompressError, match=r"Hugging Face transformers format.*--format dense"):
+        export(out, tmp_path / "ct", "compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+# ----------------------------------------------------------------------------- compressed-tensors
+
+# Each tiny family compressed by a method compressed-tensors holds, and the sparsity format it should get.
+CT_RECIPES = {
+    "bert": (MAGNITUDE, ct_sparse.BITMASK, 4),
+    "gpt2": (MAGNITUDE, ct_sparse.BITMASK, 4),  # Conv1D: stored (in, out) as GPT-2 stores it, compressed that way
+    "llama": (CONDENSED_24, ct_sparse.BITMASK_24, 6),  # condensed 2:4 layers (gate, up, down), several shards
+}
+
+
+def test_tiny_hf_families_load_in_compressed_tensors(tmp_path, tiny_hf_dirs):
+    _needs_compressed_tensors()
+    jobs, expected, models = [], {}, {}
+    for family, (recipe, sparse_format, layers) in CT_RECIPES.items():
+        out = _compress(tiny_hf_dirs[family], recipe, tmp_path / f"{family}-out")
+        shard = {"shard_bytes": 20_000} if family == "llama" else {}
+        result = export(out, tmp_path / f"{family}-ct", "compressed-tensors", **shard)
+        assert result.sparse_format == sparse_format and result.decoded_layers == layers
+        block = json.loads((result.to / "config.json").read_text())["quantization_config"]
+        assert block["quant_method"] == "compressed-tensors" and block["sparsity_config"]["format"] == sparse_format
+        sparsity = block["sparsity_config"]
+        assert len(sparsity["targets"]) == layers and 0 < sparsity["global_sparsity"] < 1
+        inputs = {"input_ids": torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))}
+        models[family] = compresscli.load(out)
+        expected[family] = _output(models[family], inputs)
+        jobs.append(_job(tmp_path, family, result.to, "compressed-tensors", inputs))
+
+    header, _ = read_header(tmp_path / "bert-ct" / "model.safetensors")
+    name = "encoder.layer.0.intermediate.dense"
+    assert f"{name}.weight" not in header and header[f"{name}.bias"]["shape"] == [64]
+    kept = int(models["bert"].get_submodule(name).mask.sum())
+    written = {k: (header[f"{name}.{k}"]["dtype"], header[f"{name}.{k}"]["shape"])
+               for k in ct_sparse.TENSORS[ct_sparse.BITMASK]}
+    assert written == {"compressed": ("F32", [kept]), "bitmask": ("U8", [64, 4]), "row_offsets": ("I64", [64]),
+                       "shape": ("I64", [2])}
+    header, _ = read_header(tmp_path / "gpt2-ct" / "model.safetensors")
+    assert "lm_head.weight" not in header and header["transformer.h.0.mlp.c_fc.bitmask"]["shape"] == [32, 128 // 8]
+    llama = json.loads((tmp_path / "llama-ct" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(llama.values())) > 1
+    up = "model.layers.0.mlp.up_proj"
+    assert {f"{up}.compressed", f"{up}.bitmask", f"{up}.shape"} <= set(llama) and f"{up}.row_offsets" not in llama
+    _load_elsewhere(tmp_path, jobs)
+    for job, family in zip(jobs, CT_RECIPES):
+        (got,) = torch.load(job["result"])
+        torch.testing.assert_close(got, expected[family], atol=1e-5, rtol=1e-4)
+
+
+def _ct_compressor(fmt: str):
+    """compressed-tensors' own compressor for `fmt`, or None where this release has none (0.15 removed them)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    try:
+        return BaseCompressor.load_from_registry(fmt, config=SparsityCompressionConfig.load_from_registry(fmt))
+    except KeyError:
+        return None
+
+
+@pytest.mark.parametrize("fmt", [ct_sparse.BITMASK, ct_sparse.BITMASK_24])
+def test_tensors_are_the_ones_compressed_tensors_writes(fmt):
+    _needs_compressed_tensors()
+    from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 20)  # 20 columns: a row's bitmask ends in a padded byte
+    keep = torch.rand(6, 5, 4).argsort(-1) < 2 if fmt == ct_sparse.BITMASK_24 else torch.rand(6, 5, 4) < 0.4
+    weight = weight * keep.reshape(6, 20)
+    ours = ct_sparse.encode(weight, fmt)
+    assert torch.equal(ours["bitmask"], pack_bitmasks(weight != 0))
+    mask = unpack_bitmasks(ours["bitmask"], [6, 20])
+    assert torch.equal(weight[mask], ours["compressed"].flatten())
+    compressor = _ct_compressor(fmt)
+    if compressor is not None:  # a release that still writes the format: its tensors, bit for bit
+        theirs = compressor.compress_weight("w", weight)
+        assert set(theirs) == {f"w.{k}" for k in ours}
+        for k, tensor in ours.items():
+            assert torch.equal(theirs[f"w.{k}"], tensor) and theirs[f"w.{k}"].dtype == tensor.dtype, k
+
+
+def test_2_4_groups_with_fewer_non_zeros_keep_zeros():
+    weight = torch.tensor([[0.0, 0.0, 0.0, 3.0, 1.0, 0.0, 2.0, 0.0]])
+    assert ct_sparse.fits_24(weight) and not ct_sparse.fits_24(torch.ones(2, 8))
+    assert not ct_sparse.fits_24(torch.ones(2, 6))  # no whole groups of 4
+    tensors = ct_sparse.encode(weight, ct_sparse.BITMASK_24)
+    assert tensors["compressed"].tolist() == [[0.0, 3.0, 1.0, 2.0]] and tensors["shape"].tolist() == [[1], [8]]
+    assert tensors["bitmask"].tolist() == [[0b01011001]]  # columns 0, 3, 4, 6: the first column is the lowest bit
+
+
+# A method compressed-tensors has no format for, and what the one-line error names.
+CT_REFUSED = {"gpt2": "no format for rps layers", "bert": "condensed layers that are not 2:4",
+              "llama": "no format for fips layers"}
+
+
+@pytest.mark.parametrize("family", CT_REFUSED)
+def test_methods_without_a_sparse_format_are_refused_by_name(capsys, tmp_path, tiny_hf_dirs, family):
+    out = _compress(tiny_hf_dirs[family], TINY_RECIPES[family], tmp_path / "out")
+    stderr = _error(capsys, str(out), "--to", str(tmp_path / "ct"), "--format", "compressed-tensors")
+    assert CT_REFUSED[family] in stderr and "use --format dense" in stderr
+    assert not (tmp_path / "ct").exists()
+
+
+def _transformers_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])
+
+
+@pytest.mark.xfail(_transformers_major() >= 5, strict=True, reason=(
+    "transformers 5 no longer reads a sparsity_config: its CompressedTensorsConfig drops it and its quantizer has no "
+    "sparse decompression (compressed-tensors 0.15 removed the sparse compressors, and transformers 5 needs >= 0.15), "
+    "so the sparse layers' weights load as fresh random values, reported only as missing keys"))
+def test_transformers_from_pretrained_loads_it_directly(tmp_path, bert_out):
+    _needs_compressed_tensors()
+    result = export(bert_out, tmp_path / "ct", "compressed-tensors")
+    inputs = {"input_ids": torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))}
+    job = _job(tmp_path, "bert", result.to, "hf-auto", inputs)
+    _load_elsewhere(tmp_path, [job])
+    (got,) = torch.load(job["result"])
+    torch.testing.assert_close(got, _output(compresscli.load(bert_out), inputs), atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -264,6 +462,8 @@ def test_bad_input_is_one_line(capsys, tmp_path, tiny_hf_dirs, bert_out):
     assert "not a compresscli output" in _error(capsys, str(tiny_hf_dirs["bert"]), "--to", str(tmp_path / "a"))
     assert "no such file or directory" in _error(capsys, str(tmp_path / "nowhere"), "--to", str(tmp_path / "b"))
     assert "did you mean 'dense'" in _error(capsys, str(bert_out), "--to", str(tmp_path / "c"), "--format", "dens")
+    assert "did you mean 'compressed-tensors'" in _error(capsys, str(bert_out), "--to", str(tmp_path / "c"),
+                                                         "--format", "compressed_tensors")
     assert "overlaps" in _error(capsys, str(bert_out), "--to", str(bert_out / "inside"))
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -277,7 +477,8 @@ def test_bad_input_is_one_line(capsys, tmp_path, tiny_hf_dirs, bert_out):
     assert run_cli(capsys, "export", str(bert_out), "--to", str(empty))[0] == 0
 
 
-def test_a_damaged_output_writes_nothing(tmp_path, bert_out):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_damaged_output_writes_nothing(tmp_path, bert_out, fmt):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -292,5 +493,5 @@ def test_a_damaged_output_writes_nothing(tmp_path, bert_out):
     tensors["stowaway"] = torch.zeros(1)
     save_file(tensors, str(copy / "model.safetensors"), metadata=metadata)
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['stowaway'\]"):
-        export(copy, tmp_path / "dense")
+        export(copy, tmp_path / "dense", fmt)
     assert not (tmp_path / "dense").exists() and [p.name for p in tmp_path.iterdir()] == ["copy"]
