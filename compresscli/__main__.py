@@ -1,3 +1,5 @@
+"""`python -m compresscli`: the `compress` command; also what torchrun runs (`torchrun -m compresscli run ...`)."""
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -110,14 +110,20 @@ def run(checkpoint: CheckpointArg,
         dtype: Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's own), float32, bfloat16 or float16.")] = "auto",
         block_inputs: Annotated[str, typer.Option("--block-inputs", help="Sequential: feed each block the compressed blocks' output (compressed) or the original's (original).")] = "compressed",
         shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file before sharding, e.g. 2GiB.")] = "2GiB",
-        seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False) -> None:
+        seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False,
+        nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Recover data-parallel on N processes on this machine: runs this command under torchrun (--nproc-per-node N); one GPU each when there are GPUs.")] = None) -> None:
     """Compress CHECKPOINT with a recipe, recover, export to OUT, verify the reload and report."""
+    from . import distributed
     from .checkpoint import parse_dtype
     from .pipeline import RunOptions, compress_source
     from .recipe import load_recipe
     from .safetensors_io import parse_size
     from .source import open_source
 
+    if nproc is not None:
+        if distributed.launched():
+            raise CompressError("--nproc given to a command torchrun already started", "drop --nproc, or torchrun")
+        sys.exit(_run_under_torchrun(distributed.relaunch_command(sys.executable, sys.argv[1:], nproc)))
     if out is None and not dry_run:
         raise CompressError("no output directory given", "pass --out DIR (or --dry-run to only look)")
     if out is not None and out.exists() and not force and not dry_run:
@@ -135,9 +141,11 @@ def run(checkpoint: CheckpointArg,
                          dry_run=dry_run, evaluate=not no_eval, calibration_examples=calibration_examples,
                          max_length=max_length, dtype=parse_dtype(dtype), sequential=sequential,
                          max_memory=sizes["--max-memory"], block_inputs=block_inputs, shard_bytes=sizes["--shard-size"])
-    progress = RichProgress(enabled=not as_json)
+    progress = RichProgress(enabled=not as_json and distributed.from_env().is_main)
     source = open_source(checkpoint, weights)
     result = compress_source(source, resolved, out, options, progress, force=force)
+    if result.rank != 0:  # under torchrun, rank 0 speaks for the run
+        return
     if dry_run:
         plan = {"dry_run": True, "mode": result.mode, "stages": [r.to_dict() for r in result.stages],
                 "memory": result.prediction.to_dict() if result.prediction else None}
@@ -150,6 +158,19 @@ def run(checkpoint: CheckpointArg,
         _emit_json({"out": str(out), "report": result.report})
     else:
         _print_report(result.report, out)
+
+
+def _run_under_torchrun(command: list[str]) -> int:
+    """Run torchrun in the foreground and return its exit status. Ctrl-C reaches torchrun and its workers
+    from the terminal; torchrun stops them, so this only waits for it."""
+    import subprocess
+
+    err_console.print("running: " + " ".join(command), highlight=False, soft_wrap=True)
+    proc = subprocess.Popen(command)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return proc.wait()
 
 
 @app.command("eval")
@@ -260,11 +281,11 @@ def sweep(checkpoint: CheckpointArg,
 @app.command("export")
 def export_(out: Annotated[Path, typer.Argument(help="A compresscli output directory (written by `compress run`).")],
             to: Annotated[Path, typer.Option("--to", help="Directory to write (atomically).")],
-            format_: Annotated[str, typer.Option("--format", help="dense: a plain Hugging Face or timm directory, pruned weights as zeros.")] = "dense",
+            format_: Annotated[str, typer.Option("--format", help="dense: a plain Hugging Face or timm directory, pruned weights as zeros. compressed-tensors: magnitude-sparse and 2:4 layers in compressed-tensors' sparse-bitmask / sparse-24-bitmask formats (Hugging Face only; other methods are refused).")] = "dense",
             force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty --to.")] = False,
             shard_size: Annotated[str, typer.Option("--shard-size", help="Largest weight file before sharding (Hugging Face; timm reads one file).")] = "2GiB",
             as_json: JsonOpt = False) -> None:
-    """Write OUT as a plain checkpoint that transformers or timm load with no compresscli installed."""
+    """Write OUT as a plain checkpoint for transformers or timm (dense), or in compressed-tensors' sparse formats."""
     from .ecosystem import export
     from .report import human_bytes
     from .safetensors_io import parse_size
@@ -277,9 +298,12 @@ def export_(out: Annotated[Path, typer.Argument(help="A compresscli output direc
     if as_json:
         _emit_json(result.to_dict())
         return
+    written = f"in {result.sparse_format}" if result.sparse_format else "dense"
     out_console.print(f"{result.kind} {result.model_class} ({result.format}) -> {result.to}: "
                       f"{', '.join(result.files)} ({human_bytes(result.bytes)}), "
-                      f"{result.decoded_layers} compressed layers written dense", highlight=False)
+                      f"{result.decoded_layers} compressed layers written {written}", highlight=False)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -458,9 +482,14 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     """Entry point: one line on stderr per error, non-zero exit, traceback only with --debug."""
+    import signal
+
     from .memory import explain_out_of_memory, return_freed_memory_promptly
 
     return_freed_memory_promptly()
+    # `kill` (and torchrun stopping its other workers when one fails) ends the run through the normal
+    # exception path, so the temporary output directory and the lock are removed; exit status 143.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         with explain_out_of_memory("the command", "free memory, or lower --batch-size and the numbers of examples"):
             code = app(standalone_mode=False)  # click turns Ctrl-C into exit code 130 here
@@ -486,6 +515,8 @@ def main() -> None:
             sys.exit(err.exit_code)
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/] {type(err).__name__}: {err} (run with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/] {type(err).__name__}: {escape(str(err))} (run with --debug for the "
+                          "traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)

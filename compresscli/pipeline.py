@@ -6,6 +6,11 @@ the original is kept only when a stage compares against it (distillation, block 
 output is streamed to disk layer by layer. Block by block (sequential.py): the model is never in
 memory whole. `compress_source` predicts the peak memory of both (memory.py) and runs the whole-model
 path when it fits the budget, else the sequential one, else refuses before doing any work.
+
+Under torchrun (distributed.py) every rank runs the same plan on the same data: one-shot stages on
+every rank, their results then broadcast from rank 0 (`sync_modules`, which counts any difference),
+recovery stages data-parallel (training.py). Only rank 0 writes OUT, verifies and evaluates, once
+every rank has finished; the others wait for its verdict, so a failure anywhere fails every rank.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .architectures import Architecture, detect
 from .checkpoint import Checkpoint, load_compressed, load_source
 from .data import prepare_data
@@ -102,14 +107,16 @@ class RunResult:
     stages: list[StageRecord] = field(default_factory=list)
     prediction: MemoryPrediction | None = None
     mode: str = "whole-model"
+    rank: int = 0  # under torchrun, the rank that returned it; only rank 0's has a report
 
 
 def pick_device(name: str) -> torch.device:
+    """The device asked for; under torchrun a CUDA device is this rank's own (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError(f"--device {name} asked for, but no CUDA device is available", "use --device cpu or auto")
-    return torch.device(name)
+    return distributed.local_device(torch.device(name))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -171,11 +178,16 @@ def compress_source(source: Source, recipe: Recipe, out: Path | None, options: R
                     progress: Progress | None = None, force: bool = False) -> RunResult:
     """Plan, predict, pick the mode and run. Nothing is read beyond headers until the mode is chosen.
     OUT is locked from the start (a second run writing it fails at once); running out of memory ends
-    in a ResourceError saying what to lower, with nothing written."""
+    in a ResourceError saying what to lower, with nothing written. Under torchrun the process group
+    lives for the call, and only rank 0 locks and writes OUT."""
     _check_out(source, out, options, force)
     writes = out is not None and not options.dry_run
-    with output_lock(Path(out)) if writes else nullcontext(), explain_out_of_memory("the run", OUT_OF_MEMORY_FIX):
-        return _compress_source(source, recipe, out, options, progress or SilentProgress(), force)
+    with distributed.process_group(pick_device(options.device)) as world:
+        if not world.is_main:
+            progress = SilentProgress()
+        with output_lock(Path(out)) if writes and world.is_main else nullcontext(), \
+                explain_out_of_memory("the run", OUT_OF_MEMORY_FIX):
+            return _compress_source(source, recipe, out, options, progress or SilentProgress(), force)
 
 
 OUT_OF_MEMORY_FIX = ("lower --batch-size, --calibration-examples or --max-length, run block by block (--sequential, "
@@ -240,6 +252,7 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
     elif out is not None and Path(out).exists() and not force and not options.dry_run:
         raise CompressError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
     targets = resolve_targets(recipe, model)
+    world = distributed.world()
 
     keep_original = not options.dry_run and any(s.config.needs_original() for s in recipe.stages)
     teacher = _frozen_copy(model).to(device) if keep_original else None
@@ -266,15 +279,36 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
         except StageError as err:
             raise RecipeError(f"{recipe.source}: stage {i} ({stage.method}): {err.problem}",
                               err.fix or STAGE_FIX) from None
+        if world.distributed and stage.config.compresses:
+            record.stats["ranks_differed"] = distributed.sync_modules(
+                {n: model.get_submodule(n) for n in names} or {"": model}, f"stage {i} ({stage.method})")
         record.seconds = time.time() - t0
         record.params_after, record.bytes_after = stored_params(model, names), layer_bytes(model, names)
         records.append(record)
         log.info("stage %d (%s): %d modules, %.1fs", i, stage.method, len(names), record.seconds)
     del ctx, teacher  # the frozen original is not needed past the stages
 
-    result = RunResult(model, {}, records, prediction)
+    result = RunResult(model, {}, records, prediction, rank=world.rank)
     if options.dry_run or out is None:
         return result
+    if not world.is_main:  # rank 0 writes; this rank only learns whether it did
+        if not keep_model:
+            ckpt.model = result.model = model = None
+        distributed.wait_for_writer()
+        return result
+    model = None  # result.model holds it: _save_whole_model may release it
+    with distributed.writer_outcome() as everyone_done:
+        everyone_done()
+        _save_whole_model(ckpt, recipe, out, options, progress, force, result, batcher, splits, data_name, device,
+                          task, started, peak, prediction, keep_model)
+    return result
+
+
+def _save_whole_model(ckpt: Checkpoint, recipe: Recipe, out: Path, options: RunOptions, progress: Progress,
+                      force: bool, result: RunResult, batcher, splits, data_name, device: torch.device, task: Task,
+                      started: float, peak: PeakMemory, prediction: MemoryPrediction | None, keep_model: bool) -> None:
+    """Write OUT atomically, check that it reloads to the same outputs, evaluate, and report."""
+    model, records = result.model, result.stages
 
     eval_batches = batcher.batches(splits.eval, options.batch_size, options.eval_examples) if batcher else []
     check_batch = eval_batches[0] if eval_batches else _synthetic_check_batch(model, task)
@@ -305,7 +339,6 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_markdown(report))
     result.report = report
-    return result
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -358,11 +391,15 @@ def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str
     started, peak = time.time(), peak or PeakMemory()
     device = pick_device(options.device)
     torch.manual_seed(options.seed)
-    if options.dry_run or out is None:
+    world = distributed.world()
+    if options.dry_run or out is None or not world.is_main:  # the other ranks compute, rank 0 writes
         records, _ = run_sequential(source, recipe, targets, None, options, progress)
-        return RunResult(None, {}, records, prediction, "sequential")
-    with atomic_directory(Path(out), force=force) as tmp:
+        if not options.dry_run and out is not None:
+            distributed.wait_for_writer()
+        return RunResult(None, {}, records, prediction, "sequential", rank=world.rank)
+    with distributed.writer_outcome() as everyone_done, atomic_directory(Path(out), force=force) as tmp:
         records, outcome = run_sequential(source, recipe, targets, tmp, options, progress)
+        everyone_done()
         layers = sorted(inspect_layers(tmp))
         write_side_files(tmp, source, recipe, layers)
         with progress.task("verifying the saved checkpoint"):
@@ -433,7 +470,8 @@ def execution(mode: str, peak: PeakMemory, prediction: MemoryPrediction | None, 
     """How the run went: mode, measured peak beside the prediction, dtype, device."""
     record = {"mode": mode, "peak_rss_bytes": peak.peak(), "budget_bytes": options.memory_budget(),
               "dtype": str(options.dtype).removeprefix("torch.") if options.dtype else "as stored",
-              "block_inputs": options.block_inputs if mode == "sequential" else None, **extra}
+              "block_inputs": options.block_inputs if mode == "sequential" else None,
+              **distributed.world().to_dict(), **extra}
     if prediction is not None:
         record["predicted_peak_bytes"] = prediction.sequential if mode == "sequential" else prediction.whole_model
         record["prediction"] = prediction.to_dict()

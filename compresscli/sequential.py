@@ -11,6 +11,10 @@ freed. The teacher is never copied: the original block *is* the teacher until it
 
 Stages that need the whole model at once say so (MethodConfig.whole_model_only) and are refused
 before any work, with the block-local alternative.
+
+Under torchrun every rank streams the same units (reconstruction trains data-parallel, one-shot
+results are broadcast from rank 0 after each unit); the ranks that do not write (out_dir None) carry
+no check or evaluation stream.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .activations import ActivationStore
 from .architectures import Block
 from .blockstream import BlockStreamer
@@ -136,8 +141,8 @@ def calibration_chunk(recipe: Recipe, batch_size: int) -> int:
 def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out_dir: Path | None,
                    options: RunOptions, progress: Progress | None = None) -> tuple[list[StageRecord], dict[str, Any]]:
     """Compress `source` unit by unit into `out_dir` (a temporary directory the caller renames; None for
-    a dry run). Returns the stage records and what the report needs (eval, the model's output on the
-    check batch for the reload check)."""
+    a dry run, or a rank that does not write). Returns the stage records and what the report needs
+    (eval, the model's output on the check batch for the reload check)."""
 
     progress = progress or SilentProgress()
     device = torch.device(options.resolved_device)
@@ -148,8 +153,9 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
     model, blocks, task = streamed.model, streamed.blocks, streamed.task
     units = plan_units(recipe, targets, blocks)
     dry = options.dry_run
+    writes = out_dir is not None and not dry
     needs_data = any(s.config.needs_data() for s in recipe.stages)
-    evaluate = options.evaluate and not dry
+    evaluate = options.evaluate and writes
     batcher = splits = None
     data_name = None
     if needs_data or evaluate:
@@ -161,7 +167,7 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
         named["cal"] = split_batches(batcher.batches(splits.calibration, options.batch_size,
                                                      options.calibration_examples), chunk)
     eval_batches = batcher.batches(splits.eval, options.batch_size, options.eval_examples) if evaluate else []
-    if not dry:
+    if writes:
         named["check"] = [eval_batches[0] if eval_batches else synthetic_batch(model, task, 2)]
     if evaluate:
         named["eval_o"] = eval_batches
@@ -193,7 +199,7 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
                     streamed.free_block(i)
                 bar.advance(len(unit))
         result: dict[str, Any] = {"units": len(units), "activations_spilled_bytes": store.spilled_bytes}
-        if dry:
+        if not writes:
             return records, result
         write_model(model, writer, include=streamed.outside_blocks)
         writer.close()
@@ -254,6 +260,9 @@ def _run_unit(unit: list[int], streamed: StreamedModel, streamer: BlockStreamer,
         except StageError as err:
             raise RecipeError(f"{recipe.source}: stage {recipe.stages.index(stage)} ({stage.method}) on "
                               f"{blocks[unit[0]].name}: {err.problem}", err.fix or STAGE_FIX) from None
+        if stage.config.compresses and distributed.world().distributed:
+            where = f"stage {records.index(record)} ({stage.method}) on {blocks[unit[0]].name}"
+            stats["ranks_differed"] = distributed.sync_modules({n: model.get_submodule(n) for n in names}, where)
         record.seconds += time.time() - t0
         record.params_after += stored_params(model, names)
         record.bytes_after += layer_bytes(model, names)

@@ -5,16 +5,32 @@ AdamW with linear warm-up and cosine decay, bf16 autocast on CUDA, items drawn i
 order (every item once per pass), optional gradient clipping, hooks around each step, and a NaN/inf
 loss stops the run with DivergedError (nothing gets written). The reported loss is averaged over the
 last tenth of the steps.
+
+Data-parallel under torchrun (distributed.py): every rank holds every item and draws them in the same
+seeded order; each item (a global batch) is split into disjoint contiguous per-rank shards, so the
+global batch, and the figures, are those of one process. Each rank's loss is scaled by its shard's
+share of the batch (`weight`: examples by default, real tokens for block reconstruction) and the
+gradients are summed across ranks with one all_reduce per step, before the hooks, clipping and the
+optimiser step: every rank then takes the same step, and the reported loss is the global mean. For
+losses that are means over examples (or, with the right weight, over tokens) this is exactly the
+one-process gradient, up to the order of floating-point additions.
+Why an all_reduce of the gradients and not DistributedDataParallel: the loop trains a list of
+parameters through a loss closure that calls the model (or a list of blocks) itself, so there is no
+single module forward for DDP to wrap; hooks (FiPS's RigL) must see the averaged gradient before they
+change masks; and a rank whose shard is empty (a batch smaller than the world) must still take part.
+The summed, weighted all_reduce is DDP's computation, in one coalesced call per step.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import DivergedError
 from .progress import Progress, SilentProgress
 
@@ -52,16 +68,20 @@ def lr_factor(step: int, total: int, warmup_steps: int) -> float:
 
 
 Loss = Callable[[Any], tuple[torch.Tensor, list[torch.Tensor] | None]]  # item -> (loss, its terms or None)
+Weight = Callable[[Any], float]  # a shard of an item -> its share of the item's loss (before normalising)
 
 
 def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, config: TrainConfig,
           device: torch.device, seed: int = 0, progress: Progress | None = None, label: str = "training",
-          hooks: StepHooks | None = None, fix: str = "lower the lr") -> dict[str, Any]:
-    """Train `params` for config.steps steps, one item per step. Returns the loss statistics (and, when
-    the loss has terms, each term averaged over the last tenth of the steps)."""
+          hooks: StepHooks | None = None, fix: str = "lower the lr",
+          weight: Weight = distributed.examples_in) -> dict[str, Any]:
+    """Train `params` for config.steps steps, one item per step (data-parallel when a process group
+    exists). Returns the loss statistics (and, when the loss has terms, each term averaged over the last
+    tenth of the steps) and the steps per second of every rank."""
     progress, hooks = progress or SilentProgress(), hooks or StepHooks()
     if config.steps == 0:
         return {"steps": 0}
+    world = distributed.world()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = int(config.warmup * config.steps)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -71,6 +91,7 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
     order: list[int] = []
     losses: list[float] = []
     term_sums: torch.Tensor | None = None
+    started = time.perf_counter()
     with progress.task(label, total=config.steps) as bar:
         for step in range(config.steps):
             if not order:
@@ -79,25 +100,58 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, config.steps, warmup_steps)
             hooks.before_forward(step)
-            with autocast:
-                loss, terms = loss_fn(item)
-            if not torch.isfinite(loss):
-                raise DivergedError(f"{label} diverged at step {step} (loss {loss.item()})", f"{fix}; nothing was written")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if world.distributed:
+                value, terms = _data_parallel_step(params, item, loss_fn, weight, world, autocast, device)
+            else:
+                with autocast:
+                    loss, loss_terms = loss_fn(item)
+                value = loss.item()
+                in_tail = loss_terms is not None and step >= config.steps - tail
+                terms = [t.item() for t in loss_terms] if in_tail else None
+                if math.isfinite(value):
+                    loss.backward()
+            if not math.isfinite(value):
+                raise DivergedError(f"{label} diverged at step {step} (loss {value})", f"{fix}; nothing was written")
             hooks.after_backward(step, optimizer)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             hooks.after_step(step)
-            losses.append(loss.item())
+            losses.append(value)
             if terms is not None and step >= config.steps - tail:
-                values = torch.tensor([t.item() for t in terms])
+                values = torch.tensor(terms, dtype=torch.float64)
                 term_sums = values if term_sums is None else term_sums + values
             bar.advance(1, loss=losses[-1])
     optimizer.zero_grad(set_to_none=True)  # no gradient outlives the loop
     hooks.finish()
-    stats = {"steps": config.steps, "first_loss": losses[0], "final_loss": sum(losses[-tail:]) / tail}
+    rates = distributed.gather_floats(config.steps / max(time.perf_counter() - started, 1e-9))
+    stats = {"steps": config.steps, "first_loss": losses[0], "final_loss": sum(losses[-tail:]) / tail,
+             "steps_per_second_per_rank": [round(r, 3) for r in rates]}
     if term_sums is not None:
         stats["final_terms"] = [round(x / tail, 6) for x in term_sums.tolist()]
     return stats
+
+
+def _data_parallel_step(params: list[nn.Parameter], item: Any, loss_fn: Loss, weight: Weight,
+                        world: distributed.World, autocast: Any,
+                        device: torch.device) -> tuple[float, list[float] | None]:
+    """Forward and backward on this rank's shard of `item`, its loss scaled by the shard's share, then
+    the gradients and the loss summed over the ranks. Returns the global loss and its terms; gradients
+    are left as one process would have them (a non-finite loss is left for the caller to refuse)."""
+    shares = [weight(distributed.shard(item, r, world.size)) for r in range(world.size)]  # every rank sees every shard
+    total = sum(shares)
+    share = shares[world.rank] / total if total else 0.0
+    loss_terms: list[torch.Tensor] | None = None
+    scalars = [0.0]
+    if share > 0:
+        with autocast:
+            loss, loss_terms = loss_fn(distributed.shard(item, world.rank, world.size))
+        scalars = [share * loss.item()]
+        if math.isfinite(scalars[0]):
+            (loss * share).backward()
+        scalars += [share * t.item() for t in loss_terms or []]
+    if 0 in shares:  # a rank with an empty shard cannot know how many terms the loss has: ask the others
+        scalars += [0.0] * (int(max(distributed.gather_floats(float(len(scalars))))) - len(scalars))
+    sums = distributed.reduce_gradients(params, scalars, device)
+    return sums[0], sums[1:] or None

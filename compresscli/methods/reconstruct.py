@@ -18,6 +18,7 @@ from torch import nn
 
 from ..architectures import detect
 from ..calibration import BlockIO, move
+from ..distributed import examples_in
 from ..blockstream import first_tensor
 from ..errors import StageError
 from ..memory import Workload
@@ -80,6 +81,13 @@ def block_loss(block: nn.Module, io: BlockIO, device: torch.device) -> torch.Ten
     return (diff * mask).sum() / (mask.sum() * diff.shape[-1]).clamp_min(1.0)
 
 
+def real_tokens(chunk: list[BlockIO]) -> float:
+    """A chunk's share of the loss when data-parallel ranks split it: block_loss averages over real
+    tokens, so weighting each rank's shard by its real tokens gives exactly the loss of the whole chunk."""
+    io = chunk[0]
+    return float(io.token_mask.sum()) if io.token_mask is not None else float(examples_in(io.target))
+
+
 def reconstruct(model: nn.Module, block_names: list[str], params: list[nn.Parameter], ctx: StageContext,
                 config: TrainConfig, batch_size: int, hooks: StepHooks | None = None,
                 label: str = "block-wise reconstruction") -> dict[str, Any]:
@@ -103,7 +111,7 @@ def reconstruct(model: nn.Module, block_names: list[str], params: list[nn.Parame
 
     try:
         stats = train(params, data, loss, config, device, ctx.seed, ctx.progress, label, hooks,
-                      fix=f"lower the reconstruction lr (now {config.lr:g})")
+                      fix=f"lower the reconstruction lr (now {config.lr:g})", weight=real_tokens)
     finally:
         model.train(was_training)
         for p in model.parameters():
