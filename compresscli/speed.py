@@ -3,14 +3,22 @@
 `measure_speed` times whole forward passes at each batch size after a warm-up, alternating the two
 models repeat by repeat (so a noisy neighbour slows both alike), and reports medians with the 10th-90th
 percentile spread, the speed-up, and which condensed kernel ran in each layer (modules that record a
-`last_path`, see compresscli.kernels). Everything returned is JSON-able.
+`last_path`, see compresscli.kernels). `measure_memory` reads, in a fresh process per checkpoint, the
+resident bytes loading adds and the peak a forward reaches above them. Everything returned is JSON-able.
 """
 from __future__ import annotations
 
+import gc
+import json
+import logging
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,6 +28,7 @@ from .checkpoint import Checkpoint, recorded_original
 from .tasks import Task
 
 Batch = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def image_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -132,13 +141,109 @@ def measure_speed(original: nn.Module, compressed: nn.Module, task: Task,
             "load_average": {"before": load_before, "after": load_average()}, "batches": rows}
 
 
-def compare_checkpoints(compressed: Checkpoint, original: Checkpoint | None = None, **options: Any) -> dict[str, Any]:
+def compare_checkpoints(compressed: Checkpoint, original: Checkpoint | None = None, *, memory: bool = True,
+                        **options: Any) -> dict[str, Any]:
     """`measure_speed` for two loaded checkpoints; the original defaults to the source recorded in a
-    compresscli output directory. `options` are measure_speed's keyword arguments."""
+    compresscli output directory. `options` are measure_speed's keyword arguments. With `memory`, each
+    checkpoint's `measure_memory` at the smallest batch size is added under "memory"."""
     original = original or recorded_original(compressed)
     task = compressed.task()
     result = measure_speed(original.model, compressed.model, task, **options)
-    return {"checkpoint": compressed.name, "baseline": original.name, **result}
+    result = {"checkpoint": compressed.name, "baseline": original.name, **result}
+    if memory:
+        threads = options.get("threads")
+        size = dict(batch_size=min(options.get("batch_sizes", (1, 32))), seq_len=options.get("seq_len", 16),
+                    input_size=options.get("input_size"), threads=threads or result["threads"])
+        result["memory"] = {"device": "cpu", "batch": size["batch_size"],
+                            **{name: {"file_bytes": ckpt.file_bytes, **measure_memory(ckpt, **size)}
+                               for name, ckpt in (("original", original), ("compressed", compressed))}}
+    return result
+
+
+# ----------------------------------------------------------------------------- memory
+
+_NOT_MEASURED = {"load_bytes": None, "forward_peak_bytes": None}
+
+
+def _spec_of(ckpt: Checkpoint) -> tuple[str, str | None]:
+    """The (spec, weights) that `load_checkpoint` reads `ckpt` from again: a `timm:ARCH --weights FILE`
+    source is named by its architecture alone, its file kept in the index."""
+    source = ckpt.source
+    if source is not None and source.kind == "timm" and source.directory is None:
+        return f"timm:{source.name}", str(source.index.files[0])
+    return ckpt.name, None
+
+
+def measure_memory(ckpt: Checkpoint, batch_size: int = 1, seq_len: int = 16,
+                   input_size: tuple[int, int, int] | None = None, threads: int | None = None,
+                   timeout: float = 600) -> dict[str, Any]:
+    """Resident bytes that loading `ckpt` adds, and the peak a forward on `synthetic_batch` reaches above
+    the loaded model, read on the CPU in a fresh Python process (this one holds both models already,
+    and its allocator's history would blur the readings). Both are None, with the reason in "note",
+    where they cannot be read."""
+    if not os.path.exists("/proc/self/status"):
+        return {**_NOT_MEASURED, "note": "not measured (no /proc)"}
+    spec, weights = _spec_of(ckpt)
+    args = json.dumps([spec, weights, batch_size, seq_len, list(input_size) if input_size else None, threads])
+    code = ("import json, sys; from compresscli.speed import _memory_here; "
+            "print('MEMORY ' + json.dumps(_memory_here(*json.loads(sys.argv[1]))))")
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=timeout,
+                              env=env)
+        line = [x for x in done.stdout.splitlines() if x.startswith("MEMORY ")]
+        if done.returncode != 0 or not line:
+            raise RuntimeError((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1])
+        return json.loads(line[-1][len("MEMORY "):])
+    except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as err:
+        log.warning("memory of %s not measured: %s", spec, err)
+        return {**_NOT_MEASURED, "note": f"not measured ({err})"}
+
+
+def _memory_here(spec: str, weights: str | None, batch_size: int, seq_len: int,
+                 input_size: list[int] | None, threads: int | None) -> dict[str, Any]:
+    """`measure_memory`'s readings, in the process that runs this (the one it starts).
+
+    Loading imports hundreds of modules lazily (tens of MB) and the first forward starts thread pools
+    and compiled kernels, so the checkpoint is loaded and run once, and released, before the readings;
+    large blocks are returned to the system when freed, so the second load cannot reuse the first's.
+    Every parameter and buffer is read once after loading: weights a loader memory-maps count as
+    resident only once touched."""
+    from .checkpoint import load_checkpoint
+    from .memory import PeakMemory, current_rss, return_freed_memory_promptly
+
+    return_freed_memory_promptly()
+    if threads:
+        torch.set_num_threads(threads)
+
+    def load() -> Checkpoint:
+        ckpt = load_checkpoint(spec, weights)
+        for tensor in ckpt.model.state_dict(keep_vars=True).values():
+            tensor.detach().sum()  # noqa: B018 - reads every page
+        return ckpt
+
+    def forward(ckpt: Checkpoint, batch: Batch) -> None:
+        with torch.no_grad():
+            ckpt.task().outputs(ckpt.model, batch)
+
+    ckpt = load()
+    shape = dict(seq_len=seq_len, input_size=tuple(input_size) if input_size else None)
+    batch = synthetic_batch(ckpt.model, ckpt.task(), batch_size, **shape)
+    forward(ckpt, batch)
+    del ckpt
+    gc.collect()
+    before = current_rss()
+    ckpt = load()
+    gc.collect()
+    loaded = current_rss()
+    peak = PeakMemory()
+    forward(ckpt, batch)
+    top = peak.peak()
+    if not peak.since_start:
+        return {"load_bytes": loaded - before, "forward_peak_bytes": None,
+                "note": "forward peak not measured (the kernel does not let VmHWM be reset)"}
+    return {"load_bytes": loaded - before, "forward_peak_bytes": max(0, top - loaded)}
 
 
 def load_average() -> list[float] | None:
@@ -177,7 +282,23 @@ def render_markdown(result: dict[str, Any]) -> str:
         kernels = ", ".join(f"{k} x{v}" for k, v in sorted(row["kernels"].items())) or "-"
         lines.append(f"| {row['batch']} | {o['median']:.3f} ({o['p10']:.3f}-{o['p90']:.3f}) | "
                      f"{c['median']:.3f} ({c['p10']:.3f}-{c['p90']:.3f}) | {row['speedup']:.2f}x | {kernels} |")
+    if result.get("memory"):
+        lines += ["", *_memory_lines(result["memory"])]
     return "\n".join(lines)
+
+
+def _memory_lines(memory: dict[str, Any]) -> list[str]:
+    megabytes = lambda b: "-" if b is None else f"{b / 1e6:.1f}"  # noqa: E731
+    lines = [f"Memory on the {memory['device']}, a fresh process per model with its libraries imported first; "
+             f"forward at batch {memory['batch']}", "",
+             "| model | file MB | resident MB added by loading | peak MB during the forward |", "|---|---|---|---|"]
+    notes = []
+    for name in ("original", "compressed"):
+        m = memory[name]
+        lines.append(f"| {name} | {megabytes(m['file_bytes'])} | {megabytes(m['load_bytes'])} | "
+                     f"{megabytes(m['forward_peak_bytes'])} |")
+        notes += [f"{name}: {m['note']}"] if m.get("note") else []
+    return lines + ([""] + notes if notes else [])
 
 
 def _load_note(load: dict[str, Any] | None) -> str:
