@@ -26,7 +26,7 @@ from .errors import CompressError, DivergedError, StageError
 from .finetune import FinetuneConfig
 from .methods import METHODS, MethodConfig, StageContext, compress_
 from .methods.base import SizeKnob
-from .pipeline import RunOptions, layer_bytes, resolve_stage_targets, run_recipe
+from .pipeline import TOKENIZER_FILES, RunOptions, layer_bytes, resolve_stage_targets, run_recipe
 from .recipe import Recipe, Stage, make_config
 from .registry import did_you_mean
 
@@ -180,8 +180,9 @@ def run_sweep(ckpt: Checkpoint, options: SweepOptions, out: Path, resume: bool =
             run_ckpt.model = copy.deepcopy(original)
             run_dir = out / "runs" / run_id
             report = run_recipe(run_ckpt, recipe, run_dir, options.run, force=True).report
-            if not options.keep_checkpoints:
-                (run_dir / "model.safetensors").unlink()
+            if not options.keep_checkpoints:  # keep the run's records, not a loadable checkpoint
+                for name in ("model.safetensors", *TOKENIZER_FILES):
+                    (run_dir / name).unlink(missing_ok=True)
             targeted = report["memory"]["targeted"]
             metric = primary_metric(report["eval"])
             entry.update(status="ok", metric=metric["name"], value=metric["compressed"], original=metric["original"],
