@@ -111,7 +111,8 @@ def run(checkpoint: CheckpointArg,
         block_inputs: Annotated[str, typer.Option("--block-inputs", help="Sequential: feed each block the compressed blocks' output (compressed) or the original's (original).")] = "compressed",
         shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file before sharding, e.g. 2GiB.")] = "2GiB",
         seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False,
-        nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Recover data-parallel on N processes on this machine: runs this command under torchrun (--nproc-per-node N); one GPU each when there are GPUs.")] = None) -> None:
+        nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Recover data-parallel on N processes on this machine: runs this command under torchrun (--nproc-per-node N); one GPU each when there are GPUs.")] = None,
+        shard: Annotated[Optional[bool], typer.Option("--shard/--no-shard", help="Under torchrun: shard the recovery's parameters, gradients and optimiser state across the processes (FSDP2). Default: when one process's would not fit its memory.", show_default=False)] = None) -> None:
     """Compress CHECKPOINT with a recipe, recover, export to OUT, verify the reload and report."""
     from . import distributed
     from .checkpoint import parse_dtype
@@ -140,7 +141,8 @@ def run(checkpoint: CheckpointArg,
     options = RunOptions(data=data, batch_size=batch_size, eval_examples=eval_examples, device=device, seed=seed,
                          dry_run=dry_run, evaluate=not no_eval, calibration_examples=calibration_examples,
                          max_length=max_length, dtype=parse_dtype(dtype), sequential=sequential,
-                         max_memory=sizes["--max-memory"], block_inputs=block_inputs, shard_bytes=sizes["--shard-size"])
+                         max_memory=sizes["--max-memory"], block_inputs=block_inputs, shard_bytes=sizes["--shard-size"],
+                         shard=shard)
     progress = RichProgress(enabled=not as_json and distributed.from_env().is_main)
     source = open_source(checkpoint, weights)
     result = compress_source(source, resolved, out, options, progress, force=force)

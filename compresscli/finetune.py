@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import detect
 from .errors import StageError
 from .memory import Workload
 from .methods.base import MethodConfig, StageContext, register_method
@@ -64,11 +65,11 @@ def recover(model: nn.Module, params: list[nn.Parameter], config: FinetuneConfig
         raise StageError("fine-tuning needs training data, but the train split is empty")
     task, teacher, device = ctx.task, ctx.teacher, ctx.device
 
-    def loss(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+    def loss(modules: list[nn.Module], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
         batch = _to(batch, device)
         with torch.no_grad():
             target = task.outputs(teacher, batch)
-        out = task.outputs(model, batch)
+        out = task.outputs(modules[0], batch)
         value = task.distill_loss(out, target, batch, config.temperature)
         label_loss = task.label_loss(out, batch)
         if label_loss is not None:
@@ -80,7 +81,9 @@ def recover(model: nn.Module, params: list[nn.Parameter], config: FinetuneConfig
         return train(params, ctx.train, loss, TrainConfig(config.steps, config.lr, config.weight_decay, config.warmup,
                                                           config.max_grad_norm),
                      device, ctx.seed, ctx.progress, "fine-tune",
-                     fix=f"lower finetune lr (now {config.lr:g}) or check the data")
+                     fix=f"lower finetune lr (now {config.lr:g}) or check the data", modules=[model],
+                     units=[model.get_submodule(b.name) for b in detect(model).blocks] if ctx.shard else (),
+                     shard=ctx.shard)
     finally:
         model.eval()
 

@@ -9,6 +9,8 @@ largest of the phases each execution mode goes through:
   the largest stage's working memory (MethodConfig.working_bytes); one batch's forward. Then, once
   saved (tensor by tensor, nothing buffered), the reloaded copy and the original read back for
   evaluation, the model itself released.
+- whole-model, sharded (several ranks, FSDP2, sharding.py): the same, with each rank's share of the
+  gradients and AdamW moments only; the model itself is counted whole, as it is between stages.
 - sequential: what lies outside the blocks; the largest unit, read and compressed, with its stages'
   working memory; one batch's forward; the activations carried between blocks (in the model's dtype,
   up to the in-memory budget, the rest spills to disk).
@@ -143,6 +145,7 @@ class MemoryPrediction:
     phases: dict[str, dict[str, int]] = field(default_factory=dict)  # mode -> phase -> bytes above baseline
     baseline: int = 0
     gpu: dict[str, int] | None = None  # mode -> predicted peak GPU memory, when the run is on CUDA
+    sharded: int | None = None  # of the whole-model path with recovery sharded across the ranks; None: one process
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +175,7 @@ class Workload:
     seq_len: int
     calibration_tokens: int  # every calibration token
     captures: bool  # whole-model runs capture block inputs/outputs for reconstruction in the stage's memory
+    shards: int = 1  # ranks the training state is split across (sharded recovery)
 
     def activations(self, tokens: int | None = None, blocks: int | None = None) -> int:
         """What autograd keeps for a forward and backward over `tokens` through `blocks` blocks."""
@@ -181,8 +185,8 @@ class Workload:
         return blocks * per_block + LOGIT_COPIES * tokens * self.vocab * 4
 
     def optimiser(self, param_bytes: int) -> int:
-        """Gradients and AdamW's two moments, in the parameters' dtype."""
-        return 3 * param_bytes
+        """Gradients and AdamW's two moments, in the parameters' dtype (a rank's share, sharded)."""
+        return 3 * param_bytes // self.shards
 
 
 def inference_bytes(width: int, heads: int, seq_len: int, batch_tokens: int, vocab: int) -> int:
@@ -260,6 +264,7 @@ def _eval_examples(spec: str | None) -> int:
 def predict_memory(source, skeleton: nn.Module, recipe, targets: list[list[str]], options) -> MemoryPrediction:
     """Predicted peak RSS of both modes for `recipe` on `source` (see the module docstring)."""
     from .architectures import detect
+    from .distributed import world
     from .sequential import plan_units, sequential_problem
 
     value_bytes = (options.dtype or source.stored_dtype()).itemsize
@@ -269,16 +274,16 @@ def predict_memory(source, skeleton: nn.Module, recipe, targets: list[list[str]]
     model_bytes = param_bytes(skeleton, value_bytes)
     dry = options.dry_run
 
-    def workload(names: list[str], part_bytes: int, blocks: int) -> Workload:
+    def workload(names: list[str], part_bytes: int, blocks: int, shards: int = 1) -> Workload:
         shapes = _weight_shapes(skeleton, names)
         sizes = [math.prod(s) for s in shapes]
         fan_in = max((math.prod(s[1:]) for s in shapes), default=0)
         return Workload(sum(sizes), max(sizes, default=0), fan_in, value_bytes, part_bytes, blocks, shape.width, shape.heads,
                         shape.vocab, shape.batch_tokens, shape.seq_len, shape.calibration_tokens,
-                        captures=part_bytes == model_bytes)
+                        captures=part_bytes == model_bytes, shards=shards)
 
-    def working(stage_names: list[list[str]], part_bytes: int, blocks: int) -> int:
-        return max([s.config.working_bytes(workload(names, part_bytes, blocks))
+    def working(stage_names: list[list[str]], part_bytes: int, blocks: int, shards: int = 1) -> int:
+        return max([s.config.working_bytes(workload(names, part_bytes, blocks, shards))
                     for s, names in zip(recipe.stages, stage_names)] or [0])
 
     forward = inference_bytes(shape.width, shape.heads, shape.seq_len, shape.batch_tokens, shape.vocab)
@@ -290,11 +295,17 @@ def predict_memory(source, skeleton: nn.Module, recipe, targets: list[list[str]]
              "original": model_bytes if keeps_original else 0, "stages": working(targets, model_bytes, blocks),
              "forward": forward}
     whole_peak = sum(whole.values())
+    ranks = world().size
+    sharded = {**whole, "stages": working(targets, model_bytes, blocks, ranks)} if ranks > 1 else None
     if not dry:  # saved, the model gives way to its reloaded copy, evaluated beside the original read back
         verify = model_bytes + resident + (model_bytes if options.evaluate else 0) + forward
         whole["verify"] = verify
         whole_peak = max(whole_peak, verify)
     phases = {"whole-model": whole}
+    sharded_peak = None
+    if sharded is not None:
+        phases["sharded"] = sharded
+        sharded_peak = max(sum(sharded.values()), whole.get("verify", 0))
 
     problem = sequential_problem(recipe, targets, arch.blocks)
     sequential_peak = None
@@ -318,11 +329,14 @@ def predict_memory(source, skeleton: nn.Module, recipe, targets: list[list[str]]
     gpu = None
     if options.resolved_device.startswith("cuda"):  # everything the model computes with lives there; data stays on the host
         gpu = {"whole-model": int(SAFETY * whole_peak)}
+        if sharded_peak is not None:
+            gpu["sharded"] = int(SAFETY * sharded_peak)
         if "sequential" in phases:
             seq = phases["sequential"]
             gpu["sequential"] = int(SAFETY * (seq["outside blocks"] + seq["unit"] + seq["stages"] + seq["forward"]))
     return MemoryPrediction(int(baseline + SAFETY * whole_peak), sequential_peak, problem and problem.problem,
-                            phases, baseline, gpu)
+                            phases, baseline, gpu,
+                            None if sharded_peak is None else int(baseline + SAFETY * sharded_peak))
 
 
 __all__ = ["MemoryPrediction", "PeakMemory", "available_memory", "current_rss", "predict_memory"]

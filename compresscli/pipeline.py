@@ -9,7 +9,8 @@ path when it fits the budget, else the sequential one, else refuses before doing
 
 Under torchrun (distributed.py) every rank runs the same plan on the same data: one-shot stages on
 every rank, their results then broadcast from rank 0 (`sync_modules`, which counts any difference),
-recovery stages data-parallel (training.py). Only rank 0 writes OUT, verifies and evaluates, once
+recovery stages data-parallel (training.py), or sharded with FSDP2 (sharding.py: --shard, or when a rank's
+training state would not fit). Only rank 0 writes OUT, verifies and evaluates, once
 every rank has finished; the others wait for its verdict, so a failure anywhere fails every rank.
 """
 from __future__ import annotations
@@ -19,14 +20,14 @@ import logging
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import __version__, distributed, sharding
 from .architectures import Architecture, detect
 from .checkpoint import Checkpoint, load_compressed, load_source
 from .data import prepare_data
@@ -68,6 +69,7 @@ class RunOptions:
     max_memory: int | None = None  # bytes of host memory the run may use; None: what the machine has free
     block_inputs: str = "compressed"  # sequential: blocks read the compressed blocks' output, or the original's
     shard_bytes: int = DEFAULT_SHARD_BYTES  # outputs larger than this are written as shards with an index
+    shard: bool | None = None  # recovery sharded across the ranks (FSDP2); None: when a rank's would not fit
 
     @property
     def resolved_device(self) -> str:
@@ -207,6 +209,7 @@ def _compress_source(source: Source, recipe: Recipe, out: Path | None, options: 
             raise problem
     prediction = predict_memory(source, skeleton, recipe, targets, options)
     mode = choose_mode(prediction, options, recipe)
+    options = replace(options, shard=sharding.wanted(options, mode, prediction))
     log.info("predicted peak: whole-model %s, sequential %s; running %s", _gib(prediction.whole_model),
              "-" if prediction.sequential is None else _gib(prediction.sequential), mode)
     del skeleton
@@ -258,13 +261,14 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
     teacher = _frozen_copy(model).to(device) if keep_original else None
     model.to(device)
     ctx = StageContext(teacher=teacher, task=task, device=device, progress=progress, dry_run=options.dry_run,
-                       seed=options.seed)
+                       seed=options.seed, shard=bool(options.shard))
     batcher = splits = data_name = None
     if needs_data(recipe, options):
         with progress.task("loading data"):
             batcher, splits, data_name = prepare_data(ckpt, task, options.data, options.max_length)
             ctx = StageContext(teacher=teacher, task=task, device=device, progress=progress, dry_run=options.dry_run,
-                               seed=options.seed, train=batcher.batches(splits.train, options.batch_size),
+                               seed=options.seed, shard=bool(options.shard),
+                               train=batcher.batches(splits.train, options.batch_size),
                                calibration=batcher.batches(splits.calibration, options.batch_size,
                                                            options.calibration_examples))
 
@@ -471,14 +475,15 @@ def execution(mode: str, peak: PeakMemory, prediction: MemoryPrediction | None, 
     record = {"mode": mode, "peak_rss_bytes": peak.peak(), "budget_bytes": options.memory_budget(),
               "dtype": str(options.dtype).removeprefix("torch.") if options.dtype else "as stored",
               "block_inputs": options.block_inputs if mode == "sequential" else None,
-              **distributed.world().to_dict(), **extra}
+              **distributed.world().to_dict(), "sharded": bool(options.shard), **extra}
     if prediction is not None:
-        record["predicted_peak_bytes"] = prediction.sequential if mode == "sequential" else prediction.whole_model
+        record["predicted_peak_bytes"] = (prediction.sequential if mode == "sequential" else
+                                          prediction.sharded if options.shard else prediction.whole_model)
         record["prediction"] = prediction.to_dict()
     if torch.cuda.is_available() and options.resolved_device.startswith("cuda"):
         record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
         if prediction is not None and prediction.gpu:
-            record["predicted_gpu_peak_bytes"] = prediction.gpu.get(mode)
+            record["predicted_gpu_peak_bytes"] = prediction.gpu.get("sharded" if options.shard else mode)
     return record
 
 

@@ -137,6 +137,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# compresscli report: {src['name']}", "", f"{report['recipe']['description']}", "",
              f"- source: {src['name']} ({src['kind']}, {src['family']}), {human_bytes(src['file_bytes'])} on disk",
              f"- device: {report['device']}; total time {report['seconds']:.1f} s",
+             _execution_line(report["execution"]),
              f"- reload check: max abs output difference {report['reload']['max_abs_diff']:.3g} "
              f"on {report['reload']['examples']} examples", "", "## Stages", "",
              "| # | method | layers | seconds | summary |", "|---|---|---|---|---|"]
@@ -163,6 +164,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             p = ev["paired"]
             lines.append(f"\nPaired accuracy difference {p['delta']:+.4f} (95% CI {p['ci95'][0]:+.4f} .. {p['ci95'][1]:+.4f}).")
     return "\n".join(lines) + "\n"
+
+
+def _execution_line(execution: dict[str, Any]) -> str:
+    """How the run went: mode, processes and backend (torchrun), and whether recovery was sharded."""
+    size = execution["world_size"]
+    processes = f"{size} processes ({execution['backend']})" if size > 1 else "1 process"
+    sharded = "sharded (FSDP2)" if execution["sharded"] else "not sharded"
+    return f"- execution: {execution['mode']}, {processes}, recovery {sharded}"
 
 
 def _fmt(v: Any) -> str:

@@ -19,6 +19,14 @@ parameters through a loss closure that calls the model (or a list of blocks) its
 single module forward for DDP to wrap; hooks (FiPS's RigL) must see the averaged gradient before they
 change masks; and a rank whose shard is empty (a batch smaller than the world) must still take part.
 The summed, weighted all_reduce is DDP's computation, in one coalesced call per step.
+
+Sharded (`shard=True`, FSDP2, sharding.py): the loss runs on the stand-ins of `modules`, whose
+parameters, gradients and AdamW moments are split across the ranks; FSDP's reduce-scatter sums the
+weighted gradients in place of the all_reduce (which still sums the few parameters kept whole and the
+loss), and after the last step every rank gathers the trained tensors back into the model. Every rank
+then runs every forward and backward, FSDP's collectives being inside them: a rank whose shard of the
+batch is empty computes on the whole batch with weight 0, and a non-finite loss still goes backward
+before every rank refuses it together.
 """
 from __future__ import annotations
 
@@ -30,8 +38,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import distributed
-from .errors import DivergedError
+from . import distributed, sharding
+from .errors import CompressError, DivergedError
 from .progress import Progress, SilentProgress
 
 
@@ -46,6 +54,8 @@ class TrainConfig:
 
 class StepHooks:
     """Called around every optimiser step; the default does nothing (FiPS's mask schedule overrides it)."""
+
+    edits_parameters = False  # True: the hooks read or change parameters or gradients (not possible sharded)
 
     def before_forward(self, step: int) -> None:
         pass
@@ -67,21 +77,32 @@ def lr_factor(step: int, total: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-Loss = Callable[[Any], tuple[torch.Tensor, list[torch.Tensor] | None]]  # item -> (loss, its terms or None)
+# (modules, item) -> (loss, its terms or None); `modules` are train's, or their sharded stand-ins
+Loss = Callable[[Sequence[nn.Module], Any], tuple[torch.Tensor, list[torch.Tensor] | None]]
 Weight = Callable[[Any], float]  # a shard of an item -> its share of the item's loss (before normalising)
 
 
 def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, config: TrainConfig,
           device: torch.device, seed: int = 0, progress: Progress | None = None, label: str = "training",
           hooks: StepHooks | None = None, fix: str = "lower the lr",
-          weight: Weight = distributed.examples_in) -> dict[str, Any]:
-    """Train `params` for config.steps steps, one item per step (data-parallel when a process group
-    exists). Returns the loss statistics (and, when the loss has terms, each term averaged over the last
-    tenth of the steps) and the steps per second of every rank."""
+          weight: Weight = distributed.examples_in, modules: Sequence[nn.Module] = (),
+          units: Sequence[nn.Module] = (), shard: bool = False) -> dict[str, Any]:
+    """Train `params` for config.steps steps, one item per step, the loss computed by `modules` (the
+    ones it calls); data-parallel when a process group exists, and with `shard` sharded by FSDP2,
+    `units` (submodules of `modules`: blocks) wrapped on their own. Returns the loss statistics (and,
+    when the loss has terms, each term averaged over the last tenth of the steps) and the steps per
+    second of every rank."""
     progress, hooks = progress or SilentProgress(), hooks or StepHooks()
     if config.steps == 0:
         return {"steps": 0}
     world = distributed.world()
+    sharded = None
+    if shard:
+        if hooks.edits_parameters:
+            raise CompressError(f"{label} changes masks from whole parameters and gradients during training, which "
+                                "sharded training splits", "use mask_update: fixed, or drop --shard")
+        sharded = sharding.shard(modules, params, units)
+        modules, params = sharded.modules, sharded.params
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = int(config.warmup * config.steps)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -101,11 +122,13 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
                 group["lr"] = config.lr * lr_factor(step, config.steps, warmup_steps)
             hooks.before_forward(step)
             optimizer.zero_grad(set_to_none=True)
-            if world.distributed:
-                value, terms = _data_parallel_step(params, item, loss_fn, weight, world, autocast, device)
+            if sharded is not None:
+                value, terms = _sharded_step(sharded, item, loss_fn, weight, world, autocast, device)
+            elif world.distributed:
+                value, terms = _data_parallel_step(params, modules, item, loss_fn, weight, world, autocast, device)
             else:
                 with autocast:
-                    loss, loss_terms = loss_fn(item)
+                    loss, loss_terms = loss_fn(modules, item)
                 value = loss.item()
                 in_tail = loss_terms is not None and step >= config.steps - tail
                 terms = [t.item() for t in loss_terms] if in_tail else None
@@ -115,7 +138,8 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
                 raise DivergedError(f"{label} diverged at step {step} (loss {value})", f"{fix}; nothing was written")
             hooks.after_backward(step, optimizer)
             if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                clip = sharding.clip_grad_norm_ if sharded is not None else torch.nn.utils.clip_grad_norm_
+                clip(params, config.max_grad_norm)
             optimizer.step()
             hooks.after_step(step)
             losses.append(value)
@@ -124,6 +148,8 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
                 term_sums = values if term_sums is None else term_sums + values
             bar.advance(1, loss=losses[-1])
     optimizer.zero_grad(set_to_none=True)  # no gradient outlives the loop
+    if sharded is not None:
+        sharded.gather()
     hooks.finish()
     rates = distributed.gather_floats(config.steps / max(time.perf_counter() - started, 1e-9))
     stats = {"steps": config.steps, "first_loss": losses[0], "final_loss": sum(losses[-tail:]) / tail,
@@ -133,20 +159,25 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
     return stats
 
 
-def _data_parallel_step(params: list[nn.Parameter], item: Any, loss_fn: Loss, weight: Weight,
-                        world: distributed.World, autocast: Any,
+def _shares(item: Any, weight: Weight, world: distributed.World) -> tuple[list[float], float]:
+    """Every rank's weight of its shard of `item` (every rank sees every shard), and this rank's share."""
+    shares = [weight(distributed.shard(item, r, world.size)) for r in range(world.size)]
+    total = sum(shares)
+    return shares, shares[world.rank] / total if total else 0.0
+
+
+def _data_parallel_step(params: list[nn.Parameter], modules: Sequence[nn.Module], item: Any, loss_fn: Loss,
+                        weight: Weight, world: distributed.World, autocast: Any,
                         device: torch.device) -> tuple[float, list[float] | None]:
     """Forward and backward on this rank's shard of `item`, its loss scaled by the shard's share, then
     the gradients and the loss summed over the ranks. Returns the global loss and its terms; gradients
     are left as one process would have them (a non-finite loss is left for the caller to refuse)."""
-    shares = [weight(distributed.shard(item, r, world.size)) for r in range(world.size)]  # every rank sees every shard
-    total = sum(shares)
-    share = shares[world.rank] / total if total else 0.0
+    shares, share = _shares(item, weight, world)
     loss_terms: list[torch.Tensor] | None = None
     scalars = [0.0]
     if share > 0:
         with autocast:
-            loss, loss_terms = loss_fn(distributed.shard(item, world.rank, world.size))
+            loss, loss_terms = loss_fn(modules, distributed.shard(item, world.rank, world.size))
         scalars = [share * loss.item()]
         if math.isfinite(scalars[0]):
             (loss * share).backward()
@@ -154,4 +185,18 @@ def _data_parallel_step(params: list[nn.Parameter], item: Any, loss_fn: Loss, we
     if 0 in shares:  # a rank with an empty shard cannot know how many terms the loss has: ask the others
         scalars += [0.0] * (int(max(distributed.gather_floats(float(len(scalars))))) - len(scalars))
     sums = distributed.reduce_gradients(params, scalars, device)
+    return sums[0], sums[1:] or None
+
+
+def _sharded_step(sharded: sharding.Sharded, item: Any, loss_fn: Loss, weight: Weight, world: distributed.World,
+                  autocast: Any, device: torch.device) -> tuple[float, list[float] | None]:
+    """As `_data_parallel_step`, on the stand-ins: every rank runs forward and backward (an empty shard:
+    the whole item, weight 0), FSDP sums the sharded gradients, one all_reduce the whole ones and the loss."""
+    _, share = _shares(item, weight, world)
+    part = distributed.shard(item, world.rank, world.size) if share > 0 else item
+    with autocast:
+        loss, loss_terms = loss_fn(sharded.modules, part)
+    (loss * share).backward()  # even when not finite: the other ranks wait in its reduce-scatter
+    scalars = [share * x.item() if share > 0 else 0.0 for x in [loss, *(loss_terms or [])]]
+    sums = distributed.reduce_gradients(sharded.whole, scalars, device)
     return sums[0], sums[1:] or None

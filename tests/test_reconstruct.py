@@ -82,5 +82,5 @@ def test_train_compressed_only_trains_the_compressed_layers():
 def test_the_shared_loop_stops_on_a_nan_loss():
     weight = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(DivergedError, match=r"toy diverged at step \d.*lower it; nothing was written"):
-        train([weight], [1.0, float("nan")], lambda x: ((weight * x).sum(), None), TrainConfig(4, 0.1),
+        train([weight], [1.0, float("nan")], lambda modules, x: ((weight * x).sum(), None), TrainConfig(4, 0.1),
               torch.device("cpu"), label="toy", fix="lower it")

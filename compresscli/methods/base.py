@@ -102,6 +102,7 @@ class StageContext:
     # How calibration data reaches the layers, in either execution mode (calibration.py); built from
     # `calibration` and `teacher` when not given.
     calibrator: Calibrator | None = None
+    shard: bool = False  # recovery training sharded across the ranks (FSDP2, sharding.py)
 
     def __post_init__(self) -> None:
         if self.calibrator is None and self.calibration:

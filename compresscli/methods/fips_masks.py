@@ -35,6 +35,7 @@ class MaskSchedule(StepHooks):
         self.groups, self.mode, self.sparsity, self.every = groups, mode, sparsity, every
         self.drop_fraction, self.initial_sparsity = drop_fraction, initial_sparsity
         self.end = max(1, round(until * steps))  # first step after which masks stay fixed
+        self.edits_parameters = mode != "fixed"
         self.updates = 0
         self._open: list[torch.Tensor] | None = None
 
@@ -95,6 +96,8 @@ class MaskSchedule(StepHooks):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
+        if not self.edits_parameters:  # fixed masks: the forward's masked product gives the masked entries
+            return  # zero gradients, so AdamW keeps them at exactly zero (and sharded training can run)
         for group in self.groups:
             for layer in group:
                 layer.factor.mul_(layer.mask)

@@ -105,13 +105,14 @@ def reconstruct(model: nn.Module, block_names: list[str], params: list[nn.Parame
     was_training = model.training
     model.eval()  # dropout off: the targets come from the original in eval mode
 
-    def loss(chunk: list[BlockIO]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        terms = [block_loss(block, io, device) for block, io in zip(blocks, chunk)]
+    def loss(modules: list[nn.Module], chunk: list[BlockIO]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        terms = [block_loss(block, io, device) for block, io in zip(modules, chunk)]
         return torch.stack(terms).sum(), terms
 
     try:
         stats = train(params, data, loss, config, device, ctx.seed, ctx.progress, label, hooks,
-                      fix=f"lower the reconstruction lr (now {config.lr:g})", weight=real_tokens)
+                      fix=f"lower the reconstruction lr (now {config.lr:g})", weight=real_tokens, modules=blocks,
+                      shard=ctx.shard)
     finally:
         model.train(was_training)
         for p in model.parameters():
