@@ -70,6 +70,11 @@ def current_rss() -> int:
     return _status("VmRSS")
 
 
+def peak_rss() -> int:
+    """The process's peak resident set, since it started or since a PeakMemory reset it."""
+    return _status("VmHWM")
+
+
 _OUT_OF_MEMORY_WORDS = ("can't allocate memory", "Cannot allocate memory", "std::bad_alloc")
 
 
@@ -111,7 +116,7 @@ class PeakMemory:
             self.since_start = False  # then the peak includes what ran before
 
     def peak(self) -> int:
-        return _status("VmHWM")
+        return peak_rss()
 
 
 def available_memory() -> int:
@@ -339,4 +344,4 @@ def predict_memory(source, skeleton: nn.Module, recipe, targets: list[list[str]]
                             None if sharded_peak is None else int(baseline + SAFETY * sharded_peak))
 
 
-__all__ = ["MemoryPrediction", "PeakMemory", "available_memory", "current_rss", "predict_memory"]
+__all__ = ["MemoryPrediction", "PeakMemory", "available_memory", "current_rss", "peak_rss", "predict_memory"]

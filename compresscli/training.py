@@ -40,6 +40,7 @@ from torch import nn
 
 from . import distributed, sharding
 from .errors import CompressError, DivergedError
+from .memory import peak_rss
 from .progress import Progress, SilentProgress
 
 
@@ -90,8 +91,8 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
     """Train `params` for config.steps steps, one item per step, the loss computed by `modules` (the
     ones it calls); data-parallel when a process group exists, and with `shard` sharded by FSDP2,
     `units` (submodules of `modules`: blocks) wrapped on their own. Returns the loss statistics (and,
-    when the loss has terms, each term averaged over the last tenth of the steps) and the steps per
-    second of every rank."""
+    when the loss has terms, each term averaged over the last tenth of the steps), and every rank's steps
+    per second and peak resident memory."""
     progress, hooks = progress or SilentProgress(), hooks or StepHooks()
     if config.steps == 0:
         return {"steps": 0}
@@ -152,8 +153,10 @@ def train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, confi
         sharded.gather()
     hooks.finish()
     rates = distributed.gather_floats(config.steps / max(time.perf_counter() - started, 1e-9))
+    peaks = distributed.gather_floats(float(peak_rss()))  # each rank's, from the run's start to here
     stats = {"steps": config.steps, "first_loss": losses[0], "final_loss": sum(losses[-tail:]) / tail,
-             "steps_per_second_per_rank": [round(r, 3) for r in rates]}
+             "steps_per_second_per_rank": [round(r, 3) for r in rates],
+             "peak_rss_bytes_per_rank": [int(p) for p in peaks]}
     if term_sums is not None:
         stats["final_terms"] = [round(x / tail, 6) for x in term_sums.tolist()]
     return stats

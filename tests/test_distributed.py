@@ -146,6 +146,8 @@ def test_sharded_recovery_writes_what_the_unsharded_run_writes(tmp_path, tiny_te
     assert reports["sharded"]["execution"]["sharded"] and not reports["unsharded"]["execution"]["sharded"]
     assert "- execution: whole-model, 2 processes (gloo), recovery sharded (FSDP2)" in \
         (tmp_path / "sharded" / "report.md").read_text()
+    peaks = reports["sharded"]["stages"][-1]["stats"]["peak_rss_bytes_per_rank"]
+    assert len(peaks) == 2 and min(peaks) > 100 * 1024**2  # each rank's own, torch and the model in it
     finals = {name: r["stages"][-1]["stats"]["final_loss"] for name, r in reports.items()}
     assert finals["sharded"] == pytest.approx(finals["unsharded"], rel=1e-6)
     same_tensors(tmp_path / "sharded", tmp_path / "unsharded", atol=1e-6)
