@@ -57,13 +57,15 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPE_NAMES[name]
 
 
-def load_checkpoint(spec: str | Path, weights: str | Path | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_checkpoint(spec: str | Path, weights: str | Path | None = None, dtype: torch.dtype | None = None,
+                    trainable: bool = False) -> Checkpoint:
     """Resolve a CLI/library source string to a ready model in eval mode, in the checkpoint's dtype
-    unless `dtype` says otherwise."""
-    return load_source(open_source(spec, weights), dtype)
+    unless `dtype` says otherwise; a compresscli output's layers in their inference form, or with
+    `trainable` their training form."""
+    return load_source(open_source(spec, weights), dtype, trainable)
 
 
-def load_source(source: Source, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_source(source: Source, dtype: torch.dtype | None = None, trainable: bool = False) -> Checkpoint:
     if source.kind == "hf":
         model = _from_pretrained(source, dtype)
     elif source.kind == "timm":
@@ -71,7 +73,7 @@ def load_source(source: Source, dtype: torch.dtype | None = None) -> Checkpoint:
         mapping = check_fit(model, source.index, source.name)
         assign_tensors(model, {k: t for k, t in zip(mapping, source.index.read(list(mapping.values()), dtype).values())})
     else:
-        return load_compressed(source, dtype)
+        return load_compressed(source, dtype, trainable)
     kind = source.kind
     return Checkpoint(model.eval(), kind, source.config, source.name, directory=source.directory,
                       file_bytes=source.file_bytes, source=source)
@@ -113,13 +115,14 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     return hf_class((config.get("architectures") or [None])[0], hf_config)(hf_config)
 
 
-def load_compressed(source: Source, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_compressed(source: Source, dtype: torch.dtype | None = None, trainable: bool = False) -> Checkpoint:
     """A compresscli output: the source architecture's skeleton, each compressed layer decoded from its
-    tensors and every other tensor assigned, one tensor read at a time."""
+    tensors (inference form, or with `trainable` training form) and every other tensor assigned, one
+    tensor read at a time."""
     from .export import tensors_to_model
 
     model = skeleton_of(source)
-    tensors_to_model(model, source.index, source.name, dtype)
+    tensors_to_model(model, source.index, source.name, dtype, trainable=trainable)
     kind = source.model_kind
     return Checkpoint(model.eval(), kind, source.config, source.name, directory=source.directory,
                       compression=source.compression, file_bytes=source.file_bytes, source=source)

@@ -162,12 +162,14 @@ def layer_codec(name: str, meta: Any, dense: nn.Module, where: str) -> tuple[typ
     return cls, params, own, shared
 
 
-def shared_parameter(key: str, tensor: torch.Tensor, where: str) -> nn.Parameter:
-    """A shared tensor (FiPS base, RPS memory) as the trainable Parameter layers share: floating point only."""
+def shared_parameter(key: str, tensor: torch.Tensor, where: str, trainable: bool = True) -> nn.Parameter:
+    """A shared tensor (FiPS base, RPS memory) as the Parameter layers share (trainable or not): floating
+    point only. A Parameter, not a buffer, also in the inference form: `Module.to` keeps one Parameter
+    shared where it would copy a buffer once per layer holding it."""
     if not tensor.is_floating_point():
         raise CheckpointError(f"{where}: shared tensor {SHARED_PREFIX}{key} is {tensor.dtype}, not floating point",
                               _DAMAGED)
-    return nn.Parameter(tensor)
+    return nn.Parameter(tensor, requires_grad=trainable)
 
 
 def decode_layer(cls: type[CompressedModule], name: str, tensors: dict[str, torch.Tensor], params: dict[str, Any],
@@ -197,10 +199,12 @@ def decode_layer(cls: type[CompressedModule], name: str, tensors: dict[str, torc
 
 def tensors_to_model(model: nn.Module, index: TensorIndex, where: str, dtype: torch.dtype | None = None,
                      include: Callable[[str], bool] | None = None,
-                     shared_cache: dict[str, nn.Parameter] | None = None) -> None:
+                     shared_cache: dict[str, nn.Parameter] | None = None, trainable: bool = False) -> None:
     """Rebuild the compressed layers inside `model` (a skeleton from config) and assign every other
     tensor, reading one layer at a time. With `include`, only the layers and tensors whose names it
-    accepts (a block being streamed); `shared_cache` then keeps tensors several blocks share.
+    accepts (a block being streamed); `shared_cache` then keeps tensors several blocks share. Compressed
+    layers come in their inference form (compact, nothing trainable), or with `trainable` their training
+    form (what recovery and further compression need).
 
     Never falls back silently: a missing or unexpected tensor is an error that names it.
     """
@@ -233,10 +237,14 @@ def tensors_to_model(model: nn.Module, index: TensorIndex, where: str, dtype: to
             raise CheckpointError(f"{where}: layer {name} needs shared tensors "
                                   f"{sorted(SHARED_PREFIX + k for k in absent)}", _REEXPORT)
         for key in wanted - set(shared):
-            shared[key] = shared_parameter(key, index.read([SHARED_PREFIX + key])[SHARED_PREFIX + key], where)
+            shared[key] = shared_parameter(key, index.read([SHARED_PREFIX + key])[SHARED_PREFIX + key], where,
+                                           trainable)
         own = {k[len(name) + 1:]: v for k, v in index.read(sorted(expected)).items()}
         names -= expected
-        layer = decode_layer(cls, name, own, params, {k: shared[k] for k in wanted}, dense, where)
+        form = cls if trainable else codec_for(meta["codec"], trainable=False)
+        layer = decode_layer(form, name, own, params, {k: shared[k] for k in wanted}, dense, where)
+        if not trainable:
+            layer.requires_grad_(False)
         replace_module(model, name, layer.to(dtype) if dtype is not None else layer)
 
     covered = tuple(f"{name}." for name in layer_meta)

@@ -215,7 +215,7 @@ def _compress_source(source: Source, recipe: Recipe, out: Path | None, options: 
     del skeleton
     if mode == "whole-model":
         with progress.task("loading checkpoint"):
-            ckpt = load_source(source, options.dtype)
+            ckpt = load_source(source, options.dtype, trainable=True)  # a compressed input is compressed further
         result = run_recipe(ckpt, recipe, out, options, progress, force, prediction=prediction, peak=peak,
                             keep_model=options.dry_run)
         del ckpt

@@ -146,7 +146,7 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
 
     progress = progress or SilentProgress()
     device = torch.device(options.resolved_device)
-    streamed = StreamedModel(source, options.dtype, device)
+    streamed = StreamedModel(source, options.dtype, device, trainable=True)  # its blocks are compressed further
     problem = sequential_problem(recipe, targets, streamed.blocks)
     if problem is not None:
         raise problem

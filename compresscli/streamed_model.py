@@ -27,10 +27,11 @@ from .tasks import Task, task_for
 
 class StreamedModel:
     """A checkpoint read one block at a time: the skeleton, with everything outside the blocks loaded,
-    and `load_block(i)` / `free_block(i)` for the blocks (plain or compressed sources alike)."""
+    and `load_block(i)` / `free_block(i)` for the blocks (plain or compressed sources alike; compressed
+    layers in their inference form, or with `trainable` their training form, to compress further)."""
 
-    def __init__(self, source: Source, dtype: torch.dtype | None, device: torch.device):
-        self.source, self.dtype, self.device = source, dtype, device
+    def __init__(self, source: Source, dtype: torch.dtype | None, device: torch.device, trainable: bool = False):
+        self.source, self.dtype, self.device, self.trainable = source, dtype, device, trainable
         self.model = skeleton_of(source)
         self.arch = detect(self.model)
         blocks = self.arch.blocks
@@ -57,7 +58,7 @@ class StreamedModel:
     def _load_outer(self) -> None:
         if self.key_map is None:
             tensors_to_model(self.model, self.source.index, self.source.name, self.dtype,
-                             include=self.outside_blocks, shared_cache=self.shared)
+                             include=self.outside_blocks, shared_cache=self.shared, trainable=self.trainable)
         else:
             keys = [k for k in self.key_map if self.outside_blocks(k)]
             read = self.source.index.read([self.key_map[k] for k in keys], self.dtype)
@@ -77,7 +78,8 @@ class StreamedModel:
         self.container[i] = copy.deepcopy(self.skeletons[i])
         if self.key_map is None:
             tensors_to_model(self.model, self.source.index, self.source.name, self.dtype,
-                             include=lambda n: (n + ".").startswith(name + "."), shared_cache=self.shared)
+                             include=lambda n: (n + ".").startswith(name + "."), shared_cache=self.shared,
+                             trainable=self.trainable)
         else:
             keys = [k for k in self.key_map if k.startswith(name + ".")]
             read = self.source.index.read([self.key_map[k] for k in keys], self.dtype)

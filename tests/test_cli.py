@@ -46,7 +46,9 @@ def test_load_returns_a_ready_module(minilm_out, minilm_dir):
     a = model(input_ids=ids, attention_mask=mask).last_hidden_state
     b = original(input_ids=ids, attention_mask=mask).last_hidden_state
     assert a.shape == b.shape and not torch.equal(a, b)
-    assert sum(isinstance(m, compresscli.modules.SparseLinear) for m in model.modules()) == 12
+    assert sum(type(m).__name__ == "CompactSparseLinear" for m in model.modules()) == 12  # the inference form
+    trainable = compresscli.load(out, trainable=True)
+    assert sum(isinstance(m, compresscli.modules.SparseLinear) for m in trainable.modules()) == 12
 
 
 def test_eval_and_inspect_on_the_output(capsys, minilm_out, minilm_dir):
@@ -65,7 +67,7 @@ def test_eval_and_inspect_on_the_output(capsys, minilm_out, minilm_dir):
     code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json")
     layers = {r["name"]: r for r in json.loads(stdout)["layers"]}
     fc1 = layers["encoder.layer.0.intermediate.dense"]
-    mask = compresscli.load(out).encoder.layer[0].intermediate.dense.mask
+    mask = compresscli.load(out, trainable=True).encoder.layer[0].intermediate.dense.mask
     assert fc1["codec"] == "sparse_linear" and fc1["stored_params"] == int(mask.sum()) + 1536
     assert fc1["dense_params"] == 1536 * 384 + 1536 and fc1["bytes"] < fc1["dense_bytes"]
     code, stdout, _ = run_cli(capsys, "inspect", str(minilm_dir), "--json")
@@ -100,7 +102,7 @@ def test_compress_a_compressed_checkpoint_further(capsys, tmp_path, minilm_out):
     assert code == 0, stderr
     targeted = json.loads(stdout)["report"]["memory"]["targeted"]
     assert targeted["stored_params"] == pytest.approx(0.1 * 7_077_888 + 12 * 0 + 6 * (1536 + 384), rel=1e-3)
-    first, second = compresscli.load(out), compresscli.load(further)
+    first, second = compresscli.load(out, trainable=True), compresscli.load(further, trainable=True)
     name = "encoder.layer.3.output.dense"
     assert not (second.get_submodule(name).mask & ~first.get_submodule(name).mask).any()
 

@@ -1,6 +1,6 @@
 """`compress export`: every codec's dense form; `--format dense` directories that transformers and timm load,
 and `--format compressed-tensors` directories that compressed-tensors decompresses, in a process where
-compresscli cannot be imported, computing what compresscli.load(OUT) computes."""
+compresscli cannot be imported, computing what compresscli.load(OUT, trainable=True) computes (the training form: the same dense weights)."""
 from __future__ import annotations
 
 import json
@@ -231,7 +231,7 @@ def test_tiny_hf_families_load_in_plain_transformers(tmp_path, tiny_hf_dirs):
         result = export(out, tmp_path / f"{family}-dense", **shard)
         assert result.decoded_layers > 0 and result.untied == (["lm_head.weight"] if family == "gpt2-untied" else [])
         inputs = {"input_ids": torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))}
-        expected[family] = _output(compresscli.load(out), inputs)
+        expected[family] = _output(compresscli.load(out, trainable=True), inputs)
         jobs.append(_job(tmp_path, family, result.to, "hf-class", inputs))
 
     gpt2 = tmp_path / "gpt2-dense"
@@ -280,7 +280,7 @@ def test_real_minilm_with_its_tokenizer_loads_without_compresscli(tmp_path, mini
     text = "Compressed models should load anywhere."
     ids = transformers.AutoTokenizer.from_pretrained(out)(text, return_tensors="pt")["input_ids"]
     inputs = {"input_ids": ids, "text": text}
-    compressed = compresscli.load(out)
+    compressed = compresscli.load(out, trainable=True)
     expected = _output(compressed, inputs)
     job = _job(tmp_path, "minilm", tmp_path / "dense", "hf-auto" if fmt == "dense" else fmt, inputs)
     _load_elsewhere(tmp_path, [job])
@@ -312,7 +312,7 @@ def test_timm_vit_loads_in_plain_timm(tmp_path):
     assert result.kind == "timm" and result.files == ["model.safetensors"] and result.decoded_layers == 8
     inputs = {"x": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))}
     with torch.no_grad():
-        expected = compresscli.load(out)(inputs["x"])
+        expected = compresscli.load(out, trainable=True)(inputs["x"])
     job = _job(tmp_path, "vit", result.to, "timm", inputs)
     _load_elsewhere(tmp_path, [job])
     for got in torch.load(job["result"]):
@@ -346,7 +346,7 @@ def test_tiny_hf_families_load_in_compressed_tensors(tmp_path, tiny_hf_dirs):
         sparsity = block["sparsity_config"]
         assert len(sparsity["targets"]) == layers and 0 < sparsity["global_sparsity"] < 1
         inputs = {"input_ids": torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))}
-        models[family] = compresscli.load(out)
+        models[family] = compresscli.load(out, trainable=True)
         expected[family] = _output(models[family], inputs)
         jobs.append(_job(tmp_path, family, result.to, "compressed-tensors", inputs))
 
@@ -441,7 +441,7 @@ def test_transformers_from_pretrained_loads_it_directly(tmp_path, bert_out):
     job = _job(tmp_path, "bert", result.to, "hf-auto", inputs)
     _load_elsewhere(tmp_path, [job])
     (got,) = torch.load(job["result"])
-    torch.testing.assert_close(got, _output(compresscli.load(bert_out), inputs), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, _output(compresscli.load(bert_out, trainable=True), inputs), atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input

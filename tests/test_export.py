@@ -27,12 +27,13 @@ def outputs(tmp_path_factory, tiny_hf_dirs):
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_round_trip_is_exact(outputs, name):
+    """The training form reloads bit for bit; the inference form computes the same up to summation order."""
     out, model = outputs[name]
-    rebuilt = load(out)
     ids = torch.randint(0, 99, (2, 9))
-    a, b = model.eval()(input_ids=ids), rebuilt(input_ids=ids)
+    a = model.eval()(input_ids=ids)
     key = "logits" if hasattr(a, "logits") else "last_hidden_state"
-    assert torch.equal(getattr(a, key), getattr(b, key))
+    assert torch.equal(getattr(a, key), getattr(load(out, trainable=True)(input_ids=ids), key))
+    torch.testing.assert_close(getattr(load(out)(input_ids=ids), key), getattr(a, key), rtol=1e-5, atol=1e-5)
 
 
 def test_tied_weights_are_stored_once(outputs):

@@ -12,7 +12,7 @@ from compresscli.checkpoint import load_checkpoint
 from compresscli.errors import RecipeError, StageError
 from compresscli.methods.fips import FipsConfig, plan_groups
 from compresscli.methods.fips_init import decompose, fips_rank, kept_entries, magnitude_masks
-from compresscli.modules.fips import FipsLinear
+from compresscli.modules.fips import CompactFipsLinear, FipsLinear
 from compresscli.tasks import task_for
 from conftest import run_cli, tiny_timm, write_recipe
 
@@ -241,11 +241,12 @@ def test_real_minilm_through_the_pipeline_is_small_and_reloads(tmp_path, capsys,
     stats = report["stages"][0]["stats"]
     assert stats["kept_ratio"] <= 0.4 and len(stats["ranks"]) == 2  # 6 blocks -> groups of 3 + 3
     assert stats["reconstruction"]["final_loss"] < stats["reconstruction"]["first_loss"]
-    assert report["reload"]["max_abs_diff"] < 1e-5
+    # the check reloads the inference form, which multiplies (x @ U) @ V where the training form may form U @ V
+    assert report["reload"]["max_abs_diff"] < 1e-3
     cosine = next(m for m in report["eval"]["metrics"] if m["name"] == "embedding cosine to original")
     assert cosine["compressed"] > 0.8
-    model = load(out)
-    assert sum(isinstance(m, FipsLinear) for m in model.modules()) == 12
+    assert sum(isinstance(m, CompactFipsLinear) for m in load(out).modules()) == 12
+    assert sum(isinstance(m, FipsLinear) for m in load(out, trainable=True).modules()) == 12
     code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json")
     assert code == 0 and "fips_linear" in stdout
 

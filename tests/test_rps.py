@@ -21,12 +21,13 @@ from compresscli.export import save_model, tensors_to_model
 from compresscli.safetensors_io import TensorIndex
 from compresscli.methods.rps import RPSConfig
 from compresscli.modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
+from compresscli.modules.rps_compact import CompactRPSConv2d, CompactRPSEmbedding, CompactRPSLinear
 from compresscli.modules.rps_hash import Placement, randomfold
 from compresscli.pipeline import RunOptions, run_recipe
 from compresscli.recipe import load_recipe, parse_recipe
 from conftest import DEVICES, REPO, run_cli, tiny_timm
 
-RPS_TYPES = (RPSLinear, RPSConv2d, RPSEmbedding)
+RPS_TYPES = (RPSLinear, RPSConv2d, RPSEmbedding, CompactRPSLinear, CompactRPSConv2d, CompactRPSEmbedding)
 
 
 class Mixed(nn.Module):
@@ -237,7 +238,7 @@ def test_safetensors_round_trip(tmp_path, device, config):
     stored = load_file(str(tmp_path / "model.safetensors"))
     assert "shared.rps.0.memory" in stored and not any(k.endswith((".index", ".sign", ".weight")) for k in stored)
     rebuilt = Mixed(scales=(3.0, 3.0, 3.0))  # other weights: everything must come from the file
-    tensors_to_model(rebuilt, TensorIndex.of_directory(tmp_path), "test")
+    tensors_to_model(rebuilt, TensorIndex.of_directory(tmp_path), "test", trainable=True)
     rebuilt.to(device)
     ids, image = (t.to(device) for t in _mixed_inputs())
     assert torch.equal(rebuilt(ids, image), model(ids, image))
@@ -269,7 +270,7 @@ def test_tied_lm_head_reads_the_embedding_slots(tiny_hf_dirs, tmp_path):
     index = TensorIndex.of_directory(tmp_path)
     assert "lm_head.weight" not in index and "transformer.wte.weight" not in index
     rebuilt = load_checkpoint(tiny_hf_dirs["gpt2"]).model
-    tensors_to_model(rebuilt, index, "test")
+    tensors_to_model(rebuilt, index, "test", trainable=True)
     assert torch.allclose(rebuilt(ids).logits, model(ids).logits, atol=1e-6)
     assert torch.equal(rebuilt.lm_head.book.denominator, model.lm_head.book.denominator)
 
@@ -323,7 +324,7 @@ def test_minilm_at_c1_reloads_equal_to_the_original(minilm_dir, tmp_path):
     assert stats["compression"] == 1.0 and stats["slot_load_max"] == 1
     assert stats["layers"] == 6 * 6 + 1 + 3  # every encoder Linear, the pooler, three embedding tables
     reloaded = load(tmp_path / "out")
-    assert isinstance(reloaded.embeddings.word_embeddings, RPSEmbedding)
+    assert isinstance(reloaded.embeddings.word_embeddings, CompactRPSEmbedding)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
@@ -361,5 +362,5 @@ def test_recipe_end_to_end_on_the_digits_vit(capsys, tmp_path, digits_vit_dir, r
     # 10x smaller: the projection alone is near chance (~0.1), 150 recovery steps bring it far above (0.82 measured)
     assert accuracy["original"] > 0.9 and accuracy["compressed"] > 0.5
     assert report["reload"]["max_abs_diff"] < 1e-4
-    model = load(out)
-    assert {type(m) for m in _rps_layers(model).values()} == {RPSLinear}
+    assert {type(m) for m in _rps_layers(load(out)).values()} == {CompactRPSLinear}
+    assert {type(m) for m in _rps_layers(load(out, trainable=True)).values()} == {RPSLinear}

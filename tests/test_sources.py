@@ -83,7 +83,7 @@ def test_sharded_input_and_output(minilm_dir, tmp_path):
         index = json.loads((out / INDEX_NAME).read_text())
         shards = sorted(out.glob("model-*.safetensors"))
         assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}
-        assert not (out / "model.safetensors").exists() and result.report["reload"]["max_abs_diff"] == 0.0
+        assert not (out / "model.safetensors").exists() and result.report["reload"]["max_abs_diff"] < 1e-5
         with torch.no_grad():
             logits = compresscli.load(out)(input_ids=ids).logits
         assert torch.isfinite(logits).all()

@@ -1,10 +1,11 @@
-"""Fast products for condensed (constant fan-in) layers: a compiled CPU kernel, Triton kernels for CUDA,
-the pure-PyTorch reference and dense fallback, and the dispatch between them (see dispatch.py).
+"""Fast products for the compressed layers: compiled CPU kernels (condensed, CSR and bitmask rows, RPS
+weights), Triton kernels for condensed layers on CUDA, the pure-PyTorch reference and dense fallbacks, and
+the dispatch between them (see dispatch.py).
 
 Triton is imported only when a CUDA path is first considered; the CPU kernel is compiled on first use.
 """
-from .dispatch import PATHS, available_paths, choose_path, condensed_mm, force_path
+from .dispatch import PATHS, available_paths, choose_path, condensed_mm, force_path, sparse_dense, sparse_mm
 from .reference import dense_mm, gather_mm, scatter_dense
 
 __all__ = ["PATHS", "available_paths", "choose_path", "condensed_mm", "dense_mm", "force_path", "gather_mm",
-           "scatter_dense"]
+           "scatter_dense", "sparse_dense", "sparse_mm"]

@@ -1,4 +1,4 @@
-"""The compiled CPU path: build the kernel of cpu_source.py on first use, cache it, call it via ctypes.
+"""The compiled CPU kernels: build the library of cpu_source.py on first use, cache it, call it via ctypes.
 
 The shared library is compiled with the system C++ compiler (g++/c++, overridable with $CXX) into
 $COMPRESSCLI_CACHE/kernels/, named by a hash of the source, the flags and the compiler, so a change of
@@ -62,7 +62,7 @@ def _build(compiler: str, flags: list[str], target: Path) -> None:
     """Compile into a temporary file beside `target`, then rename: readers never see a partial library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "condensed.cpp"
+        src = Path(tmp) / "compresscli_cpu.cpp"
         src.write_text(SOURCE)
         out = Path(tmp) / target.name
         result = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True,
@@ -76,34 +76,35 @@ def _build(compiler: str, flags: list[str], target: Path) -> None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, built if needed; None (logged once) when it cannot be had."""
     if os.environ.get(DISABLE_ENV):
-        log.info("CPU condensed kernel disabled by $%s", DISABLE_ENV)
+        log.info("CPU kernels disabled by $%s", DISABLE_ENV)
         return None
     if fcntl is None:
-        log.warning("no POSIX file locking here: condensed layers use the slower pure-PyTorch path on CPU")
+        log.warning("no POSIX file locking here: compressed layers use the slower pure-PyTorch paths on CPU")
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler found: condensed layers use the slower pure-PyTorch path on CPU")
+        log.warning("no C++ compiler found: compressed layers use the slower pure-PyTorch paths on CPU")
         return None
     flags = _flags()
     try:
         key = hashlib.sha256("\0".join([SOURCE, *flags, _compiler_version(compiler), torch.__version__]).encode())
-        target = cache_dir() / "kernels" / f"condensed_cpu_{key.hexdigest()[:16]}.so"
+        target = cache_dir() / "kernels" / f"compresscli_cpu_{key.hexdigest()[:16]}.so"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target.parent / ".build.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not target.is_file():
-                    log.info("compiling the CPU condensed kernel into %s", target)
+                    log.info("compiling the CPU kernels into %s", target)
                     _build(compiler, flags, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        log.warning("could not build the CPU condensed kernel (%s): using the pure-PyTorch path", err)
+        log.warning("could not build the CPU kernels (%s): using the pure-PyTorch paths", err)
         return None
-    lib.condensed_mm_f32.restype = ctypes.c_int
-    lib.condensed_mm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.sparse_mm.restype = lib.sparse_to_dense.restype = lib.rps_weight.restype = ctypes.c_int
+    ptr, i64, int_ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.sparse_mm.argtypes = [int_, ptr, i64, i64, ptr, ptr, i64, int_, ptr, i64, ptr, ptr, i64, int_]
+    lib.sparse_to_dense.argtypes = [int_, ptr, ptr, i64, int_, ptr, i64, ptr, i64, i64, int_]
+    lib.rps_weight.argtypes = [int_, ptr, ptr, ctypes.c_float, i64, i64, ptr, int_]
     return lib
 
 
@@ -111,22 +112,68 @@ def available() -> bool:
     return library() is not None
 
 
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+"""The value dtypes the kernels take (x, values, bias and the output share one)."""
+KINDS = {torch.int16: 0, torch.int32: 1, torch.int64: 2}
+"""Column structure by its tensor's dtype: int16 / int32 indices, or int64 bitmask words (one row each)."""
+
+
+def threads_for(work: int) -> int:
+    """torch's thread count, fewer when there are under MIN_WORK_PER_THREAD multiply-adds per thread."""
+    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor | None,
+              bias: torch.Tensor | None, rows: int, nnz: int) -> torch.Tensor:
+    """y (N, rows) = x (N, C) @ W^T (+ bias) for the row-sparse W the tensors describe (see cpu_source.py):
+    `cols` int16/int32 indices (with `row_ptr`, int64, or without: `values` is rows x k) or int64 bitmask
+    words (rows x words per row, with `row_ptr`). No autograd; the caller guarantees what the C code cannot
+    check cheaply: contiguous tensors of one dtype in DTYPES, columns in [0, C) (checked when the layer
+    was built or loaded)."""
+    n, c = x.shape
+    y = torch.empty(n, rows, dtype=x.dtype)
+    k = values.shape[1] if row_ptr is None else 0
+    wpr = cols.shape[1] if cols.dtype == torch.int64 else 0
+    status = library().sparse_mm(DTYPES[x.dtype], x.data_ptr(), n, c, values.data_ptr(), _ptr(row_ptr), k,
+                                 KINDS[cols.dtype], cols.data_ptr(), wpr, _ptr(bias), y.data_ptr(), rows,
+                                 threads_for(n * nnz))
+    if status != 0:
+        raise RuntimeError(f"sparse CPU kernel rejected dtype {x.dtype} or columns {cols.dtype}")
+    return y
+
+
 def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] (+ bias[r]); float32 CPU tensors, no autograd.
-
-    The caller guarantees what the C code cannot check cheaply: indices in [0, C) (checked when the
-    layer was built or loaded), contiguous float32 tensors, int16/int32 indices.
-    """
-    lib = library()
+    """y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] (+ bias[r]): constant fan-in rows."""
     x, values, indices = x.contiguous(), values.contiguous(), indices.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    n, c = x.shape
-    rows, k = values.shape
-    y = torch.empty(n, rows, dtype=torch.float32)
-    threads = max(1, min(torch.get_num_threads(), n * rows * k // MIN_WORK_PER_THREAD))
-    status = lib.condensed_mm_f32(x.data_ptr(), n, c, values.data_ptr(), indices.data_ptr(), indices.element_size(),
-                                  bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, k, threads)
+    return sparse_mm(x, values, indices, None, bias, values.shape[0], values.numel())
+
+
+def sparse_to_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor | None, rows: int,
+                    columns: int) -> torch.Tensor:
+    """The dense (rows, columns) matrix of a row-sparse structure (as `sparse_mm` takes it), zeros elsewhere."""
+    out = torch.empty(rows, columns, dtype=values.dtype)
+    k = values.shape[1] if row_ptr is None else 0
+    wpr = cols.shape[1] if cols.dtype == torch.int64 else 0
+    status = library().sparse_to_dense(DTYPES[values.dtype], values.data_ptr(), _ptr(row_ptr), k, KINDS[cols.dtype],
+                                       cols.data_ptr(), wpr, out.data_ptr(), rows, columns,
+                                       threads_for(rows * columns // 4))
     if status != 0:
-        raise RuntimeError(f"condensed CPU kernel rejected index type {indices.dtype}")
-    return y
+        raise RuntimeError(f"sparse CPU kernel rejected dtype {values.dtype} or columns {cols.dtype}")
+    return out
+
+
+def rps_weight(memory: torch.Tensor, spec: torch.Tensor, scale: float, row0: int, row1: int, cols: int) -> torch.Tensor:
+    """Rows [row0, row1) of an RPS weight, computed from the memory and `spec`, the RpsSpec integers
+    (cpu_source.py) as a contiguous int64 CPU tensor."""
+    out = torch.empty(row1 - row0, cols, dtype=memory.dtype)
+    status = library().rps_weight(DTYPES[memory.dtype], memory.data_ptr(), spec.data_ptr(), scale, row0, row1,
+                                  out.data_ptr(), threads_for((row1 - row0) * cols // 8))
+    if status != 0:
+        raise RuntimeError(f"RPS CPU kernel rejected dtype {memory.dtype} or its hash parameters {spec}")
+    return out

@@ -1,4 +1,5 @@
-"""Which condensed product runs, for a device, a dtype, a batch and a layer shape.
+"""Which product runs, for a device, a dtype, a batch and a layer shape: condensed layers (below) and
+the row-sparse inference forms (`sparse_mm`, at the end).
 
 Paths (all compute y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] + bias[r]):
   dense         scatter to the dense weight, then F.linear. Differentiable: what training runs, and
@@ -27,6 +28,7 @@ from functools import lru_cache
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu, reference
 
@@ -73,7 +75,8 @@ def available_paths(device: torch.device, dtype: torch.dtype | None) -> list[str
 
 @contextlib.contextmanager
 def force_path(path: str | None) -> Iterator[None]:
-    """Run every condensed product inside the block on `path` (None: automatic)."""
+    """Run every condensed product inside the block on `path` (None: automatic); "dense" and "cpu" also
+    force the row-sparse products."""
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown condensed path {path!r}; choose one of {', '.join(PATHS)}")
     token = _forced.set(path)
@@ -132,3 +135,51 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, b
     from . import triton_kernels
 
     return triton_kernels.condensed_mm(x, values, indices, bias, tiled=path == "triton_tiled"), path
+
+
+# ----------------------------------------------------------------------------- row-sparse inference forms
+
+# CPU: the compiled kernel runs while the kept fraction nnz / (rows x columns) is at most this, by input
+# rows and column structure ("bits": bitmask words, "index": CSR indices); above it the weight is decoded
+# to dense for the call and MKL's GEMM runs. From benchmarks/sparse_layers.py (see its results file).
+SPARSE_CPU_MAX_DENSITY = {"bits": ((1, 0.15), (64, 0.6), (None, 0.3)), "index": ((1, 0.3), (64, 0.6), (None, 0.3))}
+SPARSE_PATHS = ("dense", "cpu")
+
+
+def sparse_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, rows: int,
+                 columns: int) -> torch.Tensor:
+    """The dense weight of a row-sparse structure, by the compiled decoder where it applies."""
+    if values.device.type == "cpu" and values.dtype in cpu.DTYPES and cpu.available():
+        return cpu.sparse_to_dense(values, cols, row_ptr, rows, columns)
+    return reference.row_sparse_dense(values, cols, row_ptr, rows, columns)
+
+
+def choose_sparse_path(device: torch.device, dtype: torch.dtype, n: int, density: float, bits: bool,
+                       needs_grad: bool) -> str:
+    runnable = device.type == "cpu" and dtype in cpu.DTYPES and cpu.available()
+    forced = _forced.get() or os.environ.get(PATH_ENV) or None
+    if forced in SPARSE_PATHS:
+        if forced == "cpu" and not (runnable and not needs_grad):
+            raise ValueError(f"the sparse CPU kernel cannot run {device.type}/{dtype}"
+                             + (" with gradients" if needs_grad else ""))
+        return forced
+    if needs_grad or not runnable:
+        return "dense"
+    for rows, limit in SPARSE_CPU_MAX_DENSITY["bits" if bits else "index"]:
+        if rows is None or n <= rows:
+            return "cpu" if density <= limit else "dense"
+    return "dense"
+
+
+def sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
+              bias: torch.Tensor | None, rows: int, columns: int) -> tuple[torch.Tensor, str]:
+    """y (N, rows) = x (N, columns) @ W^T (+ bias) for a row-sparse W (kernels.cpu.sparse_mm's layout);
+    returns (y, path name). The dense path decodes W for this call only; it is never kept."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    same = values.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    path = choose_sparse_path(x.device, x.dtype if same else None, x.shape[0],
+                              values.numel() / max(1, rows * columns), cols.dtype == torch.int64, needs_grad)
+    if path == "cpu":
+        x = x.contiguous()
+        return cpu.sparse_mm(x, values, cols, row_ptr, bias, rows, values.numel()), path
+    return F.linear(x, sparse_dense(values, cols, row_ptr, rows, columns).to(x.dtype), bias), path

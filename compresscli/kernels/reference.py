@@ -1,7 +1,8 @@
-"""The pure-PyTorch condensed products: the reference definition and the dense fallback.
+"""The pure-PyTorch products: the condensed reference definition, and the dense fallbacks (the
+structure decoded to a dense weight, then F.linear) that run wherever no compiled kernel applies.
 
-Every path computes the same thing, y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] (+ bias[r]),
-on the compact rows of a layer (ablated rows are the module's business, not the kernels').
+Every condensed path computes the same thing, y (N, R) = sum_j values[r, j] * x[n, indices[r, j]]
+(+ bias[r]), on the compact rows of a layer (ablated rows are the module's business, not the kernels').
 """
 from __future__ import annotations
 
@@ -41,3 +42,25 @@ def gather_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def unpack_row_bits(words: torch.Tensor, columns: int) -> torch.Tensor:
+    """Bool (rows, columns) from bitmask words (rows, words per row; bit j of word w = column 64 w + j),
+    one byte per element on the words' device (little-endian bytes, as the CPU kernels read them)."""
+    rows = words.shape[0]
+    as_bytes = words.contiguous().view(torch.uint8).view(rows, -1, 1)  # (rows, 8 wpr, 1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    return ((as_bytes >> shifts) & 1).view(rows, -1)[:, :columns].bool()
+
+
+def row_sparse_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, rows: int,
+                     columns: int) -> torch.Tensor:
+    """The dense (rows, columns) matrix of a row-sparse structure (kernels.cpu.sparse_mm's layout: int16 /
+    int32 column indices, or int64 bitmask words), in PyTorch ops on any device; zeros elsewhere."""
+    dense = values.new_zeros(rows, columns)
+    if cols.dtype == torch.int64:
+        dense[unpack_row_bits(cols, columns)] = values
+    else:
+        row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), row_ptr.diff())
+        dense[row_of, cols.long()] = values
+    return dense

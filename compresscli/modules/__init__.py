@@ -5,10 +5,10 @@ Every module of this package is imported, so a new layer type registers its code
 import importlib
 import pkgutil
 
-from .base import CODECS, Codec, CompressedModule, codec_for
+from .base import CODECS, INFERENCE_FORMS, Codec, CompressedModule, codec_for
 from .sparse import SparseConv2d, SparseLinear
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["CODECS", "Codec", "CompressedModule", "codec_for", "SparseConv2d", "SparseLinear"]
+__all__ = ["CODECS", "INFERENCE_FORMS", "Codec", "CompressedModule", "codec_for", "SparseConv2d", "SparseLinear"]

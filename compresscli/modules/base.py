@@ -29,6 +29,12 @@ class CompressedModule(nn.Module):
     `to_tensors()` returns the tensors to store (names relative to the layer) and `codec_params()`
     the JSON-able parameters needed to rebuild it; `from_tensors()` inverts both. Neither mutates
     the module, and the rebuilt layer computes exactly what the original computed.
+
+    Each codec has two forms that read and write the same tensors: the training form (registered with
+    `register_codec`: dense weights and masks, trainable memories, what recovery and further
+    compression work on) and the inference form (`register_inference_form`: the tensors as stored, run
+    by the kernels, resident bytes those of the file plus O(rows)). Converting one into the other is
+    `to_tensors` then the other's `from_tensors` (compresscli.forms), so it is exact by construction.
     """
 
     codec: ClassVar[Codec]
@@ -72,6 +78,12 @@ class CompressedModule(nn.Module):
         were removed."""
         raise NotImplementedError
 
+    @classmethod
+    def inference_extra_bytes(cls, params: dict[str, Any]) -> int:
+        """Bytes the inference form holds beyond the layer's stored tensors (row offsets, row padding of a
+        bitmask): what `compress inspect` adds to the bytes on disk to show the resident bytes."""
+        return 0
+
     def dense_tensors(self) -> dict[str, torch.Tensor]:
         """The dense tensors this layer computes with, keyed as the layer it replaces holds them
         (weight, bias): what a plain transformers/timm export stores."""
@@ -96,11 +108,19 @@ def conv_params(layer: nn.Module, names: tuple[str, ...] = CONV_ARGS) -> dict[st
 
 
 CODECS: Registry[type[CompressedModule]] = Registry("codec")
+"""Codec name -> its training form."""
+INFERENCE_FORMS: Registry[type[CompressedModule]] = Registry("codec")
+"""Codec name -> its inference form (the same class where the training form is already compact)."""
 
 
 def register_codec(cls: type[CompressedModule]) -> type[CompressedModule]:
     return CODECS.register(cls.codec.value)(cls)
 
 
-def codec_for(name: str) -> type[CompressedModule]:
-    return CODECS.get(name)
+def register_inference_form(cls: type[CompressedModule]) -> type[CompressedModule]:
+    return INFERENCE_FORMS.register(cls.codec.value)(cls)
+
+
+def codec_for(name: str, trainable: bool = True) -> type[CompressedModule]:
+    """The class that decodes codec `name`: its training form, or with trainable=False its inference form."""
+    return (CODECS if trainable else INFERENCE_FORMS).get(name)

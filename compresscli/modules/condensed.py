@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import CheckpointError
-from .base import CONV_ARGS, Codec, CompressedModule, conv_params, register_codec
+from .base import CONV_ARGS, Codec, CompressedModule, conv_params, register_codec, register_inference_form
 from .sparse_codec import VALUE_DTYPES, index_dtype
 
 
@@ -148,6 +148,7 @@ class _Condensed(CompressedModule):
 
 
 @register_codec
+@register_inference_form  # already compact: the inference form is this class with nothing trainable
 class CondensedLinear(_Condensed):
     """y[..., o] = sum_j values[o, j] * x[..., indices[o, j]] + bias[o], by the fastest available kernel."""
 
@@ -182,6 +183,7 @@ class CondensedLinear(_Condensed):
 
 
 @register_codec
+@register_inference_form
 class CondensedConv2d(_Condensed):
     """A zero-padded Conv2d whose every output channel reads k of its in/groups * kh * kw inputs.
     The forward runs the convolution on the dense view: the condensed kernels serve Linear layers."""

@@ -2,9 +2,10 @@
 
 Weight i of a layer is w_i = lambda * g_i * m[h(i)]: `m` is the memory nn.Parameter shared by every
 layer of the group, h and g (slot and sign) are recomputed from the layer's Placement, and lambda is
-the layer's fixed scale. Forward materialises the weight by a gather (embeddings gather only the
-rows they look up); autograd's backward of the gather is the scatter-add into m. Stored per layer:
-the scale and the bias; the memory is a shared tensor, stored once; the map is never stored.
+the layer's fixed scale. The training forms keep the map as buffers and materialise the weight by a
+gather (embeddings gather only the rows they look up); autograd's backward of the gather is the
+scatter-add into m. The inference forms (rps_compact.py) keep no map at all. Stored per layer: the
+scale and the bias; the memory is a shared tensor, stored once; the map is never stored.
 """
 from __future__ import annotations
 
@@ -47,40 +48,26 @@ def _stored_problem(tensors: dict[str, torch.Tensor], placement: Any, memory: to
     return None
 
 
-class _SharedWeight(CompressedModule):
-    """What the three layer types share: the memory, the map buffers and the codec plumbing."""
+class _SharedWeightCodec(CompressedModule):
+    """What every RPS layer shares, in both forms: the memory, the placement, the scale, the bias, and the
+    codec plumbing (stored per layer: the scale and the bias; the memory once, as a shared tensor)."""
 
     memory: nn.Parameter
-    index: torch.Tensor
-    sign: torch.Tensor
     weight_scale: torch.Tensor
-    bias: nn.Parameter | None
+    bias: torch.Tensor | None
+    scale_gradients: bool
 
-    def _init_shared(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
-                     scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
+    def _init_codec(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
+                    scale: float, scale_gradients: bool, counted: bool) -> None:
         self.memory = memory  # (M,), the same nn.Parameter object in every layer sharing it
         self.memory_name = memory_name  # model-wide name of the shared tensor
         self.placement = placement
         self.weight_shape = tuple(shape)
         # False for the second reader of a tied tensor: it must not add its weights to the slot sums again
         self.counted = counted
-        index, sign = placement.locate(self.weight_shape)
-        # the map is derived data: never in state_dict, recomputed on load
-        self.register_buffer("index", index.to(memory.device), persistent=False)  # (weight shape) int64
-        self.register_buffer("sign", sign.to(memory.device), persistent=False)  # (weight shape) int8, +-1
+        self.scale_gradients = scale_gradients
         # the scale as stored (memory dtype), so the slot sums are the same after compression and after loading
-        scale_t = torch.tensor(float(scale), dtype=memory.dtype)
-        self.register_buffer("weight_scale", scale_t.to(memory.device))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(memory.device))
-        self.book = book_for(memory, placement.memory_size, scale_gradients)
-        if counted:
-            self.book.add(index, float(scale_t))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The materialised weight (differentiable w.r.t. the memory); read-only."""
-        memory = self.book.scaled_memory(self.memory)
-        return memory[self.index] * (self.sign * self.weight_scale)  # (weight shape)
+        self.register_buffer("weight_scale", torch.tensor(float(scale), dtype=memory.dtype).to(memory.device))
 
     def stored_parameters(self) -> int:
         """The scale, the bias, and the whole memory counted once: by the group's first tensor."""
@@ -90,9 +77,6 @@ class _SharedWeight(CompressedModule):
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
         return {"weight": torch.Size(self.weight_shape), **self._bias_entry(shape=True)}
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.weight
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight_scale": self.weight_scale.detach(), **self._bias_entry()}
@@ -110,7 +94,7 @@ class _SharedWeight(CompressedModule):
 
     def _shared_params(self) -> dict[str, Any]:
         return {"memory": self.memory_name, "placement": self.placement.to_dict(), "counted": self.counted,
-                "scale_gradients": self.book.scale_gradients, "bias": self.bias is not None}
+                "scale_gradients": self.scale_gradients, "bias": self.bias is not None}
 
     @staticmethod
     def _shared_args(tensors: dict[str, torch.Tensor], params: dict[str, Any],
@@ -128,6 +112,35 @@ class _SharedWeight(CompressedModule):
     def extra_repr(self) -> str:
         p = self.placement
         return f"shape={self.weight_shape}, memory={self.memory_name}[{p.memory_size}], mapper={p.mapper}"
+
+
+class _SharedWeight(_SharedWeightCodec):
+    """The training form: the map (slot and sign of every weight) kept as buffers, and the memory book
+    that gives the least-squares projection and the STABLE-RPS gradient scaling."""
+
+    index: torch.Tensor
+    sign: torch.Tensor
+
+    def _init_shared(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
+                     scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
+        self._init_codec(shape, memory, memory_name, placement, scale, scale_gradients, counted)
+        index, sign = placement.locate(self.weight_shape)
+        # the map is derived data: never in state_dict, recomputed on load
+        self.register_buffer("index", index.to(memory.device), persistent=False)  # (weight shape) int64
+        self.register_buffer("sign", sign.to(memory.device), persistent=False)  # (weight shape) int8, +-1
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(memory.device))
+        self.book = book_for(memory, placement.memory_size, scale_gradients)
+        if counted:
+            self.book.add(index, float(self.weight_scale))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The materialised weight (differentiable w.r.t. the memory); read-only."""
+        memory = self.book.scaled_memory(self.memory)
+        return memory[self.index] * (self.sign * self.weight_scale)  # (weight shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
 
 
 @register_codec

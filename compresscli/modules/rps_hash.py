@@ -104,42 +104,50 @@ class Placement:
         return asdict(self)
 
     def locate(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot index (int64) and sign (int8), both of the weight's `shape`, computed on the CPU.
+        """Slot index (int64) and sign (int8), both of the weight's `shape`, computed on the CPU."""
+        return self.locate_rows(shape, torch.arange(shape[0], dtype=torch.int64))
+
+    def locate_rows(self, shape: tuple[int, ...], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot index (int64) and sign (int8) of the weights in `rows` (first-dimension indices, any shape,
+        on any device) of a `shape` weight: (*rows.shape, *shape[1:]) each. Only those rows are computed,
+        so an inference layer never holds the map of its whole weight.
 
         Signs are a hash of each weight's global position (its flat index in the weight as stored,
         plus `offset`) for both mappers, so no two weights sharing the memory share a sign draw."""
-        numel = math.prod(shape)
-        positions = self.offset + torch.arange(numel, dtype=torch.int64)
-        sign = signs(positions, self.seed).view(shape)
+        width = math.prod(shape[1:])
+        r = rows.reshape(-1, 1).to(torch.int64)  # (n, 1)
+        c = torch.arange(width, dtype=torch.int64, device=rows.device)[None, :]  # (1, width)
+        positions = self.offset + r * width + c  # (n, width)
+        sign = signs(positions, self.seed)
         if self.mapper == "randomfold":
-            return randomfold(positions, self.memory_size, self.seed).view(shape), sign
-        if self.layout == "embedding":
-            index = self._robe(shape[0], numel // shape[0])
-        elif self.layout == "linear":  # tiles of the (in, out) view, i.e. of weight.T
-            index = self._tiles(shape[1], shape[0]).t()
+            index = randomfold(positions, self.memory_size, self.seed)
+        elif self.layout == "embedding":  # ROBE-Z: chunk (row, col // Z) at a hashed location, Z contiguous
+            index = self._located(r, c // self.block_z, self.block_z) + c % self.block_z
+        elif self.layout == "linear":  # tiles of the (in, out) view, i.e. of weight.T: r is the output
+            index = (self._located(c // self.block_k, r // self.block_n, self.block_k * self.block_n)
+                     + (c % self.block_k) * self.block_n + r % self.block_n)
         else:  # conv: tiles of the (out, in * kh * kw) view
-            index = self._tiles(shape[0], numel // shape[0])
-        return index.contiguous().view(shape), sign
+            index = (self._located(r // self.block_k, c // self.block_n, self.block_k * self.block_n)
+                     + (r % self.block_k) * self.block_n + c % self.block_n)
+        out_shape = (*rows.shape, *shape[1:])
+        return index.reshape(out_shape), sign.reshape(out_shape)
 
-    def _tiles(self, rows: int, cols: int) -> torch.Tensor:
-        """(rows, cols) slots: tile (x, y) at a hashed location, its elements contiguous there."""
-        tile = self.block_k * self.block_n
-        if tile > self.memory_size:
-            raise ValueError(f"block_k * block_n = {tile} must not exceed the memory ({self.memory_size} slots); "
+    def _located(self, x: torch.Tensor, y: torch.Tensor, extent: int) -> torch.Tensor:
+        """Where the tile (or chunk) at coordinates (x, y) starts: span M - extent + 1, so that every tile
+        fits without wrapping and every slot can be reached."""
+        if extent > self.memory_size:
+            what = "block_z" if self.layout == "embedding" else "block_k * block_n"
+            raise ValueError(f"{what} = {extent} must not exceed the memory ({self.memory_size} slots); "
                              "use smaller blocks or a lower compression")
-        r = torch.arange(rows, dtype=torch.int64)[:, None]
-        c = torch.arange(cols, dtype=torch.int64)[None, :]
-        # span M - tile + 1: every tile fits without wrapping and every slot can be reached
-        loc = tile_locations(r // self.block_k, c // self.block_n, self.memory_size - tile + 1, self.seed,
-                             self.tensor_index)
-        return loc + (r % self.block_k) * self.block_n + (c % self.block_n)
+        return tile_locations(x, y, self.memory_size - extent + 1, self.seed, self.tensor_index)
 
-    def _robe(self, rows: int, cols: int) -> torch.Tensor:
-        """(rows, cols) slots: chunk (row, col // Z) at a hashed location, Z elements contiguous (ROBE-Z)."""
-        if self.block_z > self.memory_size:
-            raise ValueError(f"block_z = {self.block_z} must not exceed the memory ({self.memory_size} slots); "
-                             "use a smaller block_z or a lower compression")
-        r = torch.arange(rows, dtype=torch.int64)[:, None]
-        c = torch.arange(cols, dtype=torch.int64)[None, :]
-        loc = tile_locations(r, c // self.block_z, self.memory_size - self.block_z + 1, self.seed, self.tensor_index)
-        return loc + c % self.block_z
+    def kernel_spec(self, shape: tuple[int, ...]) -> list[int]:
+        """The integers the CPU kernel computes this map from (RpsSpec in kernels/cpu_source.py, in order)."""
+        extent = self.block_z if self.layout == "embedding" else self.block_k * self.block_n
+        if self.mapper == "roast":
+            self._located(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), extent)  # checks
+        layout = {"linear": 0, "conv": 1, "embedding": 2}[self.layout]
+        return [MAPPERS.index(self.mapper), layout, self.offset, shape[0], math.prod(shape[1:]), self.memory_size,
+                self.block_k, self.block_n, self.block_z, max(1, self.memory_size - extent + 1),
+                *coefficients(self.seed, _SIGN, 4), *coefficients(self.seed, _CHUNK, 2),
+                *coefficients(self.seed, (_TILE << 32) + self.tensor_index, 3)]

@@ -1,6 +1,8 @@
-"""Masked Linear / Conv2d: a fixed mask during recovery, stored as values + bitmask (or CSR)."""
+"""Sparse Linear / Conv2d, stored as values + bitmask (or CSR). The training forms keep a dense weight and a
+fixed mask for recovery; the inference forms (sparse_compact.py) hold only what the file holds."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,15 +13,64 @@ from . import sparse_codec
 from .base import CONV_ARGS, Codec, CompressedModule, conv_params, register_codec
 
 
-class _SparseWeight(CompressedModule):
-    """Shared by the sparse layer types: a `mask` buffer, fixed after pruning.
+class _SparseCodec(CompressedModule):
+    """The codec both forms of a sparse layer share: its weight as values + bitmask or CSR, its bias dense.
+    A form gives its masked weight and mask (`_weight_and_mask`), its weight shape and non-zero count."""
+
+    storage_format: str = "auto"  # "bitmask", "csr", or "auto": whichever is smaller on disk
+    bias: torch.Tensor | None
+
+    def _weight_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _nnz(self) -> int:
+        raise NotImplementedError
+
+    def _value_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def stored_parameters(self) -> int:
+        return self._nnz() + (self.bias.numel() if self.bias is not None else 0)
+
+    def dense_equivalent(self) -> dict[str, torch.Size]:
+        return {"weight": torch.Size(self._weight_shape()), **self._bias_entry(shape=True)}
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        fmt, encoded = sparse_codec.encode(*self._weight_and_mask(), self.storage_format)
+        return {**{f"weight.{k}": v for k, v in encoded.items()}, **self._bias_entry()}
+
+    def _weight_params(self) -> dict[str, Any]:
+        shape, nnz = self._weight_shape(), self._nnz()
+        value_bytes = torch.empty(0, dtype=self._value_dtype()).element_size()
+        fmt = sparse_codec.choose_format(shape[0], math.prod(shape[1:]), nnz, value_bytes, self.storage_format)
+        return {"format": fmt, "weight_shape": list(shape), "bias": self.bias is not None,
+                "nnz": nnz, "dtype": str(self._value_dtype()).removeprefix("torch.")}
+
+    @classmethod
+    def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
+        names = {f"weight.{k}" for k in sparse_codec.TENSORS_BY_FORMAT[params["format"]]}
+        return names | ({"bias"} if params["bias"] else set())
+
+    @staticmethod
+    def _encoded_weight(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("weight."): v for k, v in tensors.items() if k.startswith("weight.")}
+
+    @classmethod
+    def _decode_weight(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparse_codec.decode(params["format"], cls._encoded_weight(tensors), tuple(params["weight_shape"]))
+
+
+class _SparseWeight(_SparseCodec):
+    """The training form: a `mask` buffer, fixed after pruning.
 
     The weight stays a dense parameter in memory so recovery can train the kept entries; the
     masked product in `forward` keeps pruned entries at exactly zero and their gradients at zero.
     """
 
     mask: torch.Tensor
-    storage_format: str = "auto"  # "bitmask", "csr", or "auto": whichever is smaller on disk
 
     def _init_mask(self, mask: torch.Tensor | None) -> None:
         if mask is None:
@@ -46,32 +97,17 @@ class _SparseWeight(CompressedModule):
     def dense_weight(self) -> torch.Tensor:
         return self.weight * self.mask
 
-    def stored_parameters(self) -> int:
-        return int(self.mask.sum()) + (self.bias.numel() if self.bias is not None else 0)
+    def _weight_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, self.mask
 
-    def dense_equivalent(self) -> dict[str, torch.Size]:
-        return {"weight": self.weight.shape, **self._bias_entry(shape=True)}
+    def _weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        fmt, encoded = sparse_codec.encode(self.weight, self.mask, self.storage_format)
-        return {**{f"weight.{k}": v for k, v in encoded.items()}, **self._bias_entry()}
+    def _nnz(self) -> int:
+        return int(self.mask.sum())
 
-    def _weight_params(self) -> dict[str, Any]:
-        rows = self.weight.shape[0]
-        nnz = int(self.mask.sum())
-        fmt = sparse_codec.choose_format(rows, self.weight[0].numel(), nnz, self.weight.element_size(), self.storage_format)
-        return {"format": fmt, "weight_shape": list(self.weight.shape), "bias": self.bias is not None,
-                "nnz": nnz, "dtype": str(self.weight.dtype).removeprefix("torch.")}
-
-    @classmethod
-    def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
-        names = {f"weight.{k}" for k in sparse_codec.TENSORS_BY_FORMAT[params["format"]]}
-        return names | ({"bias"} if params["bias"] else set())
-
-    @classmethod
-    def _decode_weight(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = {k.removeprefix("weight."): v for k, v in tensors.items() if k.startswith("weight.")}
-        return sparse_codec.decode(params["format"], encoded, tuple(params["weight_shape"]))
+    def _value_dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
 
 @register_codec

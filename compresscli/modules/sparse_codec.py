@@ -109,8 +109,9 @@ def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[i
     return None
 
 
-def decode(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `encode`: the dense weight (zeros where pruned) and its bool mask."""
+def decode_mask(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The bool (rows, cols) mask an encoding selects, after checking it (`structure_problem`, and one
+    stored value per selected entry)."""
     problem = structure_problem(fmt, tensors, tuple(shape))
     if problem:
         raise CheckpointError(f"invalid sparse {fmt} encoding: {problem}", "the file is damaged; re-export it")
@@ -118,18 +119,23 @@ def decode(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -
     values = tensors["values"]
     if fmt == "bitmask":
         mask2d = unpack_bits(tensors["mask"], rows * cols).view(rows, cols)
-    elif fmt == "csr":
+    else:
         row_ptr = tensors["row_ptr"].long()
         col_idx = tensors["col_idx"].long()
         row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), row_ptr.diff())
         mask2d = torch.zeros(rows, cols, dtype=torch.bool, device=values.device)
         mask2d[row_of, col_idx] = True
-    else:
-        raise ValueError(f"unknown sparse format {fmt!r}")
     if int(mask2d.sum()) != values.numel():  # a bitmask with other counts, or a CSR row naming a column twice
         raise CheckpointError(f"invalid sparse {fmt} encoding: it selects {int(mask2d.sum())} entries but "
                               f"{values.numel()} values are stored", "the file is damaged; re-export it")
-    dense = torch.zeros(rows, cols, dtype=values.dtype, device=values.device)
+    return mask2d
+
+
+def decode(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `encode`: the dense weight (zeros where pruned) and its bool mask."""
+    mask2d = decode_mask(fmt, tensors, shape)
+    values = tensors["values"]
+    dense = torch.zeros(mask2d.shape, dtype=values.dtype, device=values.device)
     dense[mask2d] = values
     return dense.view(shape), mask2d.view(shape)
 
