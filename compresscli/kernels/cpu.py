@@ -46,10 +46,17 @@ def _compiler() -> str | None:
     return None
 
 
+NO_AVX512_ENV = "COMPRESSCLI_NO_AVX512"  # build without AVX-512 (how the tests reach the AVX2 code on any machine)
+
+
 def _flags() -> list[str]:
+    """The compiler flags, by what torch found this CPU can run (so each kind of machine gets its own build)."""
     flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+    if capability == "AVX512" and not os.environ.get(NO_AVX512_ENV):
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     return flags
 
 

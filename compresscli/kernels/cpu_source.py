@@ -25,6 +25,7 @@ shared memory and hash parameters (the integer arithmetic of modules/rps_hash.py
 SOURCE = r"""
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -96,25 +97,107 @@ inline float idx_dot(const float* x, const typename V::T* v, const I* idx, int64
   return (s0 + s1) + (s2 + s3);
 }
 
-// The set bits of one 64-bit word as column offsets; returns how many. The extraction's short dependency
-// chain (count trailing zeros, clear lowest bit) overlaps with the arithmetic on the previous word.
-inline int word_columns(uint64_t m, int32_t* cols) {
-  int n = 0;
-  for (; m; m &= m - 1) cols[n++] = __builtin_ctzll(m);
+// ------------------------------------------------------------------- bitmask rows -> column indices
+// A row's set bits as column indices, `out` needing 16 entries of slack. With AVX-512 16 columns per
+// compress instruction; else with AVX2 8 columns per table lookup; else one set bit at a time. The cost is per 16 (or 8) columns, not per non-zero, and there is no data-dependent branch
+// but skipping empty words.
+
+#ifdef CCLI_AVX2
+struct ByteTable {  // for each byte value: the positions of its set bits, and how many
+  uint8_t pos[256][8];
+  uint8_t count[256];
+  ByteTable() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) if (b >> j & 1) pos[b][n++] = static_cast<uint8_t>(j);
+      for (int j = n; j < 8; ++j) pos[b][j] = 0;
+      count[b] = static_cast<uint8_t>(n);
+    }
+  }
+};
+const ByteTable kBytes;
+
+template <typename I>
+int64_t extract_avx2(const uint64_t* words, int64_t wpr, I* out) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < wpr; ++w) {
+    const uint64_t m = words[w];
+    if (!m) continue;
+    for (int q = 0; q < 8; ++q) {
+      const unsigned b = static_cast<unsigned>(m >> (8 * q)) & 0xffu;
+      const __m128i pos = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kBytes.pos[b]));
+      const int base = static_cast<int>(w * 64 + 8 * q);
+      if (sizeof(I) == 2) {
+        const __m128i v = _mm_add_epi16(_mm_cvtepu8_epi16(pos), _mm_set1_epi16(static_cast<short>(base)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + n), v);
+      } else {
+        const __m256i v = _mm256_add_epi32(_mm256_cvtepu8_epi32(pos), _mm256_set1_epi32(base));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n), v);
+      }
+      n += kBytes.count[b];
+    }
+  }
   return n;
 }
 
-template <typename V>
-inline float bits_dot(const float* x, const typename V::T* v, const uint64_t* words, int64_t wpr) {
-  float total = 0.f;
-  int32_t cols[64];
+#ifdef __AVX512F__
+template <typename I>
+int64_t extract_avx512(const uint64_t* words, int64_t wpr, I* out) {
+  int64_t n = 0;
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t w = 0; w < wpr; ++w) {
-    const int n = word_columns(words[w], cols);
-    total += idx_dot<V>(x + w * 64, v, cols, n);
-    v += n;
+    const uint64_t m = words[w];
+    if (!m) continue;
+    for (int q = 0; q < 4; ++q) {
+      const __mmask16 k = static_cast<__mmask16>(m >> (16 * q));
+      const __m512i base = _mm512_set1_epi32(static_cast<int>(w * 64 + 16 * q));
+      const __m512i c = _mm512_maskz_compress_epi32(k, _mm512_add_epi32(lanes, base));
+      if (sizeof(I) == 2) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n), _mm512_cvtepi32_epi16(c));
+      else _mm512_storeu_si512(out + n, c);
+      n += __builtin_popcount(static_cast<unsigned>(k));
+    }
   }
-  return total;
+  return n;
 }
+#endif
+#endif
+
+template <typename I>
+inline int64_t row_columns(const uint64_t* words, int64_t wpr, I* out) {
+#if defined(__AVX512F__)
+  return extract_avx512(words, wpr, out);
+#elif defined(CCLI_AVX2)
+  return extract_avx2(words, wpr, out);
+#else
+  int64_t n = 0;
+  for (int64_t w = 0; w < wpr; ++w)
+    for (uint64_t m = words[w]; m; m &= m - 1) out[n++] = static_cast<I>(w * 64 + __builtin_ctzll(m));
+  return n;
+#endif
+}
+
+// Scratch memory for one call: reused across calls on this thread while small (a fresh allocation of a few
+// MB per call would be page-faulted in again every time), allocated for the call and freed after when
+// large, so that a big layer leaves nothing resident behind.
+constexpr size_t kKeptScratchBytes = 4u << 20;
+
+enum ScratchUse { kPackedX = 0, kRowColumns = 1, kAllColumns = 2 };  // one kept buffer per use and thread
+
+template <typename T, int Use>
+struct Scratch {
+  std::vector<T> own;
+  T* data;
+  explicit Scratch(size_t n) {
+    thread_local std::vector<unsigned char> kept;
+    if (n * sizeof(T) <= kKeptScratchBytes) {
+      if (kept.size() < n * sizeof(T)) kept.resize(n * sizeof(T));
+      data = reinterpret_cast<T*>(kept.data());
+    } else {
+      own.resize(n);
+      data = own.data();
+    }
+  }
+};
 
 // --------------------------------------------------------------------------- a tile of input rows
 // out[t] = sum over the row's non-zeros (col c, value v) of v * xt[c * W + t], W = 8 * L.
@@ -153,8 +236,36 @@ struct Acc {
 };
 #endif
 
+#ifdef __AVX512F__
+// Even tile widths (16, 32) in 512-bit registers: one load and one FMA per non-zero and 16 lanes.
+template <int L>
+struct Acc512 {
+  static constexpr int Z = L / 2;
+  __m512 a[kSets<L>][Z];
+  inline void zero() {
+    for (int s = 0; s < kSets<L>; ++s) for (int t = 0; t < Z; ++t) a[s][t] = _mm512_setzero_ps();
+  }
+  inline void add(int s, float w, const float* p) {
+    const __m512 b = _mm512_set1_ps(w);
+    for (int t = 0; t < Z; ++t) a[s][t] = _mm512_fmadd_ps(b, _mm512_loadu_ps(p + 16 * t), a[s][t]);
+  }
+  inline void store(float* out) {
+    for (int t = 0; t < Z; ++t) {
+      __m512 sum = a[0][t];
+      for (int s = 1; s < kSets<L>; ++s) sum = _mm512_add_ps(sum, a[s][t]);
+      _mm512_storeu_ps(out + 16 * t, sum);
+    }
+  }
+};
+template <int L>
+using AccFor = typename std::conditional<L % 2 == 0, Acc512<L>, Acc<L>>::type;
+#else
+template <int L>
+using AccFor = Acc<L>;
+#endif
+
 template <int L, typename V, typename I>
-inline void idx_accumulate(Acc<L>& acc, const float* xt, const typename V::T* v, const I* idx, int64_t n) {
+inline void idx_accumulate(AccFor<L>& acc, const float* xt, const typename V::T* v, const I* idx, int64_t n) {
   constexpr int W = 8 * L, S = kSets<L>;
   int64_t j = 0;
   for (; j + S <= n; j += S)
@@ -164,48 +275,31 @@ inline void idx_accumulate(Acc<L>& acc, const float* xt, const typename V::T* v,
 
 template <int L, typename V, typename I>
 inline void idx_tile(const float* xt, const typename V::T* v, const I* idx, int64_t n, float* out) {
-  Acc<L> acc;
+  AccFor<L> acc;
   acc.zero();
   idx_accumulate<L, V>(acc, xt, v, idx, n);
   acc.store(out);
 }
 
-template <int L, typename V>
-inline void bits_tile(const float* xt, const typename V::T* v, const uint64_t* words, int64_t wpr, float* out) {
-  constexpr int W = 8 * L;
-  Acc<L> acc;
-  acc.zero();
-  int32_t cols[64];
-  for (int64_t w = 0; w < wpr; ++w) {
-    const int n = word_columns(words[w], cols);
-    idx_accumulate<L, V>(acc, xt + w * 64 * W, v, cols, n);
-    v += n;
-  }
-  acc.store(out);
-}
-
 template <typename V>
-struct Product {
+struct Product {  // a row-sparse matrix with explicit column indices (int16 or int32)
   using T = typename V::T;
   const T* values;
   Rows rows;
-  int kind;
+  int kind;  // kIdx16 or kIdx32
   const void* cols;
-  int64_t wpr;  // bits: words per row
 
   inline float dot(const float* x, int64_t r) const {
     const int64_t b = rows.begin(r), n = rows.end(r) - b;
     if (kind == kIdx16) return idx_dot<V>(x, values + b, static_cast<const int16_t*>(cols) + b, n);
-    if (kind == kIdx32) return idx_dot<V>(x, values + b, static_cast<const int32_t*>(cols) + b, n);
-    return bits_dot<V>(x, values + b, static_cast<const uint64_t*>(cols) + r * wpr, wpr);
+    return idx_dot<V>(x, values + b, static_cast<const int32_t*>(cols) + b, n);
   }
 
   template <int L>
   inline void tile_l(const float* xt, int64_t r, float* out) const {
     const int64_t b = rows.begin(r), n = rows.end(r) - b;
     if (kind == kIdx16) idx_tile<L, V>(xt, values + b, static_cast<const int16_t*>(cols) + b, n, out);
-    else if (kind == kIdx32) idx_tile<L, V>(xt, values + b, static_cast<const int32_t*>(cols) + b, n, out);
-    else bits_tile<L, V>(xt, values + b, static_cast<const uint64_t*>(cols) + r * wpr, wpr, out);
+    else idx_tile<L, V>(xt, values + b, static_cast<const int32_t*>(cols) + b, n, out);
   }
 
   inline void tile(int w, const float* xt, int64_t r, float* out) const {
@@ -224,14 +318,6 @@ constexpr int64_t kRowBlock = 32;
 // 5.1 ms vs 7.6 (3072x768) and 71 ms vs 114 (4096x11008); at 64 rows 1.2 vs 1.8 and 22 vs 17.
 constexpr int64_t kTilesRowsOuter = 2;
 
-// Scratch reused across calls on this thread (packed x, or x in float32): a fresh allocation of a few MB
-// per call would be page-faulted in again every time.
-std::vector<float>& scratch(size_t n) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer;
-}
-
 template <typename V>
 void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias,
          typename V::T* y, int64_t R, int threads) {
@@ -241,9 +327,9 @@ void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, cons
     if (sizeof(T) == sizeof(float)) {
       xf = reinterpret_cast<const float*>(x);
     } else {
-      std::vector<float>& buf = scratch(C);
-      for (int64_t c = 0; c < C; ++c) buf[c] = V::load(x + c);
-      xf = buf.data();
+      Scratch<float, kPackedX> buf(C);
+      for (int64_t c = 0; c < C; ++c) buf.data[c] = V::load(x + c);
+      xf = buf.data;
     }
     for_range(R, threads, [&](int64_t r) { V::store(y + r, p.dot(xf, r) + (bias ? V::load(bias + r) : 0.f)); });
     return;
@@ -251,9 +337,9 @@ void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, cons
   // Tiles of 32 rows of x; the last one rounded up to a multiple of 8 and zero-padded.
   const int64_t tiles = (N + 31) / 32;
   auto width = [&](int64_t t) { const int64_t rest = N - 32 * t; return rest >= 32 ? 32 : ((rest + 7) / 8) * 8; };
-  std::vector<float>& packed = scratch(static_cast<size_t>(tiles) * 32 * C);
+  Scratch<float, kPackedX> packed(static_cast<size_t>(tiles) * 32 * C);
   for_range(tiles, threads, [&](int64_t t) {  // packed[t][c][i] = x[32 t + i][c]
-    float* dst = packed.data() + t * 32 * C;
+    float* dst = packed.data + t * 32 * C;
     const int64_t w = width(t), n0 = 32 * t, real = (N - n0) < w ? (N - n0) : w;
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t i = 0; i < real; ++i) dst[c * w + i] = V::load(x + (n0 + i) * C + c);
@@ -263,7 +349,7 @@ void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, cons
   auto one = [&](int64_t t, int64_t r) {
     float acc[32];
     const int64_t w = width(t), n0 = 32 * t, real = (N - n0) < w ? (N - n0) : w;
-    p.tile(static_cast<int>(w), packed.data() + t * 32 * C, r, acc);
+    p.tile(static_cast<int>(w), packed.data + t * 32 * C, r, acc);
     const float b = bias ? V::load(bias + r) : 0.f;
     for (int64_t i = 0; i < real; ++i) V::store(y + (n0 + i) * R + r, acc[i] + b);
   };
@@ -280,23 +366,51 @@ void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, cons
   }
 }
 
+// A bitmask matrix (wpr words per row) computed as explicit columns: the whole matrix's columns are
+// extracted first (int16 where they fit; a few cycles per 16 columns, freed after the call when large), then
+// the index product runs, every tile of x reusing them.
 template <typename V>
-void to_dense(const Product<V>& p, typename V::T* out, int64_t R, int64_t C, int threads) {
-  using T = typename V::T;
+void run_bits(const typename V::T* values, const int64_t* row_ptr, const uint64_t* words, int64_t wpr,
+              const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias, typename V::T* y, int64_t R,
+              int threads) {
+  const Rows rows{row_ptr, 0};
+  auto all_columns = [&](auto* out) {
+    for_range(R, threads, [&](int64_t r) {
+      using I = typename std::remove_pointer<decltype(out)>::type;
+      Scratch<I, kRowColumns> row(C + 16);  // the extraction writes up to 16 entries past the row's end
+      const int64_t n = row_columns(words + r * wpr, wpr, row.data);
+      std::memcpy(out + row_ptr[r], row.data, sizeof(I) * n);
+    });
+  };
+  const size_t nnz = static_cast<size_t>(row_ptr[R]);
+  if (C <= 32767) {
+    Scratch<int16_t, kAllColumns> cols(nnz);
+    all_columns(cols.data);
+    run(Product<V>{values, rows, kIdx16, cols.data}, x, N, C, bias, y, R, threads);
+  } else {
+    Scratch<int32_t, kAllColumns> cols(nnz);
+    all_columns(cols.data);
+    run(Product<V>{values, rows, kIdx32, cols.data}, x, N, C, bias, y, R, threads);
+  }
+}
+
+template <typename T>
+void to_dense(const T* values, Rows rows, int kind, const void* cols, int64_t wpr, T* out, int64_t R, int64_t C,
+              int threads) {
   for_range(R, threads, [&](int64_t r) {
     T* row = out + r * C;
     std::memset(row, 0, sizeof(T) * C);
-    const int64_t b = p.rows.begin(r), e = p.rows.end(r);
-    if (p.kind == kIdx16) {
-      const int16_t* idx = static_cast<const int16_t*>(p.cols);
-      for (int64_t j = b; j < e; ++j) row[idx[j]] = p.values[j];
-    } else if (p.kind == kIdx32) {
-      const int32_t* idx = static_cast<const int32_t*>(p.cols);
-      for (int64_t j = b; j < e; ++j) row[idx[j]] = p.values[j];
+    const int64_t b = rows.begin(r), e = rows.end(r);
+    if (kind == kIdx16) {
+      const int16_t* idx = static_cast<const int16_t*>(cols);
+      for (int64_t j = b; j < e; ++j) row[idx[j]] = values[j];
+    } else if (kind == kIdx32) {
+      const int32_t* idx = static_cast<const int32_t*>(cols);
+      for (int64_t j = b; j < e; ++j) row[idx[j]] = values[j];
     } else {
-      const uint64_t* words = static_cast<const uint64_t*>(p.cols) + r * p.wpr;
-      const T* v = p.values + b;
-      for (int64_t w = 0; w < p.wpr; ++w)
+      const uint64_t* words = static_cast<const uint64_t*>(cols) + r * wpr;
+      const T* v = values + b;
+      for (int64_t w = 0; w < wpr; ++w)
         for (uint64_t m = words[w]; m; m &= m - 1) row[w * 64 + __builtin_ctzll(m)] = *v++;
     }
   });
@@ -392,34 +506,39 @@ void rps_rows(const void* memory, const RpsSpec& s, float scale, int64_t row0, i
 extern "C" {
 
 // dtype: 0 float32, 1 bfloat16. row_ptr (int64, R + 1) or nullptr with k per row; kind: 0 int16 indices,
-// 1 int32 indices, 2 bitmask words (wpr uint64 per row). Returns 0, or 1 for an unknown dtype or kind.
+// 1 int32 indices, 2 bitmask words (wpr uint64 per row, with row_ptr). Returns 0, or 1 for an unknown
+// dtype or kind.
 int sparse_mm(int dtype, const void* x, int64_t N, int64_t C, const void* values, const int64_t* row_ptr, int64_t k,
               int kind, const void* cols, int64_t wpr, const void* bias, void* y, int64_t R, int threads) {
-  if (kind < 0 || kind > 2) return 1;
+  if (kind < 0 || kind > 2 || dtype < 0 || dtype > 1 || (kind == kBits && !row_ptr)) return 1;
   const Rows rows{row_ptr, k};
   if (dtype == 0) {
-    const Product<F32> p{static_cast<const float*>(values), rows, kind, cols, wpr};
-    run(p, static_cast<const float*>(x), N, C, static_cast<const float*>(bias), static_cast<float*>(y), R, threads);
-  } else if (dtype == 1) {
-    const Product<BF16> p{static_cast<const uint16_t*>(values), rows, kind, cols, wpr};
-    run(p, static_cast<const uint16_t*>(x), N, C, static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), R,
-        threads);
+    using V = F32;
+    const auto* v = static_cast<const float*>(values);
+    if (kind == kBits) run_bits<V>(v, row_ptr, static_cast<const uint64_t*>(cols), wpr, static_cast<const float*>(x),
+                                   N, C, static_cast<const float*>(bias), static_cast<float*>(y), R, threads);
+    else run(Product<V>{v, rows, kind, cols}, static_cast<const float*>(x), N, C, static_cast<const float*>(bias),
+             static_cast<float*>(y), R, threads);
   } else {
-    return 1;
+    using V = BF16;
+    const auto* v = static_cast<const uint16_t*>(values);
+    if (kind == kBits) run_bits<V>(v, row_ptr, static_cast<const uint64_t*>(cols), wpr,
+                                   static_cast<const uint16_t*>(x), N, C, static_cast<const uint16_t*>(bias),
+                                   static_cast<uint16_t*>(y), R, threads);
+    else run(Product<V>{v, rows, kind, cols}, static_cast<const uint16_t*>(x), N, C,
+             static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), R, threads);
   }
   return 0;
 }
 
 int sparse_to_dense(int dtype, const void* values, const int64_t* row_ptr, int64_t k, int kind, const void* cols,
                     int64_t wpr, void* out, int64_t R, int64_t C, int threads) {
-  if (kind < 0 || kind > 2) return 1;
+  if (kind < 0 || kind > 2 || (kind == kBits && !row_ptr)) return 1;
   const Rows rows{row_ptr, k};
   if (dtype == 0) {
-    to_dense(Product<F32>{static_cast<const float*>(values), rows, kind, cols, wpr}, static_cast<float*>(out), R, C,
-             threads);
+    to_dense(static_cast<const float*>(values), rows, kind, cols, wpr, static_cast<float*>(out), R, C, threads);
   } else if (dtype == 1) {
-    to_dense(Product<BF16>{static_cast<const uint16_t*>(values), rows, kind, cols, wpr}, static_cast<uint16_t*>(out),
-             R, C, threads);
+    to_dense(static_cast<const uint16_t*>(values), rows, kind, cols, wpr, static_cast<uint16_t*>(out), R, C, threads);
   } else {
     return 1;
   }
