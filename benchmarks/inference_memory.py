@@ -5,9 +5,14 @@ latency depends on the values), the output is written, and then what `compresscl
 is measured against the original as `transformers` / `timm` load it:
 - resident MB loading adds and the peak a forward adds above it, each read in a fresh process with the
   libraries imported and a warm-up load and forward done first (`compresscli.speed.measure_memory`);
+- the bytes of the loaded model's tensors (parameters and buffers, each storage once), exact where the
+  resident set is a reading;
 - forward latency at two input sizes, the two models alternating repeat by repeat in one process
   (`compresscli.speed.measure_speed`, what `compress bench` runs), and the ratio original / compressed
-  (> 1: the compressed model is faster).
+  (> 1: the compressed model is faster);
+- the ceiling any MLP compression has: the original timed against itself with its MLP layers made free
+  (each returns zeros of its output's shape at once), so "MLP free" is the speed-up of an infinitely fast
+  MLP kernel (Amdahl's bound).
 
     python benchmarks/inference_memory.py --out benchmarks/results/inference_memory.md
 """
@@ -21,7 +26,11 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
+from compresscli.architectures import detect
 from compresscli.checkpoint import load_checkpoint
+from compresscli.export import replace_module
 from compresscli.pipeline import RunOptions, compress_source
 from compresscli.recipe import parse_recipe
 from compresscli.source import open_source
@@ -46,6 +55,32 @@ def recipe_for(method: str, params: str):
     return parse_recipe(text, "<benchmark>")
 
 
+class Free(nn.Module):
+    """A layer that costs nothing: zeros of its output's shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def mlp_free(name: str) -> nn.Module:
+    """The original of `name` with every MLP Linear replaced by a Free layer."""
+    model = load_checkpoint(MODELS[name][0]).model
+    for layer in detect(model).resolve(["mlp"], model, "mlp"):
+        replace_module(model, layer, Free(model.get_submodule(layer).out_features))
+    return model
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (shared ones too)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+    return sum(storages.values())
+
+
 def timing(original, compressed, task, sizes, args) -> list[dict]:
     """One measure_speed run per input size (token counts differ), each a (batch, tokens) row."""
     rows = []
@@ -65,7 +100,7 @@ def measure_model(name: str, methods: list[str], args) -> list[str]:
     original_memory = measure_memory(original, threads=args.threads)
     mb = lambda b: "-" if b is None else f"{b / 1e6:.1f}"  # noqa: E731
     size_names = [f"{b} x {t}" if t else f"batch {b}" for b, t in sizes]
-    head = ("| model | file MB | resident MB added by loading | forward peak MB above it | "
+    head = ("| model | file MB | tensor MB | resident MB added by loading | forward peak MB above it | "
             + " | ".join(f"{s}: ms (original / compressed)" for s in size_names) + " | kernels |")
     lines, originals, loads = [], [[] for _ in sizes], []
     for method in methods:
@@ -77,25 +112,28 @@ def measure_model(name: str, methods: list[str], args) -> list[str]:
             compressed = load_checkpoint(out)
             memory = measure_memory(compressed, threads=args.threads)
             rows = timing(original.model, compressed.model, compressed.task(), sizes, args)
-            file_bytes = compressed.file_bytes
+            file_bytes, loaded_bytes = compressed.file_bytes, tensor_bytes(compressed.model)
             del compressed
         for seen, row in zip(originals, rows):
             seen.append(row["original"])
         loads += [r["load"] for r in rows]
         kernels = ", ".join(f"{k} x{v}" for k, v in sorted(rows[-1]["kernels"].items())) or "-"
         cells = " | ".join(f"{r['compressed']:.2f} ({r['ratio']:.2f}x)" for r in rows)
-        lines.append(f"| {method} | {mb(file_bytes)} | {mb(memory['load_bytes'])} | "
+        lines.append(f"| {method} | {mb(file_bytes)} | {mb(loaded_bytes)} | {mb(memory['load_bytes'])} | "
                      f"{mb(memory['forward_peak_bytes'])} | {cells} | {kernels} |")
         print(lines[-1], flush=True)
-    first = (f"| original | {mb(original.file_bytes)} | {mb(original_memory['load_bytes'])} | "
-             f"{mb(original_memory['forward_peak_bytes'])} | "
+    first = (f"| original | {mb(original.file_bytes)} | {mb(tensor_bytes(original.model))} | "
+             f"{mb(original_memory['load_bytes'])} | {mb(original_memory['forward_peak_bytes'])} | "
              + " | ".join(f"{statistics.median(seen):.2f}" for seen in originals) + " | - |")
+    free = timing(original.model, mlp_free(name), original.task(), sizes, args)
+    bound = ("| MLP free (the ceiling) | - | - | - | - | "
+             + " | ".join(f"{r['compressed']:.2f} ({r['ratio']:.2f}x)" for r in free) + " | - |")
     before = [l["before"][0] for l in loads if l and l.get("before")]
     return [f"## {name} ({source}), MLP weights compressed, {args.threads} threads", "",
             "Latency cells: the compressed model's median ms and, in brackets, original / compressed measured in "
             "the same run (the original's row: the median of its medians over those runs). 1-minute load average "
             f"before each timing: {min(before, default=0):.1f}-{max(before, default=0):.1f}.", "",
-            head, "|" + "---|" * (5 + len(sizes)), first, *lines, ""]
+            head, "|" + "---|" * (6 + len(sizes)), first, *lines, bound, ""]
 
 
 def main() -> None:

@@ -207,11 +207,11 @@ def _memory_here(spec: str, weights: str | None, batch_size: int, seq_len: int,
 
     Loading imports hundreds of modules lazily (tens of MB) and the first forward starts thread pools
     and compiled kernels, so the checkpoint is loaded and run once, and released, before the readings;
-    large blocks are returned to the system when freed, so the second load cannot reuse the first's.
+    every free heap page is then returned to the system, so the second load cannot reuse the first's.
     Every parameter and buffer is read once after loading: weights a loader memory-maps count as
     resident only once touched."""
     from .checkpoint import load_checkpoint
-    from .memory import PeakMemory, current_rss, return_freed_memory_promptly
+    from .memory import PeakMemory, current_rss, release_free_heap, return_freed_memory_promptly
 
     return_freed_memory_promptly()
     if threads:
@@ -233,6 +233,7 @@ def _memory_here(spec: str, weights: str | None, batch_size: int, seq_len: int,
     forward(ckpt, batch)
     del ckpt
     gc.collect()
+    release_free_heap()
     before = current_rss()
     ckpt = load()
     gc.collect()

@@ -180,7 +180,7 @@ def rps_weight(memory: torch.Tensor, spec: torch.Tensor, scale: float, row0: int
     (cpu_source.py) as a contiguous int64 CPU tensor."""
     out = torch.empty(row1 - row0, cols, dtype=memory.dtype)
     status = library().rps_weight(DTYPES[memory.dtype], memory.data_ptr(), spec.data_ptr(), scale, row0, row1,
-                                  out.data_ptr(), threads_for((row1 - row0) * cols // 8))
+                                  out.data_ptr(), threads_for((row1 - row0) * cols * 4))  # a weight's hash ~ 4 multiply-adds
     if status != 0:
         raise RuntimeError(f"RPS CPU kernel rejected dtype {memory.dtype} or its hash parameters {spec}")
     return out

@@ -361,8 +361,14 @@ void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, cons
         for (int64_t r = rb; r < re; ++r) one(t, r);
     });
   } else {
-    // Many tiles: one tile at a time stays in L2 while the values and columns stream past it.
-    for (int64_t t = 0; t < tiles; ++t) for_range(R, threads, [&](int64_t r) { one(t, r); });
+    // Many tiles: one tile at a time stays in L2 while the values and columns stream past it; each thread
+    // takes a contiguous share of the rows for every tile (one parallel region, not one per tile).
+    const int64_t share = (R + threads - 1) / (threads > 1 ? threads : 1);
+    for_range((R + share - 1) / share, threads, [&](int64_t part) {
+      const int64_t r0 = part * share, r1 = (r0 + share) < R ? (r0 + share) : R;
+      for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t r = r0; r < r1; ++r) one(t, r);
+    });
   }
 }
 
@@ -454,6 +460,60 @@ inline int64_t tile_location(int64_t x, int64_t y, const RpsSpec& s) {
   return static_cast<int64_t>((h % kPrime) % static_cast<uint64_t>(s.span));
 }
 
+// sgn[i] = sign_of(p0 + i) * scale for i < n (n <= kRun): the hash is the cost of an RPS weight, so it runs
+// 8 positions at a time where there is AVX-512 (32x32 -> 64-bit multiplies, masked negation).
+constexpr int64_t kRun = 256;
+
+inline void scaled_signs(uint64_t p0, int64_t n, const RpsSpec& s, float scale, float* sgn) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512i prime = _mm512_set1_epi64(static_cast<long long>(kPrime));
+  auto fold = [&](__m512i y) {  // mod_prime, 8 lanes
+    y = _mm512_add_epi64(_mm512_and_si512(y, prime), _mm512_srli_epi64(y, 31));
+    y = _mm512_add_epi64(_mm512_and_si512(y, prime), _mm512_srli_epi64(y, 31));
+    return _mm512_mask_sub_epi64(y, _mm512_cmpge_epu64_mask(y, prime), y, prime);
+  };
+  // Lazily reduced: a value below 2^32 is a valid multiplicand (its product with x < 2^31 fits 64 bits) if
+  // congruent mod P. c0 * x + c1 < 2^62 + 2^31 is below 2^32 after one fold; h * x + c2 < 2^63 + 2^31 after
+  // two; the last is reduced fully, its parity being the sign.
+  auto fold_once = [&](__m512i y) { return _mm512_add_epi64(_mm512_and_si512(y, prime), _mm512_srli_epi64(y, 31)); };
+  const __m512i c0 = _mm512_set1_epi64(s.sign[0]), c1 = _mm512_set1_epi64(s.sign[1]);
+  const __m512i c2 = _mm512_set1_epi64(s.sign[2]), c3 = _mm512_set1_epi64(s.sign[3]);
+  const __m512i eight = _mm512_set1_epi64(8), one = _mm512_set1_epi64(1);
+  const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+  // x = (p0 + i) mod P for 8 consecutive i, stepped by 8 (and wrapped at P) rather than folded each time
+  __m512i x = fold(_mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(p0)),
+                                    _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)));
+  for (; i + 8 <= n; i += 8) {
+    __m512i h = fold_once(_mm512_add_epi64(_mm512_mul_epu32(c0, x), c1));
+    h = fold_once(fold_once(_mm512_add_epi64(_mm512_mul_epu32(h, x), c2)));
+    h = fold(_mm512_add_epi64(_mm512_mul_epu32(h, x), c3));
+    _mm256_storeu_ps(sgn + i, _mm256_mask_blend_ps(_mm512_test_epi64_mask(h, one), plus, minus));
+    x = _mm512_add_epi64(x, eight);
+    x = _mm512_mask_sub_epi64(x, _mm512_cmpge_epu64_mask(x, prime), x, prime);
+  }
+#endif
+  for (; i < n; ++i) sgn[i] = sign_of(p0 + i, s) * scale;
+}
+
+// out[i] = mem[slot + i * stride] * sgn(p + i) for i < n: one run of weights whose slots are evenly spaced.
+template <typename V>
+inline void fill_run(const typename V::T* mem, int64_t slot, int64_t stride, uint64_t p, int64_t n, const RpsSpec& s,
+                     float scale, typename V::T* out) {
+  float sgn[kRun];
+  for (int64_t done = 0; done < n; done += kRun) {
+    const int64_t m = (n - done) < kRun ? (n - done) : kRun;
+    scaled_signs(p + done, m, s, scale, sgn);
+    const typename V::T* src = mem + slot + done * stride;
+    typename V::T* dst = out + done;
+    if (stride == 1) {
+      for (int64_t i = 0; i < m; ++i) V::store(dst + i, V::load(src + i) * sgn[i]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) V::store(dst + i, V::load(src + i * stride) * sgn[i]);
+    }
+  }
+}
+
 template <typename V>
 void rps_row(const typename V::T* mem, const RpsSpec& s, float scale, int64_t r, typename V::T* out) {
   const int64_t cols = s.cols, M = s.memory_size;
@@ -469,10 +529,7 @@ void rps_row(const typename V::T* mem, const RpsSpec& s, float scale, int64_t r,
       const int64_t in_chunk = (M - o) < (cols - c) ? (M - o) : (cols - c);
       for (int64_t done = 0; done < in_chunk;) {  // at most two contiguous runs per chunk (the slot wraps once)
         const int64_t run = (M - slot) < (in_chunk - done) ? (M - slot) : (in_chunk - done);
-        const typename V::T* m = mem + slot;
-        typename V::T* dst = out + c + done;
-        const uint64_t pr = p + done;
-        for (int64_t i = 0; i < run; ++i) V::store(dst + i, V::load(m + i) * (sign_of(pr + i, s) * scale));
+        fill_run<V>(mem, slot, 1, p + done, run, s, scale, out + c + done);
         done += run;
         slot = 0;
       }
@@ -480,16 +537,21 @@ void rps_row(const typename V::T* mem, const RpsSpec& s, float scale, int64_t r,
     }
     return;
   }
-  for (int64_t c = 0; c < cols; ++c) {  // roast: tiles (or ROBE-Z chunks) at hashed locations
-    int64_t slot;
-    if (s.layout == 0) {  // linear: tiles of the (in, out) view; r is the output, c the input
-      slot = tile_location(c / s.block_k, r / s.block_n, s) + (c % s.block_k) * s.block_n + (r % s.block_n);
+  // roast: runs inside one tile (or ROBE-Z chunk), whose location is hashed once per run
+  const int64_t step = s.layout == 0 ? s.block_k : (s.layout == 1 ? s.block_n : s.block_z);
+  for (int64_t c = 0; c < cols; c += step - c % step) {
+    const int64_t n = (step - c % step) < (cols - c) ? (step - c % step) : (cols - c);
+    if (s.layout == 0) {  // linear: tiles of the (in, out) view; r is the output, c the input (stride block_n)
+      const int64_t slot = tile_location(c / s.block_k, r / s.block_n, s) + (c % s.block_k) * s.block_n +
+                           (r % s.block_n);
+      fill_run<V>(mem, slot, s.block_n, p0 + c, n, s, scale, out + c);
     } else if (s.layout == 1) {  // conv: tiles of the (out, in * kh * kw) view
-      slot = tile_location(r / s.block_k, c / s.block_n, s) + (r % s.block_k) * s.block_n + (c % s.block_n);
+      const int64_t slot = tile_location(r / s.block_k, c / s.block_n, s) + (r % s.block_k) * s.block_n +
+                           (c % s.block_n);
+      fill_run<V>(mem, slot, 1, p0 + c, n, s, scale, out + c);
     } else {  // embedding (ROBE-Z): row r, chunks of block_z columns
-      slot = tile_location(r, c / s.block_z, s) + c % s.block_z;
+      fill_run<V>(mem, tile_location(r, c / s.block_z, s) + c % s.block_z, 1, p0 + c, n, s, scale, out + c);
     }
-    V::store(out + c, V::load(mem + slot) * (sign_of(p0 + c, s) * scale));
   }
 }
 
