@@ -329,10 +329,11 @@ def inspect(path: Annotated[str, typer.Argument(help="A checkpoint directory, a 
     t = result["totals"]
     cells = [{"layer": r["name"], "shape": "x".join(map(str, r["shape"])), "codec": r["codec"],
               "stored": f"{r['stored_params']:,}", "dense": f"{r['dense_params']:,}",
-              "bytes": human_bytes(r["bytes"]), "ratio": f"{r['ratio']:.3f}"} for r in rows]
+              "bytes": human_bytes(r["bytes"]), "in memory": human_bytes(r["memory_bytes"]),
+              "ratio": f"{r['ratio']:.3f}"} for r in rows]
     total = {"layer": "total", "shape": "", "codec": "", "stored": f"{t['stored_params']:,}",
              "dense": f"{t['dense_params']:,}", "bytes": human_bytes(t["file_bytes"]),
-             "ratio": f"{t['ratio']:.3f}"}
+             "in memory": human_bytes(t["memory_bytes"]), "ratio": f"{t['ratio']:.3f}"}
     out_console.print(_layer_table(str(path), cells, total, out_console.width))
 
 
@@ -354,11 +355,11 @@ def _shorten(name: str, room: int) -> str:
 
 
 def _layer_table(title: str, cells: list[dict[str, str]], total: dict[str, str], width: int) -> Table:
-    """The inspect table fitted to `width` columns: the shape, then the dense count, are dropped when
-    the layer names would get fewer than NAME_WIDTH characters, and names too long for what is left
-    are abbreviated from the left (`_shorten`), keeping the parts that tell layers apart."""
+    """The inspect table fitted to `width` columns: the shape, the dense count, then the stored count are
+    dropped when the layer names would get fewer than NAME_WIDTH characters, and names too long for what is
+    left are abbreviated from the left (`_shorten`), keeping the parts that tell layers apart."""
     columns = list(total)
-    droppable = ["shape", "dense"]
+    droppable = ["shape", "dense", "stored"]
 
     def others(cols: list[str]) -> int:  # each column: its widest cell, 2 of padding, 1 border
         return 1 + sum(max(len(c), *(len(row[c]) for row in [*cells, total])) + 3 for c in cols if c != "layer")
@@ -367,7 +368,8 @@ def _layer_table(title: str, cells: list[dict[str, str]], total: dict[str, str],
         columns.remove(droppable.pop(0))
     room = max(16, width - others(columns) - 3)
     table = Table(title=title, caption="stored: parameters as stored (non-zeros; shared tensors once); "
-                                       "dense: those of the layer it replaces")
+                                       "dense: those of the layer it replaces; bytes: on disk; in memory: "
+                                       "resident once loaded by compresscli.load")
     for col in columns:
         table.add_column(col, justify="left" if col in ("layer", "codec") else "right", no_wrap=True)
     for row in cells:

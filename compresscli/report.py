@@ -30,6 +30,7 @@ class LayerRow:
     stored_params: int  # non-zeros (sparse) / stored values
     bytes: int  # on disk, everything the layer stores
     dense_bytes: int  # the same layer stored densely in its value dtype
+    memory_bytes: int  # resident once loaded (compresscli.load: the inference form), from the codec's params
 
     @property
     def ratio(self) -> float:
@@ -65,8 +66,9 @@ def memory_rows(path: Path, count_nonzeros: bool = True) -> list[LayerRow]:
             shapes = meta["dense_shapes"]
             value_bytes = DTYPE_BYTES.get(_value_dtype(header, own), 4)
             dense_params = sum(math.prod(s) for s in shapes.values())
+            size = _nbytes(header, own)
             rows.append(LayerRow(name, meta["codec"], shapes.get("weight", next(iter(shapes.values()))), dense_params,
-                                 meta["stored_params"], _nbytes(header, own), dense_params * value_bytes))
+                                 meta["stored_params"], size, dense_params * value_bytes, size + _extra_bytes(meta)))
         modules: dict[str, list[str]] = {}
         for key in header:
             if key not in claimed:
@@ -77,8 +79,17 @@ def memory_rows(path: Path, count_nonzeros: bool = True) -> list[LayerRow]:
             params = sum(math.prod(header[k]["shape"]) for k in keys)
             stored = sum(nonzeros.get(k, math.prod(header[k]["shape"])) for k in keys)
             size = _nbytes(header, keys)
-            rows.append(LayerRow(module, "dense", header[weight]["shape"], params, stored, size, size))
+            rows.append(LayerRow(module, "dense", header[weight]["shape"], params, stored, size, size, size))
     return rows
+
+
+def _extra_bytes(meta: dict[str, Any]) -> int:
+    """What the layer's inference form holds beyond its stored tensors (0 for a codec this build lacks)."""
+    from .modules import INFERENCE_FORMS
+
+    if meta["codec"] not in INFERENCE_FORMS:
+        return 0
+    return INFERENCE_FORMS.get(meta["codec"]).inference_extra_bytes(meta["params"])
 
 
 def _value_dtype(header: dict, keys: list[str]) -> str:
@@ -105,6 +116,7 @@ def totals(rows: list[LayerRow], path: Path) -> dict[str, Any]:
     dense_bytes = sum(r.dense_bytes for r in rows)
     return {"dense_params": sum(r.dense_params for r in rows), "stored_params": sum(r.stored_params for r in rows),
             "tensor_bytes": sum(r.bytes for r in rows), "dense_bytes": dense_bytes, "file_bytes": file_bytes,
+            "memory_bytes": sum(r.memory_bytes for r in rows),
             "ratio": file_bytes / dense_bytes if dense_bytes else 1.0}
 
 

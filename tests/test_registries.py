@@ -15,7 +15,9 @@ import compresscli
 from compresscli.checkpoint import load_checkpoint
 from compresscli.errors import RecipeError
 from compresscli.methods import METHODS
+from compresscli.export import compressed_layers
 from compresscli.modules import CODECS
+from compresscli.report import inspect_path
 from compresscli.pipeline import RunOptions, run_recipe
 from compresscli.recipe import Recipe, Stage, bundled_recipes, load_recipe, make_config
 from conftest import tiny_timm
@@ -87,7 +89,18 @@ def _real_run_reloads(path, data, recipe: Recipe, tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * scale)
     if any(stage.config.compresses for stage in recipe.stages):  # (recovering an intact model may change nothing)
         assert not torch.allclose(expected, original), "the compression left the model as it was"
+    _inspect_says_what_loading_holds(out)
     return result
+
+
+def _inspect_says_what_loading_holds(out) -> None:
+    """`compress inspect`'s in-memory bytes of the compressed layers (from the file's metadata alone) are
+    the bytes their inference forms hold once loaded, shared tensors counted once."""
+    rows = {r["name"]: r for r in inspect_path(out)["layers"]}
+    layers = compressed_layers(compresscli.load(out))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for layer in layers.values() for t in (*layer.parameters(), *layer.buffers())}
+    assert sum(rows[name]["memory_bytes"] for name in layers) == sum(storages.values())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

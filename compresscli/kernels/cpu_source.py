@@ -323,11 +323,9 @@ void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, cons
          typename V::T* y, int64_t R, int threads) {
   using T = typename V::T;
   if (N == 1) {
-    const float* xf;
-    if (sizeof(T) == sizeof(float)) {
-      xf = reinterpret_cast<const float*>(x);
-    } else {
-      Scratch<float, kPackedX> buf(C);
+    Scratch<float, kPackedX> buf(sizeof(T) == sizeof(float) ? 0 : C);  // bfloat16 x, as float32
+    const float* xf = reinterpret_cast<const float*>(x);
+    if (sizeof(T) != sizeof(float)) {
       for (int64_t c = 0; c < C; ++c) buf.data[c] = V::load(x + c);
       xf = buf.data;
     }
@@ -380,12 +378,23 @@ void run_bits(const typename V::T* values, const int64_t* row_ptr, const uint64_
               const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias, typename V::T* y, int64_t R,
               int threads) {
   const Rows rows{row_ptr, 0};
-  auto all_columns = [&](auto* out) {
-    for_range(R, threads, [&](int64_t r) {
-      using I = typename std::remove_pointer<decltype(out)>::type;
-      Scratch<I, kRowColumns> row(C + 16);  // the extraction writes up to 16 entries past the row's end
-      const int64_t n = row_columns(words + r * wpr, wpr, row.data);
-      std::memcpy(out + row_ptr[r], row.data, sizeof(I) * n);
+  auto all_columns = [&](auto* out) {  // each thread a contiguous share of the rows, one row buffer each
+    using I = typename std::remove_pointer<decltype(out)>::type;
+    const int parts = threads > 1 ? threads : 1;
+    const int64_t share = (R + parts - 1) / parts;
+    for_range(parts, threads, [&](int64_t part) {
+      // The extraction writes up to 16 entries past a row's end: straight into `out` while they land in
+      // rows of this share that are extracted later (and overwrite them), else through a row buffer.
+      const int64_t begin = part * share, end = (part + 1) * share < R ? (part + 1) * share : R;
+      Scratch<I, kRowColumns> row(C + 16);
+      for (int64_t r = begin; r < end; ++r) {
+        if (row_ptr[end] - row_ptr[r + 1] >= 16) {
+          row_columns(words + r * wpr, wpr, out + row_ptr[r]);
+        } else {
+          const int64_t n = row_columns(words + r * wpr, wpr, row.data);
+          std::memcpy(out + row_ptr[r], row.data, sizeof(I) * n);
+        }
+      }
     });
   };
   const size_t nnz = static_cast<size_t>(row_ptr[R]);
