@@ -121,8 +121,11 @@ def load_compressed(source: Source, dtype: torch.dtype | None = None, trainable:
     tensor read at a time."""
     from .export import tensors_to_model
 
+    from .memory import release_free_heap
+
     model = skeleton_of(source)
     tensors_to_model(model, source.index, source.name, dtype, trainable=trainable)
+    release_free_heap()  # decoding frees many blocks under glibc's mmap threshold: give their pages back
     kind = source.model_kind
     return Checkpoint(model.eval(), kind, source.config, source.name, directory=source.directory,
                       compression=source.compression, file_bytes=source.file_bytes, source=source)

@@ -9,14 +9,16 @@ region (entering one costs microseconds, most of a small layer's time).
 One row-sparse product serves every sparse inference form: y (N, R) = x (N, C) @ W^T + bias, where row
 r of W holds the values [begin(r), end(r)) of `values` at columns given either by an index array
 (int16/int32: condensed rows of constant fan-in k, or CSR with a row pointer) or by a bitmask (64-bit
-words per row, bit j of word w = column 64 w + j, the values of the set bits in order). Values, x, bias
-and y share one dtype, float32 or bfloat16 (converted to float32 on load; float32 accumulation).
-- one input row (batch 1, memory-bound): per output row a dot product over its non-zeros, two or four
+words per row, bit j of word w = column 64 w + j, the values of the set bits in order; a bitmask's
+columns are extracted into indices for the call first). Values, x, bias and y share one dtype, float32
+or bfloat16 (converted to float32 on load; float32 accumulation).
+- one input row (batch 1, memory-bound): per output row a dot product over its non-zeros, four
   accumulators, x read directly (it stays in L1/L2);
 - several rows: x is packed into tiles of W <= 32 rows stored input-major (C x W), so the W inputs that
-  one column selects are contiguous; each non-zero is then a broadcast-FMA over W lanes, with two
-  accumulator sets so that the FMA latency is hidden. Blocks of 32 output rows keep their values and
-  columns in L2 while every tile streams past them; with many tiles, the other way round.
+  one column selects are contiguous; each non-zero is then a broadcast-FMA over W lanes, with four (W <=
+  16) or two accumulator sets so that the FMA latency is hidden, in 512-bit registers where the build has
+  AVX-512. Blocks of 32 output rows keep their values and columns in L2 while every tile streams past
+  them; with many tiles, the other way round.
 `sparse_to_dense` decodes the same structures into a dense (R, C) matrix (the fallback for shapes where
 a dense GEMM wins), and `rps_weight` computes rows of a randomized-parameter-sharing weight from its
 shared memory and hash parameters (the integer arithmetic of modules/rps_hash.py, bit for bit).
