@@ -121,7 +121,7 @@ class _SharedWeight(_SharedWeightCodec):
     index: torch.Tensor
     sign: torch.Tensor
 
-    def _init_shared(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
+    def _init_weight(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
                      scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
         self._init_codec(shape, memory, memory_name, placement, scale, scale_gradients, counted)
         index, sign = placement.locate(self.weight_shape)
@@ -143,29 +143,27 @@ class _SharedWeight(_SharedWeightCodec):
         return self.weight
 
 
-@register_codec
-class RPSLinear(_SharedWeight):
+# What a layer type adds to either form: its constructor arguments, the weight shape they give, its codec
+# params. A form supplies `_init_weight(shape, **shared)` and `forward`.
+
+class _LinearLayout:
     codec = Codec.RPS_LINEAR
 
     def __init__(self, in_features: int, out_features: int, **shared: Any):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_shared((out_features, in_features), **shared)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out)
+        self._init_weight((out_features, in_features), **shared)
 
     def codec_params(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, **self._shared_params()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                     shared: dict[str, nn.Parameter] | None = None) -> "RPSLinear":
+                     shared: dict[str, nn.Parameter] | None = None):
         return cls(params["in_features"], params["out_features"], **cls._shared_args(tensors, params, shared))
 
 
-@register_codec
-class RPSConv2d(_SharedWeight):
+class _ConvLayout:
     codec = Codec.RPS_CONV2D
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
@@ -174,37 +172,24 @@ class RPSConv2d(_SharedWeight):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
         self.padding = padding if isinstance(padding, str) else tuple(padding)
-        self._init_shared((out_channels, in_channels // groups, *self.kernel_size), **shared)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, H, W) -> (B, O, H', W')
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        self._init_weight((out_channels, in_channels // groups, *self.kernel_size), **shared)
 
     def codec_params(self) -> dict[str, Any]:
         return {**conv_params(self), **self._shared_params()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                     shared: dict[str, nn.Parameter] | None = None) -> "RPSConv2d":
+                     shared: dict[str, nn.Parameter] | None = None):
         return cls(*(params[n] for n in CONV_ARGS), **cls._shared_args(tensors, params, shared, dims=4))
 
 
-@register_codec
-class RPSEmbedding(_SharedWeight):
+class _EmbeddingLayout:
     codec = Codec.RPS_EMBEDDING
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **shared: Any):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self._init_shared((num_embeddings, embedding_dim), **shared)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # gather only the looked-up rows: (...) ids -> (..., dim), never the whole table
-        memory = self.book.scaled_memory(self.memory)
-        out = memory[self.index[ids]] * (self.sign[ids] * self.weight_scale)
-        if self.padding_idx is not None:  # as nn.Embedding: the padding row receives no gradient
-            out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)
-        return out
+        self._init_weight((num_embeddings, embedding_dim), **shared)
 
     def codec_params(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
@@ -212,6 +197,30 @@ class RPSEmbedding(_SharedWeight):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                     shared: dict[str, nn.Parameter] | None = None) -> "RPSEmbedding":
+                     shared: dict[str, nn.Parameter] | None = None):
         return cls(params["num_embeddings"], params["embedding_dim"], params["padding_idx"],
                    **cls._shared_args(tensors, params, shared))
+
+
+@register_codec
+class RPSLinear(_LinearLayout, _SharedWeight):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out)
+
+
+@register_codec
+class RPSConv2d(_ConvLayout, _SharedWeight):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, O, H', W')
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@register_codec
+class RPSEmbedding(_EmbeddingLayout, _SharedWeight):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # gather only the looked-up rows: (...) ids -> (..., dim), never the whole table
+        memory = self.book.scaled_memory(self.memory)
+        out = memory[self.index[ids]] * (self.sign[ids] * self.weight_scale)
+        if self.padding_idx is not None:  # as nn.Embedding: the padding row receives no gradient
+            out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu
-from .base import CONV_ARGS, Codec, conv_params, register_inference_form
-from .rps import _SharedWeightCodec
+from .base import register_inference_form
+from .rps import _ConvLayout, _EmbeddingLayout, _LinearLayout, _SharedWeightCodec
 
 ROW_CHUNK = 1 << 22  # weights computed at once in a forward (16 MiB in float32), so a huge layer never is whole
 
@@ -25,7 +25,7 @@ ROW_CHUNK = 1 << 22  # weights computed at once in a forward (16 MiB in float32)
 class _CompactShared(_SharedWeightCodec):
     cached_weight: torch.Tensor | None
 
-    def _init_compact(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Any,
+    def _init_weight(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Any,
                       scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
         self._init_codec(shape, memory, memory_name, placement, scale, scale_gradients, counted)
         self.register_buffer("bias", None if bias is None else bias.to(memory.device))
@@ -61,14 +61,8 @@ class _CompactShared(_SharedWeightCodec):
 
 
 @register_inference_form
-class CompactRPSLinear(_CompactShared):
-    codec = Codec.RPS_LINEAR
+class CompactRPSLinear(_LinearLayout, _CompactShared):
     last_path: str | None = None
-
-    def __init__(self, in_features: int, out_features: int, **shared: Any):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self._init_compact((out_features, in_features), **shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.__dict__["last_path"] = "cached" if self.cached_weight is not None else "rps"
@@ -80,63 +74,20 @@ class CompactRPSLinear(_CompactShared):
                  for r in range(0, self.out_features, step)]
         return torch.cat(parts, dim=-1)
 
-    def codec_params(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, **self._shared_params()}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                     shared: dict[str, nn.Parameter] | None = None) -> "CompactRPSLinear":
-        return cls(params["in_features"], params["out_features"], **cls._shared_args(tensors, params, shared))
-
 
 @register_inference_form
-class CompactRPSConv2d(_CompactShared):
-    codec = Codec.RPS_CONV2D
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int] | str, dilation: tuple[int, int], groups: int, **shared: Any):
-        super().__init__()
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
-        self.padding = padding if isinstance(padding, str) else tuple(padding)
-        self._init_compact((out_channels, in_channels // groups, *self.kernel_size), **shared)
-
+class CompactRPSConv2d(_ConvLayout, _CompactShared):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, H, W) -> (B, O, H', W')
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def codec_params(self) -> dict[str, Any]:
-        return {**conv_params(self), **self._shared_params()}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                     shared: dict[str, nn.Parameter] | None = None) -> "CompactRPSConv2d":
-        return cls(*(params[n] for n in CONV_ARGS), **cls._shared_args(tensors, params, shared, dims=4))
-
 
 @register_inference_form
-class CompactRPSEmbedding(_CompactShared):
+class CompactRPSEmbedding(_EmbeddingLayout, _CompactShared):
     """Computes only the rows it looks up: (...) ids -> (..., dim), never the whole table."""
-
-    codec = Codec.RPS_EMBEDDING
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **shared: Any):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self._init_compact((num_embeddings, embedding_dim), **shared)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cached_weight is not None:
             return F.embedding(ids, self.cached_weight)
         index, sign = self.placement.locate_rows(self.weight_shape, ids.to(self.memory.device))
         return self.memory.detach()[index] * (sign * self.weight_scale)
-
-    def codec_params(self) -> dict[str, Any]:
-        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "padding_idx": self.padding_idx, **self._shared_params()}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                     shared: dict[str, nn.Parameter] | None = None) -> "CompactRPSEmbedding":
-        return cls(params["num_embeddings"], params["embedding_dim"], params["padding_idx"],
-                   **cls._shared_args(tensors, params, shared))
