@@ -71,3 +71,14 @@ def test_sparse_forward_equals_masked_dense():
     x = torch.randn(4, 16)
     expected = torch.nn.functional.linear(x, dense.weight * mask, dense.bias)
     assert torch.allclose(sparse(x), expected, atol=1e-6)
+
+
+def test_csr_columns_out_of_order_within_a_row_are_refused():
+    """Values are stored row-major: a row naming its columns out of order would pair them differently in
+    the training form (dense[mask] = values) and the kernels (value j at column j), so it is damage."""
+    weight = torch.arange(1.0, 13.0).view(3, 4)
+    _, encoded = sparse_codec.encode(weight, torch.ones(3, 4, dtype=torch.bool), "csr")
+    assert sparse_codec.structure_problem("csr", encoded, (3, 4)) is None
+    swapped = {**encoded, "col_idx": encoded["col_idx"].clone()}
+    swapped["col_idx"][[4, 5]] = swapped["col_idx"][[5, 4]]  # row 1 names columns 1, 0, 2, 3
+    assert "must rise within each row" in sparse_codec.structure_problem("csr", swapped, (3, 4))

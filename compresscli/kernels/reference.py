@@ -53,14 +53,21 @@ def unpack_row_bits(words: torch.Tensor, columns: int) -> torch.Tensor:
     return ((as_bytes >> shifts) & 1).view(rows, -1)[:, :columns].bool()
 
 
+def row_sparse_mask(cols: torch.Tensor, row_ptr: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Bool (rows, columns): the entries a row-sparse structure stores (int16 / int32 column indices with
+    their row pointer, or int64 bitmask words), on the structure's device."""
+    if cols.dtype == torch.int64:
+        return unpack_row_bits(cols, columns)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=cols.device), row_ptr.long().diff())
+    mask = torch.zeros(rows, columns, dtype=torch.bool, device=cols.device)
+    mask[row_of, cols.long()] = True
+    return mask
+
+
 def row_sparse_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, rows: int,
                      columns: int) -> torch.Tensor:
-    """The dense (rows, columns) matrix of a row-sparse structure (kernels.cpu.sparse_mm's layout: int16 /
-    int32 column indices, or int64 bitmask words), in PyTorch ops on any device; zeros elsewhere."""
+    """The dense (rows, columns) matrix of a row-sparse structure (kernels.cpu.sparse_mm's layout), in
+    PyTorch ops on any device; zeros elsewhere. Values are in row-major order (columns ascending)."""
     dense = values.new_zeros(rows, columns)
-    if cols.dtype == torch.int64:
-        dense[unpack_row_bits(cols, columns)] = values
-    else:
-        row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), row_ptr.diff())
-        dense[row_of, cols.long()] = values
+    dense[row_sparse_mask(cols, row_ptr, rows, columns)] = values
     return dense

@@ -85,13 +85,7 @@ class CompactSparse(nn.Module):
 
     def mask(self) -> torch.Tensor:
         """Bool (rows, cols): which entries are stored."""
-        rows, cols = self.shape
-        if self.fmt == "bitmask":
-            return kernels.reference.unpack_row_bits(self.cols, cols)
-        mask = torch.zeros(rows, cols, dtype=torch.bool, device=self.values.device)
-        row_of = torch.repeat_interleave(torch.arange(rows, device=self.values.device), self.row_ptr.diff())
-        mask[row_of, self.cols.long()] = True
-        return mask
+        return kernels.reference.row_sparse_mask(self.cols, self.row_ptr, *self.shape)
 
     def dense(self) -> torch.Tensor:
         """The dense (rows, cols) matrix, zeros where nothing is stored (made for the caller, not kept)."""

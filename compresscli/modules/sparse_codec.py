@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..errors import CheckpointError
+from ..kernels.reference import row_sparse_mask
 
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a weight can be stored as
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -106,6 +107,10 @@ def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[i
         return f"row_ptr must rise from 0 to {values.numel()} (the number of values)"
     if col_idx.numel() and (int(col_idx.min()) < 0 or int(col_idx.max()) >= cols):
         return f"col_idx must lie in [0, {cols})"
+    rising = col_idx.long().diff() > 0
+    rising[row_ptr.long()[1:-1][(row_ptr[1:-1] > 0) & (row_ptr[1:-1] < col_idx.numel())] - 1] = True  # row starts
+    if not bool(rising.all()):  # the values are in row-major order: the training and inference forms agree
+        return "col_idx must rise within each row (the values are stored in row-major order)"
     return None
 
 
@@ -120,11 +125,7 @@ def decode_mask(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ..
     if fmt == "bitmask":
         mask2d = unpack_bits(tensors["mask"], rows * cols).view(rows, cols)
     else:
-        row_ptr = tensors["row_ptr"].long()
-        col_idx = tensors["col_idx"].long()
-        row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), row_ptr.diff())
-        mask2d = torch.zeros(rows, cols, dtype=torch.bool, device=values.device)
-        mask2d[row_of, col_idx] = True
+        mask2d = row_sparse_mask(tensors["col_idx"], tensors["row_ptr"], rows, cols)
     if int(mask2d.sum()) != values.numel():  # a bitmask with other counts, or a CSR row naming a column twice
         raise CheckpointError(f"invalid sparse {fmt} encoding: it selects {int(mask2d.sum())} entries but "
                               f"{values.numel()} values are stored", "the file is damaged; re-export it")
