@@ -80,20 +80,23 @@ def split_batches(batches: list[Batch], size: int) -> list[Batch]:
     return chunks
 
 
-def move(obj: Any, device: torch.device | str, memo: dict[int, tuple] | None = None) -> Any:
-    """Tensors inside args/kwargs copied (detached) to `device`, so a block that writes into its input
+def move(obj: Any, device: torch.device | str, memo: dict[int, tuple] | None = None,
+         dtype: torch.dtype | None = None) -> Any:
+    """Tensors inside args/kwargs copied (detached) to `device` (floating-point ones in `dtype` when given: a
+    block training in float32 reads what a float16 model recorded), so a block that writes into its input
     cannot alter the cache; caches are dropped, so blocks never append to them."""
     if isinstance(obj, torch.Tensor):
+        cast = dtype if dtype is not None and obj.is_floating_point() else obj.dtype
         if memo is None:
-            return obj.detach().to(device, copy=True)
+            return obj.detach().to(device, cast, copy=True)
         key = id(obj)  # one copy of a tensor several blocks read (the hidden state, the attention mask)
         if key not in memo:
-            memo[key] = (obj, obj.detach().to(device, copy=True))
+            memo[key] = (obj, obj.detach().to(device, cast, copy=True))
         return memo[key][1]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(move(o, device, memo) for o in obj)
+        return type(obj)(move(o, device, memo, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: (False if k == "use_cache" else move(v, device, memo)) for k, v in obj.items()}
+        return {k: (False if k == "use_cache" else move(v, device, memo, dtype)) for k, v in obj.items()}
     if "Cache" in type(obj).__name__:
         return None
     return obj

@@ -277,7 +277,8 @@ def sync_modules(modules: dict[str, nn.Module], what: str) -> int:
         if tensor.is_meta:
             continue
         buffer = tensor.detach().contiguous().clone()
-        dist.broadcast(buffer.view(torch.uint8) if buffer.dtype == torch.bool else buffer, src=0)
+        # as bytes: neither gloo nor NCCL takes every dtype a codec stores (int16 indices, bool masks, packed ints)
+        dist.broadcast(buffer.reshape(-1).view(torch.uint8), src=0)
         if not w.is_main and not torch.equal(buffer, tensor):
             differed += 1
             tensor.copy_(buffer)

@@ -20,6 +20,7 @@ from .training import TrainConfig, train
 @dataclass
 class FinetuneConfig(MethodConfig):
     method = "finetune"
+    block_by_block_params = None
     default_targets = ()  # no targets: every parameter of the model trains
     compresses = False
     steps: int = 200  # optimiser steps (batches drawn cyclically from the train split)

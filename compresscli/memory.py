@@ -197,12 +197,14 @@ class Workload:
         """What autograd keeps for a forward and backward over `tokens` through `blocks` blocks."""
         tokens = self.batch_tokens if tokens is None else tokens
         blocks = self.blocks if blocks is None else blocks
-        per_block = tokens * (self.width * TRAINING_BYTES + self.heads * self.seq_len * 8) * self.value_bytes // 4
+        per_block = tokens * (self.width * TRAINING_BYTES + self.heads * self.seq_len * 8)  # float32: see below
         return blocks * per_block + LOGIT_COPIES * tokens * self.vocab * 4
 
     def optimiser(self, param_bytes: int) -> int:
-        """Gradients and AdamW's two moments, in the parameters' dtype (a rank's share, sharded)."""
-        return 3 * param_bytes // self.shards
+        """Gradients and AdamW's two moments in float32 (a rank's share, sharded), and the float32 master copy
+        low-precision weights train as (training.float32_master: 4 - value_bytes more per value)."""
+        values = param_bytes // self.value_bytes
+        return 3 * 4 * values // self.shards + (4 - self.value_bytes) * values
 
 
 def inference_bytes(width: int, heads: int, seq_len: int, batch_tokens: int, vocab: int) -> int:

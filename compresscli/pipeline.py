@@ -42,13 +42,13 @@ from .recipe import Recipe, Stage
 from .report import inspect_path, render_markdown, subset_totals
 from .safetensors_io import ShardWriter, atomic_directory, output_lock
 from .source import Source, open_source, skeleton_of
-from .tasks import Task
+from .tasks import Task, compute_dtype
+from .verify import ReloadCheck
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "tokenizer.model", "merges.txt", "vocab.json")
-RELOAD_TOLERANCE = 1e-4  # relative to the output scale; the rebuilt model runs the same ops, so this is slack
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 STAGE_FIX = "change the stage's targets or params"
 
@@ -324,10 +324,15 @@ def _save_whole_model(ckpt: Checkpoint, recipe: Recipe, out: Path, options: RunO
         write_side_files(tmp, ckpt, recipe, layers)
         with torch.no_grad():
             expected = task.outputs(model.eval(), {k: v.to(device) for k, v in check_batch.items()}).float().cpu()
+        dtype, depth = compute_dtype(model), max(1, len(detect(model).blocks))
         if not keep_model:  # the file holds it now: the reloaded copy replaces it rather than joining it
             ckpt.model = result.model = model = None
         compressed = load_compressed(open_source(tmp), options.dtype).model.to(device)
-        diff = reload_difference(expected, compressed, task, check_batch, device)
+        check = ReloadCheck(writer.checksums)
+        check.visit(compressed)
+        with torch.no_grad():
+            got = task.outputs(compressed.eval(), {k: v.to(device) for k, v in check_batch.items()}).float().cpu()
+        check.outputs(expected, got, dtype, depth)
         if keep_model:
             compressed = model
         evaluation = None
@@ -338,7 +343,7 @@ def _save_whole_model(ckpt: Checkpoint, recipe: Recipe, out: Path, options: RunO
                 del original
         del compressed
         report = build_report(ckpt.source or ckpt, ckpt.name, ckpt.kind, family, recipe, records, tmp, set(layers),
-                              diff, check_batch, evaluation, device, started,
+                              check, check_batch, evaluation, device, started,
                               lambda: execution(result.mode, peak, prediction, options))
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(render_markdown(report))
@@ -366,22 +371,6 @@ def _synthetic_check_batch(model: nn.Module, task: Task) -> dict[str, torch.Tens
     return synthetic_batch(model, task, 2)
 
 
-def reload_difference(expected: torch.Tensor, reloaded: nn.Module, task: Task, batch: dict[str, torch.Tensor],
-                      device: torch.device) -> float:
-    """The saved checkpoint must compute what the in-memory model computed (`expected`)."""
-    with torch.no_grad():
-        got = task.outputs(reloaded.eval(), {k: v.to(device) for k, v in batch.items()}).float().cpu()
-    return check_reload(expected, got)
-
-
-def check_reload(expected: torch.Tensor, got: torch.Tensor) -> float:
-    diff = (expected - got).abs().max().item()
-    if not diff <= RELOAD_TOLERANCE * max(1.0, expected.abs().max().item()):
-        raise CompressError(f"the saved checkpoint does not reproduce the model (max abs diff {diff:.3g})",
-                            "this is a bug in a codec; please report it with --debug output")
-    return diff
-
-
 # ----------------------------------------------------------------------------- sequential path
 
 def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out: Path | None,
@@ -407,10 +396,13 @@ def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str
         layers = sorted(inspect_layers(tmp))
         write_side_files(tmp, source, recipe, layers)
         with progress.task("verifying the saved checkpoint"):
-            got = stream_outputs(open_source(tmp), [outcome["check_batch"]], options.dtype, device)[0]
-            diff = check_reload(outcome["check_output"], got)
-        family = detect(skeleton_of(source)).family
-        report = build_report(source, source.name, source.model_kind, family, recipe, records, tmp, set(layers), diff,
+            check = ReloadCheck(outcome["checksums"])
+            got = stream_outputs(open_source(tmp), [outcome["check_batch"]], options.dtype, device,
+                                 visit=check.visit)[0]
+            arch = detect(skeleton_of(source))
+            check.outputs(outcome["check_output"], got, options.dtype or source.stored_dtype(), max(1, len(arch.blocks)))
+        family = arch.family
+        report = build_report(source, source.name, source.model_kind, family, recipe, records, tmp, set(layers), check,
                               outcome["check_batch"], outcome.get("eval"), device, started,
                               lambda: execution("sequential", peak, prediction, options, units=outcome["units"],
                                                 spilled=outcome["activations_spilled_bytes"]))
@@ -488,7 +480,7 @@ def execution(mode: str, peak: PeakMemory, prediction: MemoryPrediction | None, 
 
 
 def build_report(origin: Checkpoint | Source, name: str, kind: str, family: str, recipe: Recipe,
-                 records: list[StageRecord], out: Path, targeted: set[str], diff: float, check_batch, evaluation,
+                 records: list[StageRecord], out: Path, targeted: set[str], check: ReloadCheck, check_batch, evaluation,
                  device, started: float, execution_record: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """report.json's content; `execution_record` is asked last, so the measured peak covers the report too."""
     memory = inspect_path(out)
@@ -507,6 +499,6 @@ def build_report(origin: Checkpoint | Source, name: str, kind: str, family: str,
         "recipe": recipe.to_dict(), "device": str(device), "seconds": round(time.time() - started, 1),
         "stages": [r.to_dict() for r in records], "execution": execution_record(),
         "memory": {"targeted": target_totals, "model": model_totals, "layers": rows},
-        "reload": {"max_abs_diff": diff, "examples": examples},
+        "reload": check.record(examples),
         "eval": evaluation,
     }

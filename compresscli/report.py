@@ -150,8 +150,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- source: {src['name']} ({src['kind']}, {src['family']}), {human_bytes(src['file_bytes'])} on disk",
              f"- device: {report['device']}; total time {report['seconds']:.1f} s",
              _execution_line(report["execution"]),
-             f"- reload check: max abs output difference {report['reload']['max_abs_diff']:.3g} "
-             f"on {report['reload']['examples']} examples", "", "## Stages", "",
+             f"- reload check: {_reload_line(report['reload'])}", "", "## Stages", "",
              "| # | method | layers | seconds | summary |", "|---|---|---|---|---|"]
     for i, stage in enumerate(report["stages"]):
         summary = ", ".join(f"{k}={_fmt(v)}" for k, v in stage["stats"].items() if not isinstance(v, (dict, list)))
@@ -176,6 +175,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             p = ev["paired"]
             lines.append(f"\nPaired accuracy difference {p['delta']:+.4f} (95% CI {p['ci95'][0]:+.4f} .. {p['ci95'][1]:+.4f}).")
     return "\n".join(lines) + "\n"
+
+
+def _reload_line(reload: dict[str, Any]) -> str:
+    """What the reload check compared and how close it came (older reports hold only the output difference)."""
+    line = f"max abs output difference {reload['max_abs_diff']:.3g} on {reload['examples']} examples"
+    if reload.get("relative_tolerance") is not None:
+        line += (f" (tolerance {reload['relative_tolerance']:.3g} of the output scale); {reload['tensors_compared']} "
+                 f"stored tensors bit for bit; both forms of every layer within "
+                 f"{reload['forms_max_relative_diff']:.2g} in float32")
+    return line
 
 
 def _execution_line(execution: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,12 @@ class TensorIndex:
         return tensor
 
 
+def checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes as the writer stores them (contiguous, little-endian; 0 when empty)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return zlib.crc32(data.view(torch.uint8).numpy().data) if data.numel() else 0
+
+
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of one file."""
     index = TensorIndex.of_files([Path(path)])
@@ -257,6 +264,7 @@ class ShardWriter:
         self.shard_bytes = shard_bytes
         self.common = dict(common_metadata or {})
         self.names: set[str] = set()  # every tensor written so far
+        self.checksums: dict[str, int] = {}  # name -> CRC-32 of the bytes written (the reload check compares them)
         self.total_bytes = 0
         self._closed: list[tuple[Path, list[str]]] = []
         self._file = None
@@ -279,7 +287,11 @@ class ShardWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1)
             nbytes = data.numel() * data.element_size()
             if nbytes:
-                self._file.write(data.view(torch.uint8).numpy().data)
+                raw = data.view(torch.uint8).numpy().data
+                self._file.write(raw)
+                self.checksums[name] = zlib.crc32(raw)
+            else:
+                self.checksums[name] = 0
             self._entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                                    "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
             self._data_bytes += nbytes

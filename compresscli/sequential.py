@@ -198,7 +198,8 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
                 for i in unit:
                     streamed.free_block(i)
                 bar.advance(len(unit))
-        result: dict[str, Any] = {"units": len(units), "activations_spilled_bytes": store.spilled_bytes}
+        result: dict[str, Any] = {"units": len(units), "activations_spilled_bytes": store.spilled_bytes,
+                                  "checksums": writer.checksums if writer is not None else {}}
         if not writes:
             return records, result
         write_model(model, writer, include=streamed.outside_blocks)

@@ -37,7 +37,7 @@ def image_input_size(model: nn.Module) -> tuple[int, int, int]:
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "img_size", None)
     proj = getattr(embed, "proj", None)
-    if size is not None and isinstance(proj, nn.Conv2d):
+    if size is not None and hasattr(proj, "in_channels"):  # a Conv2d, or a compressed one (condensed, RPS)
         return (proj.in_channels, *tuple(size))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:

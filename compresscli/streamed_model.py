@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -136,19 +137,28 @@ def advance(streamer: BlockStreamer, store: ActivationStore, stream: Stream, blo
 
 
 def stream_outputs(source: Source, batches: list[dict[str, torch.Tensor]], dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu") -> list[torch.Tensor]:
+                   device: torch.device | str = "cpu",
+                   visit: Callable[[nn.Module, Callable[[str], bool]], None] | None = None) -> list[torch.Tensor]:
     """The model's task outputs (logits, hidden states) on `batches`, reading one block at a time: a
-    checkpoint of any size runs within the memory of one block plus what lies outside the blocks."""
+    checkpoint of any size runs within the memory of one block plus what lies outside the blocks.
+    `visit(model, include)` is called with what is loaded, once for everything outside the blocks and once
+    per block (`include` accepting the names that belong to it), before it runs (the reload check)."""
     device = torch.device(device)
     streamed = StreamedModel(source, dtype, device)
     streamer = streamed.streamer()
     store = ActivationStore(budget_bytes=2**62)
     try:
+        if visit is not None:
+            visit(streamed.model, streamed.outside_blocks)
         probe = streamer.capture({k: v[:1] for k, v in batches[0].items()}, blocks=1)
         streamer.learn_output(streamed.load_block(0), probe)
         stream = capture_streams(streamer, store, {"s": batches}, {})["s"]
         for i in range(len(streamed.blocks)):
-            advance(streamer, store, stream, streamed.load_block(i), i)
+            block = streamed.load_block(i)
+            if visit is not None:
+                prefix = streamed.blocks[i].name + "."
+                visit(streamed.model, lambda n, prefix=prefix: (n + ".").startswith(prefix))
+            advance(streamer, store, stream, block, i)
             streamed.free_block(i)
         return [streamer.finish(batch, store.get(("s", c))).float().cpu() for c, batch in enumerate(batches)]
     finally:

@@ -29,12 +29,32 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return masked_mean(hidden, mask)
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: that of its first floating-point parameter or buffer."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def model_inputs(model: nn.Module, batch: Batch) -> Batch:
+    """`batch` as `model` reads it: floating-point inputs (pixels) in the dtype it computes in (data is
+    prepared in float32, a checkpoint may be bfloat16); token ids and masks as they are."""
+    dtype = compute_dtype(model)
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in batch.items()}
+
+
 @dataclass
 class Task:
     name: str  # "image-classification", "text-encoder", "causal-lm"
     modality: str  # "image" or "text"
 
     def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model's output on `batch` (logits, or hidden states for an encoder), whatever the dtype
+        the model computes in: every task's inputs are cast here, and only here."""
+        return self.run(model, model_inputs(model, batch))
+
+    def run(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
     def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
@@ -55,7 +75,7 @@ class ImageClassification(Task):
     def __init__(self) -> None:
         super().__init__("image-classification", "image")
 
-    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def run(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         out = model(batch["pixel_values"])
         return getattr(out, "logits", out)  # (B, classes); HF classifiers wrap their logits
 
@@ -77,7 +97,7 @@ class TextEncoder(Task):
     def embed(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return pool(hidden, mask, self.pooling)
 
-    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def run(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, C)
 
     def distill_loss(self, student, teacher, batch, temperature):
@@ -94,7 +114,7 @@ class CausalLM(Task):
     def __init__(self) -> None:
         super().__init__("causal-lm", "text")
 
-    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def run(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
 
     def distill_loss(self, student, teacher, batch, temperature):

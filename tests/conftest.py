@@ -16,6 +16,27 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+RELOAD_DIFFERENCES: dict[str, list[tuple[float, str]]] = {}  # dtype -> (reload diff / output scale, run): the matrix
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The correctness matrix's largest reload difference per dtype (tests/test_correctness_matrix.py)."""
+    if RELOAD_DIFFERENCES:
+        terminalreporter.write_sep("-", "correctness matrix: largest reload difference per dtype")
+        for dtype, seen in sorted(RELOAD_DIFFERENCES.items()):
+            diff, run = max(seen)
+            eps = torch.finfo(getattr(torch, dtype)).eps
+            terminalreporter.write_line(f"{dtype}: {diff:.3g} of the output scale = {diff / eps:.2f} eps ({run}), "
+                                        f"over {len(seen)} runs")
+
+
+def steps_like(config_cls: type) -> list[str]:
+    """The fields that set how long a stage trains or iterates: `steps`, `round_steps`, `final_steps`, `rounds`."""
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(config_cls) if f.name.endswith("steps") or f.name == "rounds"]
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -20,21 +20,16 @@ from compresscli.modules import CODECS
 from compresscli.report import inspect_path
 from compresscli.pipeline import RunOptions, run_recipe
 from compresscli.recipe import Recipe, Stage, bundled_recipes, load_recipe, make_config
-from conftest import tiny_timm
+from conftest import steps_like, tiny_timm
 
 FAMILIES = ["bert", "gpt2", "llama", "vit"]
 FAST = dict(batch_size=4, calibration_examples=4, max_length=16, evaluate=False)
 
 
-def _steps_like(config_cls: type) -> list[str]:
-    """The fields that set how long a stage trains or iterates: `steps`, `round_steps`, `final_steps`, `rounds`."""
-    return [f.name for f in dataclasses.fields(config_cls) if f.name.endswith("steps") or f.name == "rounds"]
-
-
 def _default_stage(method: str) -> Stage:
     """The method's own one-stage recipe: its defaults and default targets, every steps-like field at 1."""
     cls = METHODS.get(method).config_cls
-    return Stage(make_config(method, {name: 1 for name in _steps_like(cls)}), list(cls.default_targets))
+    return Stage(make_config(method, {name: 1 for name in steps_like(cls)}), list(cls.default_targets))
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +122,7 @@ def test_every_method_on_the_real_minilm(method, minilm_dir, tmp_path):
 
 def _recipe_overrides(name: str) -> list[str]:
     recipe = load_recipe(name)
-    return [f"{i}.{field}=1" for i, stage in enumerate(recipe.stages) for field in _steps_like(type(stage.config))]
+    return [f"{i}.{field}=1" for i, stage in enumerate(recipe.stages) for field in steps_like(type(stage.config))]
 
 
 @pytest.mark.parametrize("name", bundled_recipes())

@@ -43,6 +43,9 @@ class MethodConfig:
     # Calibrates layer by layer inside each block: block by block it re-runs one block per layer group
     # instead of the model up to that layer, so the pipeline runs it block by block whenever it can.
     prefers_block_by_block: ClassVar[bool] = False
+    # Params with which a stage whose defaults need the whole model runs one block at a time ({}: the defaults
+    # already do; None: it never can). What `whole_model_only`'s message tells a user to write.
+    block_by_block_params: ClassVar[dict[str, Any] | None] = {}
 
     def needs_data(self) -> bool:
         """Whether the stage reads calibration or training data (the pipeline then loads --data)."""

@@ -24,6 +24,7 @@ from .magnitude import apply_masks, current_masks, keep_masks, prunable_layers
 @dataclass
 class LTRConfig(MethodConfig):
     method = "ltr"
+    block_by_block_params = None
     size_knob = SizeKnob("sparsity", 0.0, 0.9999)
     storage_like = "magnitude"
     sparsity: float = 0.8  # final fraction of the targeted weights removed

@@ -26,6 +26,7 @@ PRUNABLE = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 @dataclass
 class MagnitudeConfig(MethodConfig):
     method = "magnitude"
+    block_by_block_params = {"scope": "block"}
     size_knob = SizeKnob("sparsity", 0.0, 0.9999)
     sweep_variants = {"magnitude": {"score": "magnitude"}, "snip": {"score": "snip"}, "synflow": {"score": "synflow"},
                       "grasp": {"score": "grasp"}}

@@ -23,6 +23,7 @@ from ..blockstream import first_tensor
 from ..errors import StageError
 from ..memory import Workload
 from ..modules import CompressedModule
+from ..tasks import compute_dtype
 from ..training import StepHooks, TrainConfig, train
 from .base import MethodConfig, StageContext, register_method
 
@@ -73,7 +74,8 @@ class ReconstructConfig(MethodConfig):
 
 def block_loss(block: nn.Module, io: BlockIO, device: torch.device) -> torch.Tensor:
     """MSE between the block's output on its input and the original block's output (real tokens only)."""
-    out = first_tensor(block(*move(io.args, device), **move(io.kwargs, device))).float()
+    dtype = compute_dtype(block)
+    out = first_tensor(block(*move(io.args, device, dtype=dtype), **move(io.kwargs, device, dtype=dtype))).float()
     diff = (out - io.target.to(device).float()).pow(2)  # (B, T, C) or (B, C)
     if io.token_mask is None:
         return diff.mean()

@@ -39,6 +39,7 @@ LAYOUTS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
 @dataclass
 class RPSConfig(MethodConfig):
     method = "rps"
+    block_by_block_params = {"scope": "block"}
     size_knob = SizeKnob("compression", 1.0, 10000.0, log_scale=True)
     default_targets = ("linear",)  # every Linear but the classifier head; add `embeddings` for text models
     compression: float = 10.0  # factor c: the memory has floor(n / c) slots for the n targeted weights

@@ -83,6 +83,14 @@ class CompactSparse(nn.Module):
             return cls(encoded["values"], encoded["col_idx"], encoded["row_ptr"], tuple(mask.shape))
         return cls.from_masked_values(encoded["values"], mask)
 
+    def encoded(self) -> dict[str, torch.Tensor]:
+        """The sparse_codec encoding of this matrix, in the format it mirrors, without forming it densely."""
+        if self.fmt == "csr":
+            return {"values": self.values, "col_idx": self.cols, "row_ptr": self.row_ptr.to(torch.int32)}
+        words = self.cols.cpu().numpy().view(np.uint8)  # (rows, 8 * words per row), little-endian bytes
+        bits = np.unpackbits(words, axis=1, bitorder="little")[:, :self.shape[1]]  # (rows, cols)
+        return {"values": self.values, "mask": torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="big"))}
+
     def mask(self) -> torch.Tensor:
         """Bool (rows, cols): which entries are stored."""
         return kernels.reference.row_sparse_mask(self.cols, self.row_ptr, *self.shape)

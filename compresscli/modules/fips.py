@@ -160,7 +160,7 @@ class FipsLinear(_FipsCodec):
         return self.factor * self.mask, self.mask
 
     def _nnz(self) -> int:
-        return int(self.mask.sum())
+        return int(torch.count_nonzero(self.mask))
 
     def _value_dtype(self) -> torch.dtype:
         return self.factor.dtype

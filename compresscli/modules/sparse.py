@@ -39,8 +39,11 @@ class _SparseCodec(CompressedModule):
         return {"weight": torch.Size(self._weight_shape()), **self._bias_entry(shape=True)}
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        fmt, encoded = sparse_codec.encode(*self._weight_and_mask(), self.storage_format)
-        return {**{f"weight.{k}": v for k, v in encoded.items()}, **self._bias_entry()}
+        return {**{f"weight.{k}": v for k, v in self._encoded().items()}, **self._bias_entry()}
+
+    def _encoded(self) -> dict[str, torch.Tensor]:
+        """The weight's sparse_codec encoding (a form holding it encoded already returns it as it is)."""
+        return sparse_codec.encode(*self._weight_and_mask(), self.storage_format)[1]
 
     def _weight_params(self) -> dict[str, Any]:
         shape, nnz = self._weight_shape(), self._nnz()
@@ -87,12 +90,20 @@ class _SparseWeight(_SparseCodec):
             self.weight.mul_(self.mask)
         return self
 
-    def _load(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        with torch.no_grad():
-            self.weight.copy_(weight * self.mask)
-            if bias is not None:
-                self.bias.copy_(bias)
+    def _load(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None):
+        """Take a decoded weight (zero where `mask` is False) and bias as this layer's (built on the meta device:
+        no random initialisation to overwrite, no copy of the weight)."""
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_buffer("mask", mask.to(device=weight.device, dtype=torch.bool))
         return self
+
+    @classmethod
+    def _decoded(cls, layer: "_SparseWeight", tensors: dict[str, torch.Tensor], params: dict[str, Any]):
+        """`layer` (built on the meta device) holding the decoded weight, in the format its file chose."""
+        weight, mask = cls._decode_weight(tensors, params)
+        layer.storage_format = params["format"]
+        return layer._load(weight, mask, tensors.get("bias"))
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight * self.mask
@@ -104,7 +115,7 @@ class _SparseWeight(_SparseCodec):
         return tuple(self.weight.shape)
 
     def _nnz(self) -> int:
-        return int(self.mask.sum())
+        return int(torch.count_nonzero(self.mask))
 
     def _value_dtype(self) -> torch.dtype:
         return self.weight.dtype
@@ -135,9 +146,9 @@ class SparseLinear(nn.Linear, _SparseWeight):
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
                      shared: dict[str, nn.Parameter] | None = None) -> "SparseLinear":
-        weight, mask = cls._decode_weight(tensors, params)
-        layer = cls(params["in_features"], params["out_features"], params["bias"], mask=mask, dtype=weight.dtype)
-        return layer._load(weight, tensors.get("bias"))
+        with torch.device("meta"):
+            layer = cls(params["in_features"], params["out_features"], params["bias"])
+        return cls._decoded(layer, tensors, params)
 
 
 @register_codec
@@ -165,8 +176,8 @@ class SparseConv2d(nn.Conv2d, _SparseWeight):
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
                      shared: dict[str, nn.Parameter] | None = None) -> "SparseConv2d":
-        weight, mask = cls._decode_weight(tensors, params)
         kwargs = {name: (tuple(params[name]) if isinstance(params[name], list) else params[name])
                   for name in cls._CONV_ARGS}
-        layer = cls(**kwargs, bias=params["bias"], mask=mask, dtype=weight.dtype)
-        return layer._load(weight, tensors.get("bias"))
+        with torch.device("meta"):
+            layer = cls(**kwargs, bias=params["bias"])
+        return cls._decoded(layer, tensors, params)

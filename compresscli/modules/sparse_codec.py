@@ -58,7 +58,7 @@ def encode(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -> tuple
     weight2d = weight.detach().reshape(weight.shape[0], -1)
     mask2d = mask.reshape(weight2d.shape).bool()
     rows, cols = weight2d.shape
-    fmt = choose_format(rows, cols, int(mask2d.sum()), weight.element_size(), fmt)
+    fmt = choose_format(rows, cols, int(torch.count_nonzero(mask2d)), weight.element_size(), fmt)
     values = weight2d[mask2d].contiguous()  # row-major order, the order both decoders expect
     if fmt == "bitmask":
         return fmt, {"values": values, "mask": pack_bits(mask2d)}
@@ -126,8 +126,9 @@ def decode_mask(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ..
         mask2d = unpack_bits(tensors["mask"], rows * cols).view(rows, cols)
     else:
         mask2d = row_sparse_mask(tensors["col_idx"], tensors["row_ptr"], rows, cols)
-    if int(mask2d.sum()) != values.numel():  # a bitmask with other counts, or a CSR row naming a column twice
-        raise CheckpointError(f"invalid sparse {fmt} encoding: it selects {int(mask2d.sum())} entries but "
+    selected = int(torch.count_nonzero(mask2d))
+    if selected != values.numel():  # a bitmask with other counts, or a CSR row naming a column twice
+        raise CheckpointError(f"invalid sparse {fmt} encoding: it selects {selected} entries but "
                               f"{values.numel()} values are stored", "the file is damaged; re-export it")
     return mask2d
 

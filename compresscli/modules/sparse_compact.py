@@ -22,6 +22,7 @@ class _CompactWeight(_SparseCodec):
 
     def _init_compact(self, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> None:
         self.weight_shape = tuple(params["weight_shape"])
+        self.storage_format = params["format"]  # the file's: its tensors are in it, so its params must say so
         self.matrix = CompactSparse.from_encoded(params["format"], self._encoded_weight(tensors), self.weight_shape)
         self.register_buffer("bias", tensors.get("bias"))
 
@@ -35,6 +36,9 @@ class _CompactWeight(_SparseCodec):
 
     def _weight_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dense_weight(), self.matrix.mask().view(self.weight_shape)
+
+    def _encoded(self) -> dict[str, torch.Tensor]:
+        return self.matrix.encoded()
 
     def _weight_shape(self) -> tuple[int, ...]:
         return self.weight_shape
