@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from compresscli.kernels import dispatch, force_path
 from compresscli.kernels.reference import gather_mm, scatter_dense
 from compresscli.methods.condensed import CondensedConfig, fan_in_k, top_k_indices
-from compresscli.modules.sparse_codec import index_dtype
-from compresscli.speed import device_name, load_average
+from compresscli.codecs.sparse.encoding import index_dtype
+from compresscli.commands.bench import device_name, load_average
 
 DEFAULT_SHAPES = "768x3072,3072x768,4096x11008,11008x4096"
 

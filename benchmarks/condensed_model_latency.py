@@ -2,7 +2,7 @@
 
 Each model is compressed by the bundled `condensed-90` recipe with no recovery (latency does not depend on
 the values), written out and loaded back, so what is timed is what `compresscli.load` returns. Then
-`compresscli.speed.measure_speed` (what `compress bench` runs) times both models at each batch size,
+`compresscli.commands.bench.measure_speed` (what `compress bench` runs) times both models at each batch size,
 alternating them repeat by repeat, on synthetic inputs of the right shape.
 
     python benchmarks/condensed_model_latency.py                           # 2 threads, wall clock
@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from compresscli.checkpoint import load_checkpoint
-from compresscli.pipeline import RunOptions, run_recipe
-from compresscli.recipe import load_recipe
-from compresscli.speed import compare_checkpoints, render_markdown
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.engine.options import RunOptions
+from compresscli.engine.whole_model import run_recipe
+from compresscli.engine.recipe import load_recipe
+from compresscli.commands.bench import compare_checkpoints, render_markdown
 
 MODELS = {"minilm": ("ref:minilm", None), "digits-vit": ("ref:digits-vit", "digits")}  # source, --data
 

@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 from compresscli import MagnitudeConfig, StageContext, compress_
-from compresscli.architectures import detect
-from compresscli.checkpoint import load_checkpoint
-from compresscli.data import batcher_for, load_examples, split
-from compresscli.export import replace_module
+from compresscli.model.architecture import detect
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.io.data import batcher_for, load_examples, split
+from compresscli.codecs.base import replace_module
 from compresscli.methods.fips import FipsConfig
 from compresscli.methods.reconstruct import reconstruct
-from compresscli.training import TrainConfig
-from compresscli.modules import SparseLinear
-from compresscli.tasks import masked_mean, task_for
+from compresscli.training.loop import TrainConfig
+from compresscli.codecs import SparseLinear
+from compresscli.model.tasks import masked_mean, task_for
 
 SOURCES = {"pydoc": ("ref:minilm", "embedding cosine to original"), "digits": ("ref:digits-vit", "accuracy")}
 

@@ -4,11 +4,11 @@ Every method compresses the MLP weights of each real model with no recovery (nei
 latency depends on the values), the output is written, and then what `compresscli.load(OUT)` returns
 is measured against the original as `transformers` / `timm` load it:
 - resident MB loading adds and the peak a forward adds above it, each read in a fresh process with the
-  libraries imported and a warm-up load and forward done first (`compresscli.speed.measure_memory`);
+  libraries imported and a warm-up load and forward done first (`compresscli.commands.bench.measure_memory`);
 - the bytes of the loaded model's tensors (parameters and buffers, each storage once), exact where the
   resident set is a reading;
 - forward latency at two input sizes, the two models alternating repeat by repeat in one process
-  (`compresscli.speed.measure_speed`, what `compress bench` runs), and the ratio original / compressed
+  (`compresscli.commands.bench.measure_speed`, what `compress bench` runs), and the ratio original / compressed
   (> 1: the compressed model is faster);
 - the ceiling any MLP compression has: the original timed against itself with its MLP layers made free
   (each returns zeros of its output's shape at once), so "MLP free" is the speed-up of an infinitely fast
@@ -28,13 +28,14 @@ import torch
 
 from torch import nn
 
-from compresscli.architectures import detect
-from compresscli.checkpoint import load_checkpoint
-from compresscli.export import replace_module
-from compresscli.pipeline import RunOptions, compress_source
-from compresscli.recipe import parse_recipe
-from compresscli.source import open_source
-from compresscli.speed import measure_memory, measure_speed
+from compresscli.model.architecture import detect
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.codecs.base import replace_module
+from compresscli.engine.options import RunOptions
+from compresscli.engine.run import compress_source
+from compresscli.engine.recipe import parse_recipe
+from compresscli.io.source import open_source
+from compresscli.commands.bench import measure_memory, measure_speed
 
 METHODS = {  # name: (method, params); every one targets the MLP weights and runs no recovery
     "magnitude 50%": ("magnitude", "{sparsity: 0.5, scope: global}"),

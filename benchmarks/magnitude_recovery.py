@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from compresscli.checkpoint import load_checkpoint
-from compresscli.pipeline import RunOptions, run_recipe
-from compresscli.recipe import load_recipe
-from compresscli.report import human_bytes
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.engine.options import RunOptions
+from compresscli.engine.whole_model import run_recipe
+from compresscli.engine.recipe import load_recipe
+from compresscli.io.inspect import human_bytes
 
 MODELS = {"minilm": ("ref:minilm", "pydoc", "embedding cosine to original"),
           "digits-vit": ("ref:digits-vit", "digits", "accuracy")}

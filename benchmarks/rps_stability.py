@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscli import compress_
-from compresscli.checkpoint import build_model, load_checkpoint
-from compresscli.data import Batcher, load_examples, split
+from compresscli.io.checkpoint import build_model, load_checkpoint
+from compresscli.io.data import Batcher, load_examples, split
 from compresscli.methods.rps import RPSConfig
-from compresscli.references import DIGITS_VIT
+from compresscli.io.references import DIGITS_VIT
 
 
 def targets(module: nn.Module, name: str) -> bool:

@@ -32,16 +32,16 @@ import torch
 from torch import nn
 
 from compresscli import compress_
-from compresscli.architectures import detect
-from compresscli.checkpoint import build_model, load_checkpoint
-from compresscli.data import batcher_for, load_examples, split
-from compresscli.evaluate import compare
-from compresscli.finetune import FinetuneConfig, recover
+from compresscli.model.architecture import detect
+from compresscli.io.checkpoint import build_model, load_checkpoint
+from compresscli.io.data import batcher_for, load_examples, split
+from compresscli.model.metrics import compare
+from compresscli.methods.finetune import FinetuneConfig, recover
 from compresscli.methods import StageContext
 from compresscli.methods.magnitude import MagnitudeConfig
 from compresscli.methods.rps import RPSConfig
-from compresscli.modules import sparse_codec
-from compresscli.tasks import task_for
+from compresscli.codecs import sparse_codec
+from compresscli.model.tasks import task_for
 
 CLASSIFIERS = {"digits-vit": ("ref:digits-vit", "digits"), "mnist1d-vit": ("ref:mnist1d-vit", "mnist1d")}
 

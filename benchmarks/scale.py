@@ -138,9 +138,9 @@ def compress(path: Path, recipe: str, mode: str, work: Path) -> dict:
 
 LOAD_CHECK = """
 import json, sys, torch
-from compresscli.memory import PeakMemory
-from compresscli.source import open_source
-from compresscli.streamed_model import stream_outputs
+from compresscli.core.resources import PeakMemory
+from compresscli.io.source import open_source
+from compresscli.engine.block_reader import stream_outputs
 peak = PeakMemory()
 ids = torch.randint(1000, 30000, (1, 16))
 (logits,) = stream_outputs(open_source(sys.argv[1]), [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])

@@ -1,20 +1,28 @@
-"""compresscli: compress pretrained checkpoints into truly small safetensors, and say honestly what it cost."""
-from __future__ import annotations
+"""compresscli: compress pretrained checkpoints into truly small safetensors, and say honestly what it cost.
 
-__version__ = "0.1.0"
+The public API: `load` a compressed output (or any supported checkpoint) as a ready nn.Module, and
+`compress_` a model in place with any method's config (every registered method's config is exported
+here; `METHODS` lists them). The package's layers are described in ARCHITECTURE.md.
+"""
+from __future__ import annotations
 
 from pathlib import Path
 
 from torch import nn
 
-from .cpu_isa import avoid_unusable_amx
-from .methods import METHODS, MethodConfig, StageContext, compress_
-from .methods.condensed import CondensedConfig
-from .methods.fips import FipsConfig
-from .methods.ltr import LTRConfig
-from .methods.magnitude import MagnitudeConfig
-from .methods.rps import RPSConfig
-from .finetune import FinetuneConfig
+from compresscli.core.cpu_isa import avoid_unusable_amx
+from compresscli.core.errors import CompressError
+from compresscli.core.version import __version__
+from compresscli.methods import METHODS, MethodConfig, StageContext, compress_
+from compresscli.methods.condensed import CondensedConfig
+from compresscli.methods.finetune import FinetuneConfig
+from compresscli.methods.fips import FipsConfig
+from compresscli.methods.ltr import LTRConfig
+from compresscli.methods.magnitude import MagnitudeConfig
+from compresscli.methods.reconstruct import ReconstructConfig
+from compresscli.methods.rps import RPSConfig
+from compresscli.methods.sparsegpt import SparseGPTConfig
+from compresscli.methods.wanda import WandaConfig
 
 avoid_unusable_amx()  # before any matmul: oneDNN reads its ISA cap once
 
@@ -26,11 +34,9 @@ def load(path: str | Path, trainable: bool = False, cache: str | None = None) ->
     kernels, nothing trainable. `trainable=True` gives the training form instead (dense weights and masks,
     trainable memories: for fine-tuning or compressing further). `cache="weights"` keeps the weights RPS
     layers compute on every call, trading the dense layers' bytes for speed."""
-    from .checkpoint import load_checkpoint
+    from compresscli.io.checkpoint import load_checkpoint
 
     if cache not in (None, "weights"):
-        from .errors import CompressError
-
         raise CompressError(f"unknown cache {cache!r}", 'use cache="weights" or leave it out')
     model = load_checkpoint(path, trainable=trainable).model
     if cache == "weights" and not trainable:
@@ -40,5 +46,6 @@ def load(path: str | Path, trainable: bool = False, cache: str | None = None) ->
     return model
 
 
-__all__ = ["METHODS", "CondensedConfig", "FinetuneConfig", "FipsConfig", "LTRConfig", "MagnitudeConfig", "MethodConfig",
-           "RPSConfig", "StageContext", "compress_", "load"]
+__all__ = ["METHODS", "CompressError", "CondensedConfig", "FinetuneConfig", "FipsConfig", "LTRConfig",
+           "MagnitudeConfig", "MethodConfig", "RPSConfig", "ReconstructConfig", "SparseGPTConfig", "StageContext",
+           "WandaConfig", "__version__", "compress_", "load"]

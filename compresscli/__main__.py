@@ -1,5 +1,5 @@
 """`python -m compresscli`: the `compress` command; also what torchrun runs (`torchrun -m compresscli run ...`)."""
-from .cli import main
+from compresscli.cli import main
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import CompressError
+from compresscli.core.errors import CompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress pretrained checkpoints (timm, Hugging Face) into truly small safetensors.")
@@ -114,12 +114,13 @@ def run(checkpoint: CheckpointArg,
         nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Recover data-parallel on N processes on this machine: runs this command under torchrun (--nproc-per-node N); one GPU each when there are GPUs.")] = None,
         shard: Annotated[Optional[bool], typer.Option("--shard/--no-shard", help="Under torchrun: shard the recovery's parameters, gradients and optimiser state across the processes (FSDP2). Default: when one process's would not fit its memory.", show_default=False)] = None) -> None:
     """Compress CHECKPOINT with a recipe, recover, export to OUT, verify the reload and report."""
-    from . import distributed
-    from .checkpoint import parse_dtype
-    from .pipeline import RunOptions, compress_source
-    from .recipe import load_recipe
-    from .safetensors_io import parse_size
-    from .source import open_source
+    from compresscli.training import distributed
+    from compresscli.io.checkpoint import parse_dtype
+    from compresscli.engine.options import RunOptions
+    from compresscli.engine.run import compress_source
+    from compresscli.engine.recipe import load_recipe
+    from compresscli.io.safetensors import parse_size
+    from compresscli.io.source import open_source
 
     if nproc is not None:
         if distributed.launched():
@@ -127,10 +128,6 @@ def run(checkpoint: CheckpointArg,
         sys.exit(_run_under_torchrun(distributed.relaunch_command(sys.executable, sys.argv[1:], nproc)))
     if out is None and not dry_run:
         raise CompressError("no output directory given", "pass --out DIR (or --dry-run to only look)")
-    if out is not None and out.exists() and not force and not dry_run:
-        raise CompressError(f"output {out} already exists", "choose another --out, or pass --force to replace it")
-    if block_inputs not in ("compressed", "original"):
-        raise CompressError(f"--block-inputs {block_inputs!r} is not compressed or original", "pick one of the two")
     sizes = {}
     for flag, value in (("--max-memory", max_memory), ("--shard-size", shard_size)):
         try:
@@ -183,7 +180,7 @@ def eval_(checkpoint: CheckpointArg,
           examples: Annotated[Optional[int], typer.Option("--examples", help="Cap on held-out examples.")] = None,
           device: DeviceOpt = "auto", batch_size: BatchOpt = 32, as_json: JsonOpt = False) -> None:
     """Accuracy (or cosine / perplexity) of CHECKPOINT beside its original, on the same held-out data."""
-    from .evaluate import evaluate_pair
+    from compresscli.commands.evaluate import evaluate_pair
 
     result = evaluate_pair(checkpoint, baseline, weights=weights, baseline_weights=baseline_weights, data=data,
                            examples=examples, device=device, batch_size=batch_size,
@@ -206,9 +203,9 @@ def bench(checkpoint: CheckpointArg,
           cpu_time: Annotated[bool, typer.Option("--cpu-time", help="Time this thread's CPU time, not the wall clock (with --threads 1; for busy machines).")] = False,
           device: DeviceOpt = "auto", as_json: JsonOpt = False) -> None:
     """End-to-end latency of CHECKPOINT against its original (median of alternating repeats), and the kernels that ran."""
-    from .checkpoint import load_checkpoint
-    from .pipeline import pick_device
-    from .speed import compare_checkpoints, render_markdown
+    from compresscli.io.checkpoint import load_checkpoint
+    from compresscli.training.distributed import pick_device
+    from compresscli.commands.bench import compare_checkpoints, render_markdown
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
@@ -246,25 +243,21 @@ def sweep(checkpoint: CheckpointArg,
           eval_examples: Annotated[Optional[int], typer.Option("--eval-examples", help="Cap on held-out examples.")] = None,
           seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False) -> None:
     """Every method at every compression ratio, same recovery budget and data: the memory-accuracy trade-off."""
-    from .checkpoint import load_checkpoint
-    from .pipeline import RunOptions
-    from .sweep import SweepOptions, check_methods, run_sweep
+    from compresscli.io.checkpoint import load_checkpoint
+    from compresscli.engine.options import RunOptions
+    from compresscli.commands.sweep import SweepOptions, run_sweep
 
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    check_methods(method_list)
     try:
         ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
     except ValueError:
         raise CompressError(f"--ratios {ratios!r} is not a list of numbers", "write e.g. --ratios 2,4,10") from None
-    if any(r < 1 for r in ratio_list):
-        raise CompressError("every ratio must be >= 1 (dense bytes / bytes on disk)", "drop ratios below 1")
+    options = SweepOptions([m.strip() for m in methods.split(",") if m.strip()], ratio_list, steps=steps, lr=lr,
+                           targets=[t.strip() for t in targets.split(",")], keep_checkpoints=keep_checkpoints,
+                           run=RunOptions(data=data, batch_size=batch_size, eval_examples=eval_examples, device=device,
+                                          seed=seed))
     progress = RichProgress(enabled=not as_json)
     with progress.task("loading checkpoint"):
         ckpt = load_checkpoint(checkpoint, weights)
-    options = SweepOptions(method_list, ratio_list, steps=steps, lr=lr, targets=[t.strip() for t in targets.split(",")],
-                           keep_checkpoints=keep_checkpoints,
-                           run=RunOptions(data=data, batch_size=batch_size, eval_examples=eval_examples, device=device,
-                                          seed=seed))
 
     def on_run(i: int, total: int, run_id: str, entry: dict) -> None:
         if as_json:
@@ -288,9 +281,9 @@ def export_(out: Annotated[Path, typer.Argument(help="A compresscli output direc
             shard_size: Annotated[str, typer.Option("--shard-size", help="Largest weight file before sharding (Hugging Face; timm reads one file).")] = "2GiB",
             as_json: JsonOpt = False) -> None:
     """Write OUT as a plain checkpoint for transformers or timm (dense), or in compressed-tensors' sparse formats."""
-    from .ecosystem import export
-    from .report import human_bytes
-    from .safetensors_io import parse_size
+    from compresscli.interop.export import export
+    from compresscli.io.inspect import human_bytes
+    from compresscli.io.safetensors import parse_size
 
     try:
         shard_bytes = parse_size(shard_size)
@@ -313,10 +306,10 @@ def inspect(path: Annotated[str, typer.Argument(help="A checkpoint directory, a 
             top: Annotated[int, typer.Option("--top", help="Show the N largest layers (0: all).")] = 0,
             as_json: JsonOpt = False) -> None:
     """Where the memory goes, layer by layer, read from the safetensors header(s)."""
-    from .report import human_bytes, inspect_path
+    from compresscli.io.inspect import human_bytes, inspect_path
 
     if path.startswith("ref:"):
-        from .references import reference_path
+        from compresscli.io.references import reference_path
 
         path = str(reference_path(path[4:]))
     result = inspect_path(Path(path))
@@ -382,8 +375,8 @@ def _layer_table(title: str, cells: list[dict[str, str]], total: dict[str, str],
 def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe in full.")] = None,
             as_json: JsonOpt = False) -> None:
     """The bundled recipes and what each does; with NAME, the recipe with every default filled in."""
-    from .methods import METHODS
-    from .recipe import bundled_recipes, load_recipe
+    from compresscli.methods import METHODS
+    from compresscli.engine.recipe import bundled_recipes, load_recipe
 
     if name:
         recipe = load_recipe(name)
@@ -414,7 +407,8 @@ def reference(name: Annotated[str, typer.Argument(help="minilm, digits-vit or mn
               retrain: Annotated[bool, typer.Option("--retrain", help="Train a trained reference again.")] = False
               ) -> None:
     """Print the directory of a reference checkpoint, training it first if needed (digits-vit, mnist1d-vit)."""
-    from .references import TRAINED, cache_dir, is_built, reference_path, train_reference
+    from compresscli.io.references import TRAINED, is_built, reference_path, train_reference
+    from compresscli.core.cache import cache_dir
 
     if name in TRAINED and (retrain or not is_built(name)):
         with RichProgress(True).task(f"training {name}"):
@@ -426,7 +420,7 @@ def reference(name: Annotated[str, typer.Argument(help="minilm, digits-vit or mn
 # ----------------------------------------------------------------------------- presentation
 
 def _print_plan(plan: dict[str, Any]) -> None:
-    from .report import human_bytes
+    from compresscli.io.inspect import human_bytes
 
     memory = plan["memory"]
     if memory:
@@ -467,7 +461,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 
 
 def _print_report(report: dict[str, Any], out: Path) -> None:
-    from .report import human_bytes
+    from compresscli.io.inspect import human_bytes
 
     t, m = report["memory"]["targeted"], report["memory"]["model"]
     table = Table(title=f"{report['source']['name']} -> {out}")
@@ -484,11 +478,20 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
                       f"report: {out / 'report.md'}")
 
 
+GLOBAL_FLAGS = ("--debug", "--verbose", "-v")
+
+
+def global_flags_first(argv: list[str]) -> list[str]:
+    """The global flags moved before the command, so `compress run ... --debug` (where every error message
+    tells a user to add it) works as `compress --debug run ...` does."""
+    return [a for a in argv if a in GLOBAL_FLAGS] + [a for a in argv if a not in GLOBAL_FLAGS]
+
+
 def main() -> None:
     """Entry point: one line on stderr per error, non-zero exit, traceback only with --debug."""
     import signal
 
-    from .memory import explain_out_of_memory, return_freed_memory_promptly
+    from compresscli.core.resources import explain_out_of_memory, return_freed_memory_promptly
 
     return_freed_memory_promptly()
     # `kill` (and torchrun stopping its other workers when one fails) ends the run through the normal
@@ -496,7 +499,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         with explain_out_of_memory("the command", "free memory, or lower --batch-size and the numbers of examples"):
-            code = app(standalone_mode=False)  # click turns Ctrl-C into exit code 130 here
+            code = app(args=global_flags_first(sys.argv[1:]), standalone_mode=False)  # Ctrl-C: exit code 130
         if code == 130:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:

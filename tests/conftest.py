@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("COMPRESSCLI_CACHE", str(REPO / ".cache" / "compresscli"))
@@ -47,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from compresscli.references import reference_path
+    from compresscli.io.references import reference_path
 
     return reference_path("minilm")
 
@@ -55,7 +56,7 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def digits_vit_dir() -> Path:
     """The real trained digits ViT (trained once, then cached)."""
-    from compresscli.references import reference_path
+    from compresscli.io.references import reference_path
 
     return reference_path("digits-vit")
 
@@ -173,3 +174,90 @@ def write_recipe(path: Path, text: str) -> Path:
 
 def load_json(text: str):
     return json.loads(text)
+
+
+# ----------------------------------------------------------------------------- every codec's sample layers
+
+class CodecSample:
+    """A small valid layer of one codec (training form) and the dense layer it replaces, built fresh by
+    `make()`, with the shape of an input both read (None: token ids for an embedding)."""
+
+    def __init__(self, make, shape: tuple[int, ...] | None):
+        self.make, self.shape = make, shape
+
+    def input(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randint(0, 11, (3, 4)) if self.shape is None else torch.randn(self.shape).to(dtype)
+
+
+def _sparse_sample(dense, fmt: str):
+    from compresscli.codecs import SparseConv2d, SparseLinear
+
+    args = (dense.in_features, dense.out_features) if isinstance(dense, nn.Linear) else \
+        (dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding)
+    layer = (SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d).from_dense(
+        type(dense)(*args), torch.rand(dense.weight.shape) > 0.6)
+    layer.storage_format = fmt
+    return layer, dense
+
+
+def _condensed_sample(ablate: bool):
+    from compresscli.codecs.condensed.training import CondensedLinear
+
+    rows = torch.tensor([0, 2, 4]) if ablate else None  # neurons 1 and 3 ablated: they output their bias
+    kept = 3 if ablate else 5
+    indices = torch.stack([torch.randperm(8)[:3] for _ in range(kept)])
+    return CondensedLinear(8, 5, torch.randn(kept, 3), indices, rows, torch.randn(5)), nn.Linear(8, 5)
+
+
+def _condensed_conv_sample():
+    from compresscli.codecs.condensed.training import CondensedConv2d
+
+    indices = torch.stack([torch.randperm(18)[:5] for _ in range(4)])
+    layer = CondensedConv2d(2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.randn(4, 5), indices, None, torch.randn(4))
+    return layer, nn.Conv2d(2, 4, 3, padding=1)
+
+
+def _fips_sample(orientation: str, fmt: str):
+    from compresscli.codecs.fips.training import FipsLinear
+
+    base = nn.Parameter(torch.randn(6, 4))  # (d, r)
+    layer = FipsLinear(base, torch.randn(4, 10), torch.rand(4, 10) > 0.5,
+                       torch.randn(10 if orientation == "in" else 6), orientation, "fips.0", True, fmt)
+    return layer, nn.Linear(6, 10) if orientation == "in" else nn.Linear(10, 6)
+
+
+def _rps_sample(kind: str, mapper: str):
+    from compresscli.codecs.rps.hashing import Placement
+    from compresscli.codecs.rps.training import RPSConv2d, RPSEmbedding, RPSLinear
+
+    cls, dense, args = {"linear": (RPSLinear, nn.Linear(6, 5), (6, 5)),
+                        "conv": (RPSConv2d, nn.Conv2d(2, 4, 3, padding=1), (2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1)),
+                        "embedding": (RPSEmbedding, nn.Embedding(11, 6), (11, 6, None))}[kind]
+    placement = Placement(memory_size=40, mapper=mapper, seed=3, offset=0, tensor_index=0, layout=kind,
+                          block_k=2, block_n=3, block_z=2)
+    bias = torch.randn(dense.weight.shape[0]) if kind != "embedding" else None
+    return cls(*args, memory=nn.Parameter(torch.randn(40)), memory_name="rps.0", placement=placement, scale=0.5,
+               scale_gradients=True, bias=bias), dense
+
+
+# The one table of sample layers every codec test reads: a new codec adds its samples here (the tests
+# parametrized over the codec registry fail, naming this table, until it does).
+CODEC_SAMPLES: dict[str, list[CodecSample]] = {
+    "sparse_linear": [CodecSample(lambda f=f: _sparse_sample(nn.Linear(12, 7), f), (3, 12)) for f in ("bitmask", "csr")],
+    "sparse_conv2d": [CodecSample(lambda f=f: _sparse_sample(nn.Conv2d(3, 4, 3, padding=1), f),
+                                  (2, 3, 6, 6)) for f in ("bitmask", "csr")],
+    "condensed_linear": [CodecSample(lambda a=a: _condensed_sample(a), (3, 8)) for a in (False, True)],
+    "condensed_conv2d": [CodecSample(_condensed_conv_sample, (2, 2, 5, 5))],
+    "fips_linear": [CodecSample(lambda o=o, f=f: _fips_sample(o, f), (3, 6) if o == "in" else (3, 10))
+                    for o in ("in", "out") for f in ("bitmask", "csr")],
+    "rps_linear": [CodecSample(lambda m=m: _rps_sample("linear", m), (3, 6)) for m in ("randomfold", "roast")],
+    "rps_conv2d": [CodecSample(lambda m=m: _rps_sample("conv", m), (2, 2, 5, 5)) for m in ("randomfold", "roast")],
+    "rps_embedding": [CodecSample(lambda m=m: _rps_sample("embedding", m), None) for m in ("randomfold", "roast")],
+}
+
+
+def codec_samples(codec: str) -> list[CodecSample]:
+    """The samples of `codec`, or a failure saying where to add them."""
+    if codec not in CODEC_SAMPLES:
+        pytest.fail(f"add small {codec} layers to CODEC_SAMPLES in tests/conftest.py")
+    return CODEC_SAMPLES[codec]

@@ -1,8 +1,8 @@
 import pytest
 
-from compresscli.architectures import detect
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import RecipeError
+from compresscli.model.architecture import detect
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import RecipeError
 from conftest import tiny_timm
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import CheckpointError
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import CheckpointError
 from conftest import tiny_timm
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import compresscli
-from compresscli.checkpoint import load_checkpoint
+from compresscli.io.checkpoint import load_checkpoint
 from conftest import run_cli, write_recipe
 
 FAST = ["--set", "1.steps=2", "--eval-examples", "32", "--batch-size", "8"]
@@ -14,8 +14,9 @@ FAST = ["--set", "1.steps=2", "--eval-examples", "32", "--batch-size", "8"]
 @pytest.fixture(scope="module")
 def minilm_out(tmp_path_factory, minilm_dir):
     out = tmp_path_factory.mktemp("runs") / "minilm-50"
-    from compresscli.pipeline import RunOptions, run_recipe
-    from compresscli.recipe import load_recipe
+    from compresscli.engine.options import RunOptions
+    from compresscli.engine.whole_model import run_recipe
+    from compresscli.engine.recipe import load_recipe
 
     recipe = load_recipe("magnitude-50", ["1.steps=2"])
     result = run_recipe(load_checkpoint(minilm_dir), recipe, out, RunOptions(eval_examples=32, batch_size=8))
@@ -48,7 +49,7 @@ def test_load_returns_a_ready_module(minilm_out, minilm_dir):
     assert a.shape == b.shape and not torch.equal(a, b)
     assert sum(type(m).__name__ == "CompactSparseLinear" for m in model.modules()) == 12  # the inference form
     trainable = compresscli.load(out, trainable=True)
-    assert sum(isinstance(m, compresscli.modules.SparseLinear) for m in trainable.modules()) == 12
+    assert sum(isinstance(m, compresscli.codecs.SparseLinear) for m in trainable.modules()) == 12
 
 
 def test_eval_and_inspect_on_the_output(capsys, minilm_out, minilm_dir):
@@ -167,7 +168,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, digits_vit_d
 
 
 def test_ctrl_c_during_finetune_leaves_no_output(capsys, tmp_path, digits_vit_dir, monkeypatch):
-    from compresscli import training
+    from compresscli.training import loop as training
 
     calls = {"n": 0}
     original = training.lr_factor

@@ -12,16 +12,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compresscli import FinetuneConfig, MagnitudeConfig, StageContext, compress_, load
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import CheckpointError, RecipeError, StageError
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import CheckpointError, RecipeError, StageError
 from compresscli.kernels import available_paths, cpu, dispatch, force_path, gather_mm
 from compresscli.methods.condensed import CondensedConfig, fan_in_k
-from compresscli.modules import SparseLinear, codec_for
-from compresscli.modules.condensed import CondensedConv2d, CondensedLinear
-from compresscli.pipeline import RunOptions, run_recipe
-from compresscli.recipe import load_recipe, parse_recipe
-from compresscli.speed import measure_speed
-from compresscli.tasks import ImageClassification
+from compresscli.codecs import SparseLinear, codec_for
+from compresscli.codecs.condensed.training import CondensedConv2d, CondensedLinear
+from compresscli.engine.options import RunOptions
+from compresscli.engine.whole_model import run_recipe
+from compresscli.engine.recipe import load_recipe, parse_recipe
+from compresscli.commands.bench import measure_speed
+from compresscli.model.tasks import ImageClassification
 from conftest import run_cli, tiny_timm
 
 CPU_PATHS = available_paths(torch.device("cpu"), torch.float32)
@@ -31,8 +32,9 @@ def _mlp(module, name):
     return ".mlp.fc" in name
 
 
-def _layers(model, cls=CondensedLinear):
-    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+def _layers(model, codec="condensed_linear"):
+    """The condensed layers, in either form."""
+    return {n: m for n, m in model.named_modules() if getattr(m, "codec", None) == codec}
 
 
 # ----------------------------------------------------------------------------- structure
@@ -375,7 +377,7 @@ def test_speed_report_is_json_and_names_the_kernel(monkeypatch):
     must time each model's own passes, give their medians and spread, and a speed-up of exactly 4."""
     import types
 
-    from compresscli import speed
+    from compresscli.commands import bench as speed
 
     original = tiny_timm().eval()
     compressed = tiny_timm().eval()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from compresscli import cpu_isa
+from compresscli.core import cpu_isa
 
 TRAPS = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"
 

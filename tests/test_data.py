@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from compresscli.data import Batcher, fit_images, load_examples, split
-from compresscli.errors import DataError
+from compresscli.io.data import Batcher, fit_images, load_examples, split
+from compresscli.core.errors import DataError
 
 
 @pytest.mark.parametrize("spec", ["digits", "mnist1d", "pydoc"])

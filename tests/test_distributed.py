@@ -14,13 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compresscli import distributed, sharding
-from compresscli.distributed import World, examples_in, relaunch_command, shard
-from compresscli.errors import CompressError
-from compresscli.memory import MemoryPrediction, predict_memory
-from compresscli.pipeline import RunOptions, compress_source, resolve_targets
-from compresscli.recipe import load_recipe
-from compresscli.source import open_source, skeleton_of
+from compresscli.training import distributed
+from compresscli.training.distributed import World, examples_in, relaunch_command, shard
+from compresscli.core.errors import CompressError
+from compresscli.engine.prediction import predict_memory, shard_wanted
+from compresscli.engine.options import RunOptions
+from compresscli.engine.run import compress_source
+from compresscli.engine.planning import resolve_targets
+from compresscli.engine.recipe import load_recipe
+from compresscli.io.source import open_source, skeleton_of
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -175,15 +177,15 @@ def test_recovery_shards_by_itself_only_when_a_rank_would_not_fit(monkeypatch, t
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     for budget, expected in ((2 * prediction.whole_model, False), (prediction.whole_model + prediction.sharded, True),
                              (prediction.sharded, False)):  # fits / only sharded fits a rank's half / neither
-        assert sharding.wanted(RunOptions(max_memory=budget), "whole-model", prediction) is expected
+        assert shard_wanted(RunOptions(max_memory=budget), "whole-model", prediction) is expected
     half = prediction.whole_model + prediction.sharded
-    assert not sharding.wanted(RunOptions(max_memory=half, shard=False), "whole-model", prediction)  # --no-shard
-    assert not sharding.wanted(RunOptions(max_memory=half), "sequential", prediction)
+    assert not shard_wanted(RunOptions(max_memory=half, shard=False), "whole-model", prediction)  # --no-shard
+    assert not shard_wanted(RunOptions(max_memory=half), "sequential", prediction)
     with pytest.raises(CompressError, match="block by block"):
-        sharding.wanted(RunOptions(shard=True), "sequential", prediction)
+        shard_wanted(RunOptions(shard=True), "sequential", prediction)
     monkeypatch.setattr(distributed, "world", lambda: World())
     with pytest.raises(CompressError, match="this is one process.*--nproc N"):
-        sharding.wanted(RunOptions(shard=True), "whole-model", prediction)
+        shard_wanted(RunOptions(shard=True), "whole-model", prediction)
 
 
 LAUNCHER = '''

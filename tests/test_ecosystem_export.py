@@ -13,82 +13,30 @@ import torch
 from torch import nn
 
 import compresscli
-from compresscli import ct_sparse
-from compresscli.checkpoint import load_checkpoint
-from compresscli.ecosystem import FORMATS, export
-from compresscli.modules import CODECS, SparseConv2d, SparseLinear, codec_for
-from compresscli.modules.condensed import CondensedConv2d, CondensedLinear
-from compresscli.modules.fips import FipsLinear
-from compresscli.modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
-from compresscli.modules.rps_hash import Placement
-from compresscli.pipeline import RunOptions, run_recipe
-from compresscli.recipe import parse_recipe
-from compresscli.errors import CompressError
-from compresscli.safetensors_io import read_header
-from conftest import run_cli, tiny_timm
+from compresscli.interop import compressed_tensors as ct_sparse
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.interop.export import FORMATS, export
+from compresscli.codecs import CODECS, codec_for
+from compresscli.engine.options import RunOptions
+from compresscli.engine.whole_model import run_recipe
+from compresscli.engine.recipe import parse_recipe
+from compresscli.core.errors import CompressError
+from compresscli.io.safetensors import read_header
+from conftest import codec_samples, run_cli, tiny_timm
 
 # ----------------------------------------------------------------------------- every codec's dense form
 
 
-def _sparse(dense: nn.Module) -> tuple[nn.Module, nn.Module]:
-    cls = SparseLinear if isinstance(dense, nn.Linear) else SparseConv2d
-    donor = type(dense)(*((dense.in_features, dense.out_features) if isinstance(dense, nn.Linear) else
-                          (dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding)))
-    return cls.from_dense(donor, torch.rand(donor.weight.shape) > 0.6), dense
-
-
-def _rps(cls: type, dense: nn.Module, args: tuple, layout: str) -> tuple[nn.Module, nn.Module]:
-    placement = Placement(memory_size=40, mapper="roast", seed=3, offset=0, tensor_index=0, layout=layout,
-                          block_k=2, block_n=3, block_z=2)
-    bias = torch.randn(dense.weight.shape[0]) if layout != "embedding" else None
-    return cls(*args, memory=nn.Parameter(torch.randn(40)), memory_name="rps.0", placement=placement, scale=0.5,
-               scale_gradients=True, bias=bias), dense
-
-
-def _fips(orientation: str) -> tuple[nn.Module, nn.Module]:
-    base = nn.Parameter(torch.randn(6, 4))  # (d, r)
-    layer = FipsLinear(base, torch.randn(4, 10), torch.rand(4, 10) > 0.5, torch.randn(10 if orientation == "in" else 6),
-                       orientation, "fips.0", True)
-    return layer, nn.Linear(6, 10) if orientation == "in" else nn.Linear(10, 6)
-
-
-def _condensed_linear() -> tuple[nn.Module, nn.Module]:  # neurons 1 and 3 ablated: they output their bias
-    indices = torch.stack([torch.randperm(8)[:3] for _ in range(3)])
-    return CondensedLinear(8, 5, torch.randn(3, 3), indices, torch.tensor([0, 2, 4]), torch.randn(5)), nn.Linear(8, 5)
-
-
-def _condensed_conv() -> tuple[nn.Module, nn.Module]:
-    indices = torch.stack([torch.randperm(18)[:5] for _ in range(4)])
-    layer = CondensedConv2d(2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.randn(4, 5), indices, None, torch.randn(4))
-    return layer, nn.Conv2d(2, 4, 3, padding=1)
-
-
-# A small layer of each codec and the dense layer it replaces, with an input for both.
-SAMPLES = {
-    "sparse_linear": [(lambda: _sparse(nn.Linear(12, 7)), (3, 12))],
-    "sparse_conv2d": [(lambda: _sparse(nn.Conv2d(3, 4, 3, padding=1)), (2, 3, 6, 6))],
-    "condensed_linear": [(_condensed_linear, (3, 8))],
-    "condensed_conv2d": [(_condensed_conv, (2, 2, 5, 5))],
-    "fips_linear": [(lambda: _fips("in"), (3, 6)), (lambda: _fips("out"), (3, 10))],
-    "rps_linear": [(lambda: _rps(RPSLinear, nn.Linear(6, 5), (6, 5), "linear"), (3, 6))],
-    "rps_conv2d": [(lambda: _rps(RPSConv2d, nn.Conv2d(2, 4, 3, padding=1), (2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
-                                 "conv"), (2, 2, 5, 5))],
-    "rps_embedding": [(lambda: _rps(RPSEmbedding, nn.Embedding(11, 6), (11, 6, None), "embedding"), None)],
-}
-
-
 @pytest.mark.parametrize("codec", CODECS.names())
 def test_every_codec_decodes_to_the_dense_layer_it_computes(codec):
-    if codec not in SAMPLES:
-        pytest.fail(f"add a small {codec} layer to SAMPLES in tests/test_ecosystem_export.py")
-    for make, shape in SAMPLES[codec]:
+    for sample in codec_samples(codec):
         torch.manual_seed(0)
-        layer, dense = make()
+        layer, dense = sample.make()
         params = json.loads(json.dumps(layer.codec_params()))
         shared = {k: nn.Parameter(v.detach().clone()) for k, v in layer.shared_tensors().items()}
         decoded = codec_for(codec).from_tensors(layer.to_tensors(), params, shared).eval()
         dense.load_state_dict(decoded.dense_tensors())  # strict: exactly the dense layer's keys and shapes
-        x = torch.randint(0, 11, (3, 4)) if shape is None else torch.randn(shape)
+        x = sample.input()
         with torch.no_grad():
             torch.testing.assert_close(dense(x), decoded(x), atol=1e-5, rtol=1e-5)
 
@@ -483,8 +431,8 @@ def test_a_damaged_output_writes_nothing(tmp_path, bert_out, fmt):
 
     from safetensors.torch import load_file, save_file
 
-    from compresscli.errors import CheckpointError
-    from compresscli.safetensors_io import read_header as header_of
+    from compresscli.core.errors import CheckpointError
+    from compresscli.io.safetensors import read_header as header_of
 
     copy = tmp_path / "copy"
     shutil.copytree(bert_out, copy)

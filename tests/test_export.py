@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compresscli import MagnitudeConfig, compress_, load
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import CheckpointError
-from compresscli.pipeline import RunOptions, run_recipe
-from compresscli.recipe import parse_recipe
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import CheckpointError
+from compresscli.engine.options import RunOptions
+from compresscli.engine.whole_model import run_recipe
+from compresscli.engine.recipe import parse_recipe
 
 RECIPE = "stages:\n  - method: magnitude\n    targets: [mlp, attention]\n    params: {sparsity: 0.6}\n"
 
@@ -84,7 +85,7 @@ def test_unexpected_tensor_is_named(outputs, tmp_path):
 def test_compresses_in_place_with_a_filter(tiny_hf_dirs):
     """Exactly the modules the filter accepts become sparse, at the sparsity asked; everything else is the
     same module with the same weights."""
-    from compresscli.modules import SparseLinear
+    from compresscli.codecs import SparseLinear
 
     model = load_checkpoint(tiny_hf_dirs["bert"]).model
     before = {n: m for n, m in model.named_modules()}
@@ -109,7 +110,7 @@ def test_compresses_in_place_with_a_filter(tiny_hf_dirs):
 
 
 def test_metadata_records_format_and_codecs(outputs):
-    from compresscli.safetensors_io import read_header
+    from compresscli.io.safetensors import read_header
 
     _, metadata = read_header(outputs["bert"][0] / "model.safetensors")
     layers = json.loads(metadata["layers"])

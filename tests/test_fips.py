@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from compresscli import StageContext, compress_, load
-from compresscli.architectures import detect
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import RecipeError, StageError
+from compresscli.model.architecture import detect
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import RecipeError, StageError
 from compresscli.methods.fips import FipsConfig, plan_groups
 from compresscli.methods.fips_init import decompose, fips_rank, kept_entries, magnitude_masks
-from compresscli.modules.fips import CompactFipsLinear, FipsLinear
-from compresscli.tasks import task_for
+from compresscli.codecs.fips.inference import CompactFipsLinear
+from compresscli.codecs.fips.training import FipsLinear
+from compresscli.model.tasks import task_for
 from conftest import run_cli, tiny_timm, write_recipe
 
 
@@ -159,7 +160,7 @@ def test_fips_refuses_partial_blocks_and_other_layers():
 @pytest.mark.parametrize("field,value", [("budget", 0.0), ("budget", 1.5), ("sparsity", 1.0), ("group_size", 0),
                                          ("mask_update", "sometimes")])
 def test_config_errors_name_the_field(field, value):
-    from compresscli.recipe import parse_recipe
+    from compresscli.engine.recipe import parse_recipe
 
     with pytest.raises(RecipeError, match=rf":4: stage 0 \(fips\): {field}"):
         parse_recipe(f"stages:\n  - method: fips\n    params:\n      {field}: {value}\n")
@@ -267,9 +268,10 @@ def test_round_trip_and_a_missing_shared_base_is_a_clear_error(tmp_path, tiny_hf
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from compresscli.errors import CheckpointError
-    from compresscli.pipeline import RunOptions, run_recipe
-    from compresscli.recipe import parse_recipe
+    from compresscli.core.errors import CheckpointError
+    from compresscli.engine.options import RunOptions
+    from compresscli.engine.whole_model import run_recipe
+    from compresscli.engine.recipe import parse_recipe
 
     recipe = parse_recipe("stages:\n  - method: fips\n    targets: [mlp]\n    params: {budget: 0.5, steps: 0}\n")
     out = tmp_path / "m"

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import compresscli
-from compresscli.export import compressed_layers
-from compresscli.forms import to_inference_, to_training_
-from compresscli.verify import output_tolerance
+from compresscli.codecs.base import compressed_layers
+from compresscli.codecs.forms import to_inference_, to_training_
+from compresscli.engine.verify import output_tolerance
 from compresscli import MagnitudeConfig, compress_
-from compresscli.modules import CODECS, INFERENCE_FORMS, SparseLinear
-from test_ecosystem_export import SAMPLES
+from compresscli.codecs import CODECS, INFERENCE_FORMS, SparseLinear
+from conftest import codec_samples
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -39,16 +39,15 @@ def _resident_bytes(layer: nn.Module) -> int:
 
 
 def _samples(codec: str):
-    assert codec in SAMPLES, f"add a small {codec} layer to SAMPLES in tests/test_ecosystem_export.py"
-    for make, shape in SAMPLES[codec]:
+    for sample in codec_samples(codec):
         torch.manual_seed(0)
-        yield make()[0].eval(), shape
+        yield sample.make()[0].eval(), sample.shape
 
 
 @pytest.mark.parametrize("codec", CODECS.names())
 def test_every_codec_has_an_inference_form(codec):
     form = INFERENCE_FORMS.get(codec)
-    assert form.codec.value == codec
+    assert form.codec == codec
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])

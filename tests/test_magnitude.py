@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from compresscli import FinetuneConfig, MagnitudeConfig, StageContext, compress_
-from compresscli.errors import DivergedError, StageError
-from compresscli.modules import SparseLinear
-from compresscli.tasks import ImageClassification
+from compresscli.core.errors import DivergedError, StageError
+from compresscli.codecs import SparseLinear
+from compresscli.model.tasks import ImageClassification
 from conftest import tiny_timm
 
 

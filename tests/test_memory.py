@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compresscli.memory import PeakMemory
+from compresscli.core.resources import PeakMemory
 from conftest import run_cli, write_recipe
 
 LAYER_MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5, scope: layer}\n"
@@ -62,10 +62,10 @@ def test_a_tight_budget_switches_to_block_by_block(capsys, tmp_path, minilm_dir)
 
 LAZY_CHECK = """
 import json, sys, torch
-from compresscli.memory import PeakMemory, current_rss
-from compresscli.source import open_source
-from compresscli.streamed_model import stream_outputs
-from compresscli.checkpoint import load_checkpoint
+from compresscli.core.resources import PeakMemory, current_rss
+from compresscli.io.source import open_source
+from compresscli.engine.block_reader import stream_outputs
+from compresscli.io.checkpoint import load_checkpoint
 source = open_source(sys.argv[1])
 before = current_rss()
 peak = PeakMemory()

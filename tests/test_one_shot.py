@@ -8,17 +8,18 @@ import torch
 from torch import nn
 
 from compresscli import StageContext, compress_, load
-from compresscli.errors import StageError
-from compresscli.calibration import StopForward, stopping_after
-from compresscli.methods.activation_stats import collect, forward_groups
-from compresscli.methods.obs import MaskSpec, inverse_cholesky, sparsegpt
+from compresscli.core.errors import StageError
+from compresscli.methods.calibration import StopForward, stopping_after
+from compresscli.methods.solvers.activation_stats import collect, forward_groups
+from compresscli.methods.solvers.obs import MaskSpec, inverse_cholesky, sparsegpt
 from compresscli.methods.sparsegpt import SparseGPTConfig
 from compresscli.methods.wanda import WandaConfig, wanda_keep
-from compresscli.modules import SparseLinear
-from compresscli.modules.condensed import CondensedLinear
-from compresscli.pipeline import RunOptions, compress_source
-from compresscli.recipe import parse_recipe
-from compresscli.source import open_source
+from compresscli.codecs import SparseLinear
+from compresscli.codecs.condensed.training import CondensedLinear
+from compresscli.engine.options import RunOptions
+from compresscli.engine.run import compress_source
+from compresscli.engine.recipe import parse_recipe
+from compresscli.io.source import open_source
 
 
 def _problem(rows=6, cols=16, n=200, seed=0):

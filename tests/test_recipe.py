@@ -1,7 +1,7 @@
 import pytest
 
-from compresscli.errors import RecipeError, StageError
-from compresscli.recipe import bundled_recipes, load_recipe, parse_recipe
+from compresscli.core.errors import RecipeError, StageError
+from compresscli.engine.recipe import bundled_recipes, load_recipe, parse_recipe
 
 GOOD = """description: test
 stages:
@@ -70,9 +70,10 @@ def test_unknown_recipe_name_suggests():
 def test_only_a_stage_error_is_reported_as_a_recipe_mistake(tiny_hf_dirs, monkeypatch, raised, expected):
     """A method's configuration problem names the recipe and stage; any other exception is a bug and
     surfaces as itself, never as "change the stage's params"."""
-    from compresscli.checkpoint import load_checkpoint
+    from compresscli.io.checkpoint import load_checkpoint
     from compresscli.methods import METHODS
-    from compresscli.pipeline import RunOptions, run_recipe
+    from compresscli.engine.options import RunOptions
+    from compresscli.engine.whole_model import run_recipe
 
     def handler(model, selected, config, ctx):
         raise raised

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from compresscli import StageContext, compress_
-from compresscli.architectures import detect
-from compresscli.errors import DivergedError
+from compresscli.model.architecture import detect
+from compresscli.core.errors import DivergedError
 from compresscli.methods import METHODS
 from compresscli.methods.reconstruct import ReconstructConfig
-from compresscli.modules import CompressedModule
-from compresscli.recipe import make_config
-from compresscli.tasks import task_for
-from compresscli.training import TrainConfig, train
+from compresscli.codecs import CompressedModule
+from compresscli.engine.recipe import make_config
+from compresscli.model.tasks import task_for
+from compresscli.training.loop import TrainConfig, train
 from conftest import tiny_timm
 
 QUICK = {"steps": 2, "round_steps": 2, "final_steps": 2, "rounds": 2}  # short settings, where a method has them

@@ -1,10 +1,9 @@
 """Tests driven by the registries, as timm tests every registered model: every registered method on a tiny
 model of each family and on the real MiniLM, every bundled recipe end to end, every codec round trip. A new
 method, recipe or codec is tested here without anyone adding it to a list (a new codec needs a small sample
-layer in test_ecosystem_export.SAMPLES, and the test says so)."""
+layer in conftest.CODEC_SAMPLES, and the test says so)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -12,15 +11,15 @@ import torch
 from safetensors.torch import save_file
 
 import compresscli
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import RecipeError
+from compresscli.io.checkpoint import load_checkpoint
 from compresscli.methods import METHODS
-from compresscli.export import compressed_layers
-from compresscli.modules import CODECS
-from compresscli.report import inspect_path
-from compresscli.pipeline import RunOptions, run_recipe
-from compresscli.recipe import Recipe, Stage, bundled_recipes, load_recipe, make_config
-from conftest import steps_like, tiny_timm
+from compresscli.codecs.base import compressed_layers
+from compresscli.codecs import CODECS
+from compresscli.io.inspect import inspect_path
+from compresscli.engine.options import RunOptions
+from compresscli.engine.whole_model import run_recipe
+from compresscli.engine.recipe import Recipe, Stage, bundled_recipes, load_recipe, make_config
+from conftest import codec_samples, steps_like, tiny_timm
 
 FAMILIES = ["bert", "gpt2", "llama", "vit"]
 FAST = dict(batch_size=4, calibration_examples=4, max_length=16, evaluate=False)
@@ -103,10 +102,7 @@ def _inspect_says_what_loading_holds(out) -> None:
 def test_every_method_on_a_tiny_model_of_each_family(family, method, family_dirs, tmp_path):
     path, data = family_dirs[family]
     recipe = Recipe(f"{method} with its defaults", [_default_stage(method)], f"<{method} defaults>")
-    try:
-        _dry_run(path, data, recipe, tmp_path)
-    except RecipeError as err:  # the method says why it cannot apply to this model (none does today)
-        pytest.skip(f"{method} does not apply to tiny {family}: {err}")
+    _dry_run(path, data, recipe, tmp_path)  # every method applies to every family: a RecipeError fails here
     _real_run_reloads(path, data, recipe, tmp_path)  # what ran dry must run for real
 
 
@@ -150,18 +146,16 @@ def test_every_codec_round_trips_to_the_same_outputs(codec):
     from safetensors.torch import save as save_bytes
     from torch import nn
 
-    from compresscli.modules import codec_for
-    from test_ecosystem_export import SAMPLES
+    from compresscli.codecs import codec_for
 
-    assert codec in SAMPLES, f"add a small {codec} layer to SAMPLES in tests/test_ecosystem_export.py"
-    for make, shape in SAMPLES[codec]:
+    for sample in codec_samples(codec):
         torch.manual_seed(0)
-        layer, _ = make()
+        layer, _ = sample.make()
         layer.eval()
         tensors = load_bytes(save_bytes({k: v.contiguous() for k, v in layer.to_tensors().items()}))
         params = json.loads(json.dumps(layer.codec_params()))
         shared = {k: nn.Parameter(v.detach().clone()) for k, v in layer.shared_tensors().items()}
         decoded = codec_for(codec).from_tensors(tensors, params, shared).eval()
-        x = torch.randint(0, 11, (3, 4)) if shape is None else torch.randn(shape)
+        x = sample.input()
         with torch.no_grad():
             torch.testing.assert_close(decoded(x), layer(x), rtol=0, atol=1e-6)

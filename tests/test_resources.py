@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from compresscli.errors import CheckpointError, ResourceError
-from compresscli.memory import explain_out_of_memory
-from compresscli.safetensors_io import atomic_directory, output_lock
+from compresscli.core.errors import CheckpointError, ResourceError
+from compresscli.core.resources import explain_out_of_memory
+from compresscli.io.safetensors import atomic_directory, output_lock
 
 MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5}\n"
 
@@ -19,7 +19,7 @@ MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sp
 # limit (MiB; SIGXFSZ ignored so that writing past it fails with EFBIG instead of killing the process).
 LIMITED_RUN = """
 import resource, signal, sys
-import compresscli.cli, compresscli.pipeline, transformers.models.bert.modeling_bert
+import compresscli.cli, compresscli.engine.whole_model, transformers.models.bert.modeling_bert
 kind, mib = sys.argv[1], int(sys.argv[2])
 if kind == "memory":
     size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024

@@ -15,16 +15,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from compresscli import MagnitudeConfig, compress_, load
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import RecipeError, StageError
-from compresscli.export import save_model, tensors_to_model
-from compresscli.safetensors_io import TensorIndex
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import RecipeError, StageError
+from compresscli.io.native import save_model, tensors_to_model
+from compresscli.io.safetensors import TensorIndex
 from compresscli.methods.rps import RPSConfig
-from compresscli.modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
-from compresscli.modules.rps_compact import CompactRPSConv2d, CompactRPSEmbedding, CompactRPSLinear
-from compresscli.modules.rps_hash import Placement, randomfold
-from compresscli.pipeline import RunOptions, run_recipe
-from compresscli.recipe import load_recipe, parse_recipe
+from compresscli.codecs.rps.training import RPSConv2d, RPSEmbedding, RPSLinear
+from compresscli.codecs.rps.inference import CompactRPSConv2d, CompactRPSEmbedding, CompactRPSLinear
+from compresscli.codecs.rps.hashing import Placement, randomfold
+from compresscli.engine.options import RunOptions
+from compresscli.engine.whole_model import run_recipe
+from compresscli.engine.recipe import load_recipe, parse_recipe
 from conftest import DEVICES, REPO, run_cli, tiny_timm
 
 RPS_TYPES = (RPSLinear, RPSConv2d, RPSEmbedding, CompactRPSLinear, CompactRPSConv2d, CompactRPSEmbedding)
@@ -97,7 +98,7 @@ def test_roast_tiles_are_contiguous_and_in_range():
 
 def test_the_map_is_the_same_in_another_process():
     p = Placement(7777, "roast", 11, 123, 2, "embedding", block_z=16)
-    code = ("import hashlib, torch; from compresscli.modules.rps_hash import Placement as P; "
+    code = ("import hashlib, torch; from compresscli.codecs.rps.hashing import Placement as P; "
             "i, s = P(7777, 'roast', 11, 123, 2, 'embedding', block_z=16).locate((50, 40)); "
             "j = P(7777, 'randomfold', 11, 123, 2).locate((50, 40))[0]; "
             "print(hashlib.sha256(i.numpy().tobytes() + s.numpy().tobytes() + j.numpy().tobytes()).hexdigest())")

@@ -11,8 +11,8 @@ from compresscli import StageContext, compress_
 from compresscli.methods import scores as S
 from compresscli.methods.ltr import LTRConfig, ltr_schedule
 from compresscli.methods.magnitude import MagnitudeConfig
-from compresscli.modules import SparseLinear
-from compresscli.tasks import ImageClassification
+from compresscli.codecs import SparseLinear
+from compresscli.model.tasks import ImageClassification
 from conftest import tiny_timm
 
 
@@ -212,9 +212,10 @@ def test_ltr_rewinds_survivors_to_the_pretrained_weights():
 @pytest.mark.parametrize("model", ["minilm", "digits-vit"])
 def test_real_models_end_to_end(tmp_path, recipe, overrides, model, minilm_dir, digits_vit_dir):
     """Every scored/iterative pruning method on the real MiniLM and the real digits ViT: saved, reloaded exactly."""
-    from compresscli.checkpoint import load_checkpoint
-    from compresscli.pipeline import RunOptions, run_recipe
-    from compresscli.recipe import load_recipe
+    from compresscli.io.checkpoint import load_checkpoint
+    from compresscli.engine.options import RunOptions
+    from compresscli.engine.whole_model import run_recipe
+    from compresscli.engine.recipe import load_recipe
 
     path, data = (minilm_dir, "pydoc") if model == "minilm" else (digits_vit_dir, "digits")
     options = RunOptions(data=data, batch_size=4, calibration_examples=8, eval_examples=16)

@@ -6,16 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from compresscli.activations import ActivationStore
-from compresscli.blockstream import BlockStreamer
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import CompressError, RecipeError
-from compresscli.memory import current_rss
-from compresscli.pipeline import RunOptions, compress_source
-from compresscli.recipe import parse_recipe
-from compresscli.safetensors_io import TensorIndex
-from compresscli.source import open_source
-from compresscli.streamed_model import stream_outputs
+from compresscli.engine.activations import ActivationStore
+from compresscli.engine.skeleton_forward import BlockStreamer
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import CompressError, RecipeError
+from compresscli.core.resources import current_rss
+from compresscli.engine.options import RunOptions
+from compresscli.engine.run import compress_source
+from compresscli.engine.recipe import parse_recipe
+from compresscli.io.safetensors import TensorIndex
+from compresscli.io.source import open_source
+from compresscli.engine.block_reader import stream_outputs
 
 MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp, attention]\n    params: {sparsity: 0.6, scope: layer}\n"
 ACTIVATION = "stages:\n  - method: condensed\n    targets: [mlp]\n    params: {sparsity: 0.5, score: activation}\n"
@@ -53,6 +54,7 @@ def test_block_inputs_from_the_compressed_blocks_change_what_later_blocks_see(ti
     assert torch.equal(a.read([first])[first], b.read([first])[first])  # block 0 reads the same embeddings
     assert not torch.equal(a.read([last])[last], b.read([last])[last])
     assert original.report["execution"]["block_inputs"] == "original"
+    assert carried.report["execution"]["block_inputs"] == "compressed"
 
 
 def test_real_minilm_block_by_block_equals_whole_model(minilm_dir, tmp_path):

@@ -9,13 +9,14 @@ import transformers
 from torch import nn
 
 import compresscli
-from compresscli.architectures import detect
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import RecipeError
-from compresscli.pipeline import RunOptions, compress_source
-from compresscli.recipe import parse_recipe
-from compresscli.safetensors_io import INDEX_NAME, TensorIndex
-from compresscli.source import open_source
+from compresscli.model.architecture import detect
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import RecipeError
+from compresscli.engine.options import RunOptions
+from compresscli.engine.run import compress_source
+from compresscli.engine.recipe import parse_recipe
+from compresscli.io.safetensors import INDEX_NAME, TensorIndex
+from compresscli.io.source import open_source
 from conftest import tiny_text_configs, write_tiny_text_model
 
 MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5, scope: layer}\n"

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from compresscli import kernels
 from compresscli.kernels import cpu
-from compresscli.modules.compact_sparse import CompactSparse
-from compresscli.modules.rps_hash import Placement
+from compresscli.codecs.sparse.matrix import CompactSparse
+from compresscli.codecs.rps.hashing import Placement
 
 SHAPES = [(256, 64, 17, 0.1), (96, 384, 16, 0.5), (40, 1536, 1, 0.1), (100, 130, 40, 0.3), (64, 200, 70, 0.05),
           (33, 70, 9, 0.0), (33, 70, 9, 1.0), (8, 40000, 3, 0.01)]  # (rows, cols, input rows, density)

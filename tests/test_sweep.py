@@ -3,11 +3,12 @@ import json
 
 import pytest
 
-from compresscli.checkpoint import load_checkpoint
-from compresscli.errors import CompressError
-from compresscli.pipeline import RunOptions
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.core.errors import CompressError
+from compresscli.engine.options import RunOptions
 from compresscli.methods import METHODS
-from compresscli.sweep import SweepOptions, check_methods, finetune_steps, run_sweep, stage_config, sweep_methods
+from compresscli.commands.sweep import (SweepOptions, check_methods, finetune_steps, run_sweep, stage_config,
+                                        sweep_methods)
 from conftest import run_cli
 
 
@@ -34,7 +35,7 @@ def _drawn(png, color: str) -> list[tuple[slice, slice]]:
 def test_pareto_plot_draws_each_method_where_its_runs_are(tmp_path):
     """Method a: 1 kB -> 0.5 and 100 kB -> 0.9; method b: one run at 10 kB -> 0.6. On the log x axis b's
     point lies at the middle of a's line, below it; a's line rises to the right."""
-    from compresscli.sweep_plot import pareto_plot
+    from compresscli.commands.sweep_plot import pareto_plot
 
     def run(method, size, value):
         return {"status": "ok", "method": method, "bytes": size, "value": value, "original": 0.95,
@@ -123,9 +124,9 @@ def test_sweep_cli(capsys, tmp_path, digits_vit_dir):
 def test_knob_search_steps_over_budgets_too_small_to_build():
     """FiPS at budget 0.0005 cannot build (rank 0); the search treats it as beyond any ratio and still
     finds the budget of the asked ratio."""
-    from compresscli.architectures import detect
+    from compresscli.model.architecture import detect
     from compresscli.methods import StageContext
-    from compresscli.sweep import find_knob, measured_ratio
+    from compresscli.commands.sweep import find_knob, measured_ratio
     from conftest import tiny_timm
 
     model = tiny_timm(depth=2)

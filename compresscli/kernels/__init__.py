@@ -4,8 +4,9 @@ the dispatch between them (see dispatch.py).
 
 Triton is imported only when a CUDA path is first considered; the CPU kernel is compiled on first use.
 """
-from .dispatch import PATHS, available_paths, choose_path, condensed_mm, force_path, sparse_dense, sparse_mm
-from .reference import dense_mm, gather_mm, scatter_dense
+from compresscli.kernels.dispatch import (PATHS, available_paths, choose_path, condensed_mm, force_path,
+                                          sparse_dense, sparse_mm)
+from compresscli.kernels.reference import dense_mm, gather_mm, scatter_dense
 
 __all__ = ["PATHS", "available_paths", "choose_path", "condensed_mm", "dense_mm", "force_path", "gather_mm",
            "scatter_dense", "sparse_dense", "sparse_mm"]

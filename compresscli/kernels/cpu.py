@@ -26,8 +26,8 @@ try:
 except ImportError:  # not POSIX: no build lock, so no build (the pure-PyTorch paths still work)
     fcntl = None
 
-from ..references import cache_dir
-from .cpu_source import SOURCE
+from compresscli.core.cache import cache_dir
+from compresscli.kernels.cpu_source import SOURCE
 
 log = logging.getLogger(__name__)
 

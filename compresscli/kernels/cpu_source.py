@@ -21,7 +21,7 @@ or bfloat16 (converted to float32 on load; float32 accumulation).
   them; with many tiles, the other way round.
 `sparse_to_dense` decodes the same structures into a dense (R, C) matrix (the fallback for shapes where
 a dense GEMM wins), and `rps_weight` computes rows of a randomized-parameter-sharing weight from its
-shared memory and hash parameters (the integer arithmetic of modules/rps_hash.py, bit for bit).
+shared memory and hash parameters (the integer arithmetic of codecs/rps/hashing.py, bit for bit).
 """
 
 SOURCE = r"""
@@ -434,7 +434,7 @@ void to_dense(const T* values, Rows rows, int kind, const void* cols, int64_t wp
 }
 
 // --------------------------------------------------------------------------------- RPS weights
-// w[r][c] = memory[slot(r, c)] * (sign(p) * scale), p = offset + r * cols + c, as modules/rps_hash.py.
+// w[r][c] = memory[slot(r, c)] * (sign(p) * scale), p = offset + r * cols + c, as codecs/rps/hashing.py.
 
 constexpr uint64_t kPrime = 2147483647ull;  // 2^31 - 1
 

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import cpu, reference
+from compresscli.kernels import cpu, reference
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ TILED_MAX_DENSITY = 0.2
 @lru_cache(maxsize=1)
 def triton_available() -> bool:
     try:
-        from . import triton_kernels  # noqa: F401
+        from compresscli.kernels import triton_kernels  # noqa: F401
     except Exception as err:  # ImportError, or a triton that cannot initialise here
         log.info("triton unavailable (%s): condensed layers use the dense path on CUDA", err)
         return False
@@ -132,7 +132,7 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, b
         raise ValueError(f"condensed path {path!r} has no backward; run it under torch.no_grad()")
     if path == "cpu":
         return cpu.condensed_mm(x, values, indices, bias), path
-    from . import triton_kernels
+    from compresscli.kernels import triton_kernels
 
     return triton_kernels.condensed_mm(x, values, indices, bias, tiled=path == "triton_tiled"), path
 

@@ -5,8 +5,7 @@ Every module of this package is imported, so a new method file registers itself 
 import importlib
 import pkgutil
 
-from .. import finetune  # noqa: F401  (the recovery stage registers like a method)
-from .base import METHODS, MethodConfig, StageContext, compress_
+from compresscli.methods.base import METHODS, MethodConfig, StageContext, compress_
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")

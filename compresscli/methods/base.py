@@ -11,12 +11,12 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..architectures import Block
-from ..calibration import Calibrator, WholeModelCalibrator
-from ..errors import StageError
-from ..memory import Workload
-from ..progress import Progress, SilentProgress
-from ..registry import Registry
+from compresscli.model.architecture import Block
+from compresscli.methods.calibration import Calibrator, WholeModelCalibrator
+from compresscli.core.errors import StageError
+from compresscli.methods.cost import Workload
+from compresscli.core.progress import Progress, SilentProgress
+from compresscli.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,14 @@ class MethodConfig:
     sweep_variants: ClassVar[dict[str, dict[str, Any]]] = {}  # more sweep entries: name -> fixed params
     storage_like: ClassVar[str | None] = None  # a method whose bytes are the same at an equal knob value
     # Calibrates layer by layer inside each block: block by block it re-runs one block per layer group
-    # instead of the model up to that layer, so the pipeline runs it block by block whenever it can.
+    # instead of the model up to that layer, so the engine runs it block by block whenever it can.
     prefers_block_by_block: ClassVar[bool] = False
     # Params with which a stage whose defaults need the whole model runs one block at a time ({}: the defaults
     # already do; None: it never can). What `whole_model_only`'s message tells a user to write.
     block_by_block_params: ClassVar[dict[str, Any] | None] = {}
 
     def needs_data(self) -> bool:
-        """Whether the stage reads calibration or training data (the pipeline then loads --data)."""
+        """Whether the stage reads calibration or training data (the engine then loads --data)."""
         return True
 
     def needs_original(self) -> bool:
@@ -63,13 +63,13 @@ class MethodConfig:
 
     def working_bytes(self, work: Workload) -> int:
         """Memory the stage needs beyond the model (or, block by block, the unit) while it runs, for
-        memory.py's prediction. Default: new compressed layers as large as the dense ones they replace
+        the engine's memory prediction. Default: new compressed layers as large as the dense ones they replace
         (which stay alive until the stage ends)."""
         return work.weights * work.value_bytes
 
     def resident_bytes(self, work: Workload) -> int:
         """In-memory bytes the compressed targets hold beyond the dense weights they replaced (their
-        training form: masks, maps; negative when smaller), for memory.py. Default: the same."""
+        training form: masks, maps; negative when smaller), for the memory prediction. Default: the same."""
         return 0
 
     def sweep_recovery(self, steps: int, lr: float) -> tuple[dict[str, Any], int]:
@@ -90,22 +90,35 @@ class MethodConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def check_training(config: MethodConfig) -> None:
+    """The checks every stage that trains shares (finetune, reconstruct, FiPS's reconstruction): `steps`,
+    `lr`, `warmup`, and `batch_size` where the stage has one."""
+    if config.steps < 0:
+        raise StageError(f"steps must be >= 0, got {config.steps}")
+    if not config.lr > 0:
+        raise StageError(f"lr must be > 0, got {config.lr}")
+    if not 0.0 <= config.warmup < 1.0:
+        raise StageError(f"warmup must be in [0, 1) (a fraction of the steps), got {config.warmup}")
+    if getattr(config, "batch_size", 1) < 1:
+        raise StageError(f"batch_size must be >= 1, got {config.batch_size}")
+
+
 @dataclass
 class StageContext:
     """What a handler may use besides the model: never a path, never a file (methods do no I/O)."""
 
     teacher: nn.Module | None = None  # the original model, frozen, for distillation (whole-model runs only)
-    task: Any = None  # compresscli.tasks.Task: how to run the model on a batch and compare outputs
+    task: Any = None  # compresscli.model.tasks.Task: how to run the model on a batch and compare outputs
     calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)  # raw batches (whole-model runs)
     train: list[dict[str, torch.Tensor]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress = field(default_factory=SilentProgress)
     dry_run: bool = False  # compress, but skip every optimisation step
     seed: int = 0
-    # How calibration data reaches the layers, in either execution mode (calibration.py); built from
+    # How calibration data reaches the layers, in either execution mode (methods/calibration.py); built from
     # `calibration` and `teacher` when not given.
     calibrator: Calibrator | None = None
-    shard: bool = False  # recovery training sharded across the ranks (FSDP2, sharding.py)
+    shard: bool = False  # recovery training sharded across the ranks (FSDP2, training/sharding.py)
 
     def __post_init__(self) -> None:
         if self.calibrator is None and self.calibration:

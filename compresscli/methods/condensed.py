@@ -25,14 +25,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import StageError
-from ..export import replace_module
-from ..modules import SparseConv2d, SparseLinear
-from ..modules.base import CONV_ARGS
-from ..modules.condensed import CondensedConv2d, CondensedLinear, _Condensed
-from ..memory import Workload
-from .activation_stats import collect
-from .base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
+from compresscli.core.errors import StageError
+from compresscli.codecs.base import replace_module
+from compresscli.codecs import SparseConv2d, SparseLinear
+from compresscli.codecs.base import CONV_ARGS
+from compresscli.codecs.condensed.training import CondensedConv2d, CondensedLinear
+from compresscli.codecs.condensed.codec import _Condensed
+from compresscli.methods.cost import Workload
+from compresscli.methods.solvers.activation_stats import collect
+from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
 
 DEFAULT_SPARSITY = 0.9
 

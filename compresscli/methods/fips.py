@@ -16,16 +16,16 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ..architectures import Block, detect
-from ..errors import StageError
-from ..export import replace_module
-from ..modules.fips import FipsLinear
-from ..memory import Workload
-from .base import MethodConfig, SizeKnob, StageContext, register_method
-from .fips_init import build_group, kept_entries
-from .fips_masks import MaskSchedule
-from ..training import TrainConfig
-from .reconstruct import reconstruct
+from compresscli.model.architecture import Block, detect
+from compresscli.core.errors import StageError
+from compresscli.codecs.base import replace_module
+from compresscli.codecs.fips.training import FipsLinear
+from compresscli.methods.cost import Workload
+from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, check_training, register_method
+from compresscli.methods.fips_init import build_group, kept_entries
+from compresscli.methods.fips_masks import MaskSchedule
+from compresscli.training.loop import TrainConfig
+from compresscli.methods.reconstruct import reconstruct
 
 
 @dataclass
@@ -57,12 +57,9 @@ class FipsConfig(MethodConfig):
             raise StageError(f"group_size must be >= 1, got {self.group_size}")
         if self.groups is not None and (not self.groups or any(not g for g in self.groups)):
             raise StageError(f"groups must be a non-empty list of non-empty lists of block indices, got {self.groups}")
-        if self.steps < 0 or self.batch_size < 1 or self.update_every < 1:
-            raise StageError("steps must be >= 0, batch_size >= 1 and update_every >= 1")
-        if not self.lr > 0:
-            raise StageError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise StageError(f"warmup must be in [0, 1), got {self.warmup}")
+        check_training(self)
+        if self.update_every < 1:
+            raise StageError(f"update_every must be >= 1, got {self.update_every}")
         if not 0.0 <= self.drop_fraction < 1.0:
             raise StageError(f"drop_fraction must be in [0, 1), got {self.drop_fraction}")
         if self.mask_update == "gmp" and not 0.0 <= self.initial_sparsity <= self.sparsity:

@@ -12,9 +12,9 @@ import math
 import torch
 from torch import nn
 
-from ..errors import StageError
-from ..modules.fips import FipsLinear
-from .magnitude import keep_masks
+from compresscli.core.errors import StageError
+from compresscli.codecs.fips.training import FipsLinear
+from compresscli.methods.magnitude import keep_masks
 
 # Rank beyond min(d, H) adds zero columns to U. The matching rows of V are the leading rows scaled by
 # this factor rather than zeros: U's zero columns keep the product unchanged, while those non-zero rows

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from ..modules.fips import FipsLinear
-from .fips_init import magnitude_masks
-from ..training import StepHooks
+from compresscli.codecs.fips.training import FipsLinear
+from compresscli.methods.fips_init import magnitude_masks
+from compresscli.training.loop import StepHooks
 
 
 def _top(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,11 +14,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import StageError
-from ..finetune import FinetuneConfig, recover
-from ..memory import Workload
-from .base import MethodConfig, SizeKnob, StageContext, register_method
-from .magnitude import apply_masks, current_masks, keep_masks, prunable_layers
+from compresscli.core.errors import StageError
+from compresscli.methods.finetune import FinetuneConfig, recover
+from compresscli.methods.cost import Workload
+from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, register_method
+from compresscli.methods.magnitude import apply_masks, current_masks, keep_masks, prunable_layers
 
 
 @dataclass

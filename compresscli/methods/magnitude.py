@@ -12,13 +12,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..architectures import block_names_of
-from ..errors import StageError
-from ..export import replace_module
-from ..modules import SparseConv2d, SparseLinear
-from . import scores as S
-from ..memory import Workload
-from .base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
+from compresscli.model.architecture import block_names_of
+from compresscli.core.errors import StageError
+from compresscli.codecs.base import replace_module
+from compresscli.codecs import SparseConv2d, SparseLinear
+from compresscli.methods import scores as S
+from compresscli.methods.cost import Workload
+from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
 
 PRUNABLE = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 

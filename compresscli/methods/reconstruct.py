@@ -16,16 +16,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..architectures import detect
-from ..calibration import BlockIO, move
-from ..distributed import examples_in
-from ..blockstream import first_tensor
-from ..errors import StageError
-from ..memory import Workload
-from ..modules import CompressedModule
-from ..tasks import compute_dtype
-from ..training import StepHooks, TrainConfig, train
-from .base import MethodConfig, StageContext, register_method
+from compresscli.model.architecture import detect
+from compresscli.methods.calibration import BlockIO, move
+from compresscli.training.distributed import examples_in
+from compresscli.methods.calibration import first_tensor
+from compresscli.core.errors import StageError
+from compresscli.methods.cost import Workload
+from compresscli.codecs import CompressedModule
+from compresscli.model.tasks import compute_dtype
+from compresscli.training.loop import StepHooks, TrainConfig, train
+from compresscli.methods.base import MethodConfig, StageContext, check_training, register_method
 
 
 @dataclass
@@ -42,12 +42,7 @@ class ReconstructConfig(MethodConfig):
     train: Literal["block", "compressed"] = "block"  # every parameter of the block, or only its compressed layers'
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1:
-            raise StageError("steps must be >= 0 and batch_size >= 1")
-        if not self.lr > 0:
-            raise StageError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise StageError(f"warmup must be in [0, 1) (a fraction of the steps), got {self.warmup}")
+        check_training(self)
 
     def needs_data(self) -> bool:
         return self.steps > 0

@@ -24,14 +24,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..architectures import block_names_of
-from ..errors import StageError
-from ..export import replace_module
-from ..modules import CompressedModule
-from ..modules.rps import RPSConv2d, RPSEmbedding, RPSLinear
-from ..modules.rps_hash import MAPPERS, Placement
-from ..memory import Workload
-from .base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
+from compresscli.model.architecture import block_names_of
+from compresscli.core.errors import StageError
+from compresscli.codecs.base import replace_module
+from compresscli.codecs import CompressedModule
+from compresscli.codecs.rps.training import RPSConv2d, RPSEmbedding, RPSLinear
+from compresscli.codecs.rps.hashing import MAPPERS, Placement
+from compresscli.methods.cost import Workload
+from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
 
 LAYOUTS = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}
 
@@ -91,7 +91,7 @@ def sharable_layers(model: nn.Module, selected: dict[str, nn.Module]) -> dict[st
         inner = [module] + [m for m in module.modules() if m is not module]
         done = next((m for m in inner if isinstance(m, CompressedModule)), None)
         if done is not None:
-            raise StageError(f"{name} is already compressed ({done.codec.value}); rps reads dense Linear, Conv2d "
+            raise StageError(f"{name} is already compressed ({done.codec}); rps reads dense Linear, Conv2d "
                              "and Embedding weights, so put the rps stage first or target other layers")
     layers = leaf_layers(selected, tuple(LAYOUTS), "Linear, Conv2d or Embedding layer")
     for name, layer in layers.items():

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..tasks import Task
+from compresscli.model.tasks import Task
 
 Scores = dict[str, torch.Tensor]
 

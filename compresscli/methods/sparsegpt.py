@@ -13,12 +13,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import StageError
-from ..memory import Workload
-from .activation_stats import collect, forward_groups
-from .base import MethodConfig, SizeKnob, StageContext, register_method
-from .obs import MaskSpec, inverse_cholesky, sparsegpt
-from .one_shot import check_fan_ins, check_n_m, linear_targets, prior_keep, prune_in_order
+from compresscli.core.errors import StageError
+from compresscli.methods.cost import Workload
+from compresscli.methods.solvers.activation_stats import collect, forward_groups
+from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, register_method
+from compresscli.methods.solvers.obs import MaskSpec, inverse_cholesky, sparsegpt
+from compresscli.methods.solvers.one_shot import check_fan_ins, check_n_m, linear_targets, prior_keep, prune_in_order
 
 
 @dataclass

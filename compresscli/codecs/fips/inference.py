@@ -1,0 +1,73 @@
+"""The inference form of a FiPS layer: U once per group and V held as its file holds it (CompactSparse), run
+by the row-sparse kernels; U @ V is never formed."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresscli.codecs.base import register_inference_form
+from compresscli.codecs.fips.codec import ORIENTATIONS, _FipsCodec
+from compresscli.codecs.sparse.matrix import CompactSparse
+
+
+@register_inference_form
+class CompactFipsLinear(_FipsCodec):
+    """The inference form: U once per group (shared, not trainable) and V held as its file holds it,
+    oriented for the product: "in" layers keep V^T (h x r) and run y = (x @ U) @ V as a row-sparse
+    product, "out" layers keep V (r x h) and run y = (x @ V^T) @ U^T. U @ V is never formed."""
+
+    codec = "fips_linear"
+    last_path: str | None = None
+
+    def __init__(self, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                 shared: dict[str, nn.Parameter] | None):
+        super().__init__()
+        if params["orientation"] not in ORIENTATIONS:
+            raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {params['orientation']!r}")
+        base, encoded = self._checked(tensors, params, shared)
+        self.base = base
+        self.orientation, self.base_key, self.counts_base = params["orientation"], params["base_key"], params["counts_base"]
+        self._hidden = params["hidden"]
+        self.storage_format = params["format"]  # the file's: its tensors are in it, so its params must say so
+        self.matrix = CompactSparse.from_encoded(params["format"], encoded, (params["rank"], params["hidden"]),
+                                                 transpose=self.orientation == "in")
+        self.register_buffer("bias", tensors.get("bias"))
+
+    @property
+    def hidden(self) -> int:
+        return self._hidden
+
+    def _factor_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        factor, mask = self.matrix.dense(), self.matrix.mask()
+        return (factor.t(), mask.t()) if self.orientation == "in" else (factor, mask)
+
+    def _nnz(self) -> int:
+        return self.matrix.nnz()
+
+    def _value_dtype(self) -> torch.dtype:
+        return self.matrix.values.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        if self.orientation == "in":  # (N, d) @ U -> (N, r), then V: (N, r) -> (N, h)
+            y, path = self.matrix.mm(x2d @ self.base, self.bias)
+        else:  # V: (N, h) -> (N, r), then U^T: (N, r) -> (N, d)
+            z, path = self.matrix.mm(x2d)
+            y = F.linear(z, self.base, self.bias)
+        self.__dict__["last_path"] = path  # past nn.Module.__setattr__: a few us per call on tiny layers
+        return y.view(*lead, self.out_features)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
+                     shared: dict[str, nn.Parameter] | None = None) -> "CompactFipsLinear":
+        return cls(tensors, params, shared)
+
+    @classmethod
+    def inference_extra_bytes(cls, params: dict[str, Any]) -> int:
+        shape = (params["rank"], params["hidden"])
+        rows, cols = shape[::-1] if params["orientation"] == "in" else shape
+        return CompactSparse.extra_bytes(params["format"], rows, cols, params["nnz"], params["orientation"] == "in")

@@ -1,0 +1,93 @@
+"""The inference forms of the RPS layers: the shared memory, one scale per tensor and the bias, nothing else.
+
+No map is kept: a forward computes the weight it needs from the memory and the placement's integers,
+by the compiled CPU kernel (the hash is a few integer operations per weight, see kernels/cpu_source.py)
+or by Placement.locate_rows in PyTorch elsewhere, and drops it when the call returns. Large layers are
+computed ROW_CHUNK weights at a time. `cache_weights_()` keeps the computed weight instead (what
+`compresscli.load(DIR, cache="weights")` asks for): faster, at the dense layer's bytes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compresscli.kernels import cpu
+from compresscli.codecs.base import register_inference_form
+from compresscli.codecs.rps.codec import _ConvLayout, _EmbeddingLayout, _LinearLayout, _SharedWeightCodec
+
+ROW_CHUNK = 1 << 22  # weights computed at once in a forward (16 MiB in float32), so a huge layer never is whole
+
+
+class _CompactShared(_SharedWeightCodec):
+    cached_weight: torch.Tensor | None
+
+    def _init_weight(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Any,
+                      scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
+        self._init_codec(shape, memory, memory_name, placement, scale, scale_gradients, counted)
+        self.register_buffer("bias", None if bias is None else bias.to(memory.device))
+        self.register_buffer("cached_weight", None, persistent=False)
+        # the kernel's integers, computed once (not a buffer: they stay on the CPU whatever device the layer is on)
+        self.__dict__["_spec"] = torch.tensor(placement.kernel_spec(self.weight_shape), dtype=torch.int64)
+
+    def weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the weight, (stop - start, *weight_shape[1:]), computed now."""
+        memory, shape = self.memory.detach(), self.weight_shape
+        if memory.device.type == "cpu" and memory.dtype in cpu.DTYPES and cpu.available():
+            rows = cpu.rps_weight(memory, self._spec, float(self.weight_scale), start, stop, math.prod(shape[1:]))
+            return rows.view(stop - start, *shape[1:])
+        index, sign = self.placement.locate_rows(shape, torch.arange(start, stop, device=memory.device))
+        return memory[index] * (sign * self.weight_scale)
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.cached_weight is not None:
+            return self.cached_weight
+        return self.weight_rows(0, self.weight_shape[0])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight, computed on demand for code that reads `.weight` (kept only when cached)."""
+        return self.dense_weight()
+
+    def cache_weights_(self, on: bool = True) -> "_CompactShared":
+        """Keep the computed weight (trading the dense layer's bytes for speed), or drop it."""
+        self.cached_weight = None
+        if on:
+            self.cached_weight = self.dense_weight()
+        return self
+
+
+@register_inference_form
+class CompactRPSLinear(_LinearLayout, _CompactShared):
+    last_path: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.__dict__["last_path"] = "cached" if self.cached_weight is not None else "rps"
+        step = max(1, ROW_CHUNK // self.in_features)
+        if self.cached_weight is not None or step >= self.out_features:
+            return F.linear(x, self.dense_weight(), self.bias)  # (..., in) -> (..., out)
+        parts = [F.linear(x, self.weight_rows(r, min(r + step, self.out_features)),
+                          None if self.bias is None else self.bias[r:r + step])
+                 for r in range(0, self.out_features, step)]
+        return torch.cat(parts, dim=-1)
+
+
+@register_inference_form
+class CompactRPSConv2d(_ConvLayout, _CompactShared):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, O, H', W')
+        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@register_inference_form
+class CompactRPSEmbedding(_EmbeddingLayout, _CompactShared):
+    """Computes only the rows it looks up: (...) ids -> (..., dim), never the whole table."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cached_weight is not None:
+            return F.embedding(ids, self.cached_weight)
+        index, sign = self.placement.locate_rows(self.weight_shape, ids.to(self.memory.device))
+        return self.memory.detach()[index] * (sign * self.weight_scale)

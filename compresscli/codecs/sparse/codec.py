@@ -1,0 +1,66 @@
+"""The sparse codec, what both forms of a sparse Linear / Conv2d share: the weight stored as values +
+bitmask or CSR (encoding.py), the bias dense, the params that describe them."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from compresscli.codecs.base import CONV_ARGS, CompressedModule
+from compresscli.codecs.sparse import encoding
+
+CONV_LAYOUT = (*CONV_ARGS, "padding_mode")  # nn.Conv2d's own forward runs, so any padding mode works
+
+
+class _SparseCodec(CompressedModule):
+    """The codec both forms of a sparse layer share: its weight as values + bitmask or CSR, its bias dense.
+    A form gives its masked weight and mask (`_weight_and_mask`), its weight shape and non-zero count."""
+
+    storage_format: str = "auto"  # "bitmask", "csr", or "auto": whichever is smaller on disk
+    bias: torch.Tensor | None
+
+    def _weight_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _nnz(self) -> int:
+        raise NotImplementedError
+
+    def _value_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def stored_parameters(self) -> int:
+        return self._nnz() + (self.bias.numel() if self.bias is not None else 0)
+
+    def dense_equivalent(self) -> dict[str, torch.Size]:
+        return {"weight": torch.Size(self._weight_shape()), **self._bias_entry(shape=True)}
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"weight.{k}": v for k, v in self._encoded().items()}, **self._bias_entry()}
+
+    def _encoded(self) -> dict[str, torch.Tensor]:
+        """The weight's encoding (a form holding it encoded already returns it as it is)."""
+        return encoding.encode(*self._weight_and_mask(), self.storage_format)[1]
+
+    def _weight_params(self) -> dict[str, Any]:
+        shape, nnz = self._weight_shape(), self._nnz()
+        value_bytes = torch.empty(0, dtype=self._value_dtype()).element_size()
+        fmt = encoding.choose_format(shape[0], math.prod(shape[1:]), nnz, value_bytes, self.storage_format)
+        return {"format": fmt, "weight_shape": list(shape), "bias": self.bias is not None,
+                "nnz": nnz, "dtype": str(self._value_dtype()).removeprefix("torch.")}
+
+    @classmethod
+    def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
+        names = {f"weight.{k}" for k in encoding.TENSORS_BY_FORMAT[params["format"]]}
+        return names | ({"bias"} if params["bias"] else set())
+
+    @staticmethod
+    def _encoded_weight(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("weight."): v for k, v in tensors.items() if k.startswith("weight.")}
+
+    @classmethod
+    def _decode_weight(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return encoding.decode(params["format"], cls._encoded_weight(tensors), tuple(params["weight_shape"]))

@@ -1,0 +1,125 @@
+"""The SparseGPT solver (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot", 2023): prune a layer's weight W (rows x cols) given the Hessian H = 2/n X^T X of
+its squared output error, updating the kept weights so the output changes as little as possible.
+
+Columns are processed left to right in blocks of `blocksize`. With the upper Cholesky factor of H^-1,
+pruning column j costs w^2 / [H^-1]_jj^2 per weight, and the error it makes, (w - q) / [H^-1]_jj, is
+propagated to the columns not yet processed (within the block, then to the rest of the matrix at
+the end of the block). Which weights go is chosen per block (adaptive mask selection):
+- unstructured: the lowest-cost `sparsity` fraction of the block, across all rows;
+- N:M: in every group of M consecutive columns each row drops its M - N lowest-cost weights, decided
+  when the group's first column is reached (the paper's prunen / prunem);
+- constant fan-in: each row drops the same number of its lowest-cost weights in every block, the
+  per-block counts summing to exactly cols - k, so every row keeps exactly k = round((1 - s) cols)
+  inputs (the condensed format's constraint; N:M is its evenly spread special case).
+Weights already pruned (`keep` False) cost nothing and go first; they are never revived.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compresscli.core.errors import StageError
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    sparsity: float  # fraction of the weights removed
+    n_m: tuple[int, int] | None = None  # keep N of every M consecutive inputs
+    fan_in: bool = False  # every row keeps exactly round((1 - sparsity) * cols)
+
+    def kept_per_row(self, cols: int) -> int:
+        if self.n_m is not None:
+            return cols * self.n_m[0] // self.n_m[1]
+        return max(1, round((1 - self.sparsity) * cols))
+
+
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float, name: str, retries: int = 3) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); on failure retried
+    with ten times the damping, up to `retries` times, then in float64, then an error naming the layer."""
+    mean_diag = torch.diag(hessian).mean().item()
+    for dtype in (torch.float32, torch.float64):
+        damp = percdamp
+        for _ in range(retries + 1):
+            h = hessian.to(dtype).clone()
+            h.diagonal().add_(damp * mean_diag)
+            factor, info = torch.linalg.cholesky_ex(h)
+            if info.item() == 0:
+                inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+                if info.item() == 0 and torch.isfinite(inverse).all():
+                    return inverse.float()
+            damp *= 10
+    raise StageError(f"{name}: the calibration Hessian is not positive definite even with damping "
+                     f"{damp / 10:g} x mean(diag H) in float64 (are its inputs finite?); give more or other "
+                     "calibration data, or raise percdamp")
+
+
+def _fan_in_counts(cols: int, blocksize: int, pruned: int) -> list[int]:
+    """Weights each row drops in each column block, proportional to the block's width, summing to `pruned`
+    (largest remainders first)."""
+    widths = [min(blocksize, cols - start) for start in range(0, cols, blocksize)]
+    exact = [pruned * w / cols for w in widths]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(widths)), key=lambda i: exact[i] - counts[i], reverse=True)[:pruned - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+@torch.no_grad()
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = None,
+              blocksize: int = 128, percdamp: float = 0.01, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """(pruned and updated weight in float32, keep mask), for `weight` (rows x cols) and H (cols x cols)."""
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0  # inputs that are always zero: nothing to preserve, their weights go
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = inverse_cholesky(H, percdamp, name)
+    prior = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.to(torch.bool).clone()
+    pruned_mask = torch.zeros_like(W, dtype=torch.bool)
+    fan_in_counts = _fan_in_counts(cols, blocksize, cols - spec.kept_per_row(cols)) if spec.fan_in else None
+    for b, i1 in enumerate(range(0, cols, blocksize)):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        cost = W1.pow(2) / d.pow(2).unsqueeze(0)  # (rows, count)
+        cost[~prior[:, i1:i2]] = -1.0  # already pruned: first to go
+        if spec.n_m is None:
+            if spec.fan_in:
+                drop = fan_in_counts[b]
+                mask1 = torch.zeros_like(W1, dtype=torch.bool)
+                if drop:
+                    mask1.scatter_(1, torch.topk(cost, drop, dim=1, largest=False).indices, True)
+            else:
+                drop = int(cost.numel() * spec.sparsity)
+                mask1 = torch.zeros(cost.numel(), dtype=torch.bool)
+                if drop:
+                    mask1[torch.topk(cost.flatten(), drop, largest=False).indices] = True
+                mask1 = mask1.view_as(cost)
+            mask1 |= ~prior[:, i1:i2]
+        else:
+            mask1 = ~prior[:, i1:i2]
+        n, m = spec.n_m or (0, 0)
+        for i in range(count):
+            w = W1[:, i]
+            if spec.n_m is not None and i % m == 0:
+                group = W1[:, i:i + m].pow(2) / d[i:i + m].pow(2).unsqueeze(0)
+                group[~prior[:, i1 + i:i1 + i + m]] = -1.0
+                mask1.scatter_(1, i + torch.topk(group, m - n, dim=1, largest=False).indices, True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        pruned_mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    keep_mask = ~pruned_mask
+    return W * keep_mask, keep_mask
