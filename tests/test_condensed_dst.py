@@ -316,3 +316,47 @@ def test_srigl_recipe_on_the_real_digits_vit_reports_what_moved(tmp_path, digits
     assert len(stats["mask_per_layer"]) == 8 and all(p["changed"] > 0 for p in stats["mask_per_layer"].values())
     assert report["eval"]["metrics"][0]["compressed"] > 0.75 and report["reload"]["max_abs_diff"] == 0.0
     assert "mask_changed=" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_sweeps_condensed_entry_keeps_learning_when_it_recovers():
+    from compresscli.commands.sweep import SweepOptions, stage_config, sweep_methods
+    spec = sweep_methods()["condensed"]
+    config = stage_config(spec, 0.9, SweepOptions(methods=["condensed"], ratios=[4], steps=50))
+    assert config.update == "rigl" and config.every == 4  # about ten updates before 0.75 of the steps
+    assert stage_config(spec, 0.9, SweepOptions(methods=["condensed"], ratios=[4], steps=0)).update == "none"
+
+
+# ----------------------------------------------------------------------------- output heads and the auxiliary objective
+
+def test_a_condensed_head_trains_with_the_penultimate_auxiliary_term_which_decays_and_leaves_no_hook():
+    from compresscli.methods.penultimate import PenultimateDistillation
+    torch.manual_seed(0)
+    model = tiny_timm()
+    teacher = copy.deepcopy(model).eval()
+    compress_(model, CondensedConfig(sparsity=0.8, update="set", every=2), lambda m, n: n == "head")
+    aux = PenultimateDistillation(model, teacher, weight=1.0, until=0.5, steps=10)
+    batch = _images()[0]
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.add_(0.1)  # the student's representation differs from the teacher's
+    terms = []
+    for step in (0, 2, 4, 5):
+        aux.before_forward(step)
+        teacher(batch["pixel_values"])
+        model(batch["pixel_values"])
+        terms.append(aux.term(batch))
+    assert terms[0] > terms[1] > terms[2] > 0 and terms[3] is None  # cosine decay, off from 0.5 of the steps
+    aux.finish()
+    assert not teacher.head._forward_pre_hooks and not model.head._forward_pre_hooks
+    ctx = StageContext(teacher=teacher, task=task_for("timm", model), train=_images(seed=1))
+    stats = compress_(model, FinetuneConfig(steps=8, lr=1e-3, aux="penultimate"), None, ctx)
+    assert stats["mask_updates"] == 2 and math.isfinite(stats["final_loss"])
+    assert not teacher.head._forward_pre_hooks
+
+
+def test_the_auxiliary_term_needs_an_output_head(minilm_dir):
+    from compresscli.core.errors import StageError
+    ckpt = load_checkpoint(minilm_dir)
+    model = ckpt.model
+    ctx = StageContext(teacher=model, task=ckpt.task(), train=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
+    with pytest.raises(StageError, match="aux: penultimate distils the input of the model's output head"):
+        compress_(model, FinetuneConfig(steps=1, aux="penultimate"), None, ctx)
