@@ -99,8 +99,8 @@ def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str
                           prediction: MemoryPrediction | None = None, peak: PeakMemory | None = None) -> RunResult:
     """Block by block, written atomically; the reload check streams OUT again."""
     progress = progress or SilentProgress()
-    started, peak = time.time(), peak or PeakMemory()
     device = distributed.pick_device(options.device)
+    started, peak = time.time(), peak or PeakMemory(device)
     torch.manual_seed(options.seed)
     world = distributed.world()
     if options.dry_run or out is None or not world.is_main:  # the other ranks compute, rank 0 writes

@@ -51,7 +51,7 @@ def compress_source(source: Source, recipe: Recipe, out: Path | None, options: R
 
 def _compress_source(source: Source, recipe: Recipe, out: Path | None, options: RunOptions, progress: Progress,
                      force: bool) -> RunResult:
-    peak = PeakMemory()
+    peak = PeakMemory(distributed.pick_device(options.device))
     skeleton = skeleton_of(source)
     targets = resolve_targets(recipe, skeleton)
     if options.sequential:

@@ -98,7 +98,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep:
                     mask1.scatter_(1, torch.topk(cost, drop, dim=1, largest=False).indices, True)
             else:
                 drop = int(cost.numel() * spec.sparsity)
-                mask1 = torch.zeros(cost.numel(), dtype=torch.bool)
+                mask1 = torch.zeros(cost.numel(), dtype=torch.bool, device=cost.device)
                 if drop:
                     mask1[torch.topk(cost.flatten(), drop, largest=False).indices] = True
                 mask1 = mask1.view_as(cost)
