@@ -26,6 +26,7 @@ _MOVES = {_T.to, _T.cuda, _T.cpu}
 _SYNCS = {_T.item, _T.__bool__, _T.__int__, _T.__float__, _T.__index__, _T.tolist, _T.nonzero, torch.nonzero,
           _T.masked_select, torch.masked_select, torch.unique, _T.unique, torch.repeat_interleave}
 _INDEXING = {_T.__getitem__, _T.__setitem__}
+_UNCHECKED = {torch._has_compatible_shallow_copy_type}  # nn.Module.to asks it of a tensor and its moved copy
 
 
 def _device_of(value: Any) -> bool | None:
@@ -42,6 +43,12 @@ class SimulatedCuda(TorchFunctionMode):
         super().__init__()
         self._on: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.syncs = 0
+        self._made: Made | None = None
+
+    def count_made(self) -> "Made":
+        """From now on, record the tensors operations on the device make (see Made)."""
+        self._made = Made()
+        return self._made
 
     def is_cuda(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and t in self._on
@@ -67,6 +74,15 @@ class SimulatedCuda(TorchFunctionMode):
             return CUDA if self.is_cuda(args[0]) else func(*args)
         if getter is _T.is_cuda:
             return self.is_cuda(args[0])
+        if getter is _T.data and getattr(func, "__name__", "") == "__set__":  # param.data = moved (nn.Module.to)
+            func(*args)
+            if self.is_cuda(args[1]):
+                self._tag(args[0])
+            else:
+                self._on.pop(args[0], None)
+            return None
+        if func in _UNCHECKED:
+            return func(*args, **kwargs)
         if func is _T.get_device:
             return 0 if self.is_cuda(args[0]) else func(*args)
         if func is _T.numpy and self.is_cuda(args[0]):
@@ -86,6 +102,8 @@ class SimulatedCuda(TorchFunctionMode):
         out = func(*args, **kwargs)
         if factory_on_cuda or any(self.is_cuda(t) for t in tensors):
             self._tag(out)
+            if self._made is not None:
+                self._made.record(name, out, tensors)
         return out
 
     def _check_indexing(self, name: str, args: tuple) -> None:
@@ -124,6 +142,22 @@ class SimulatedCuda(TorchFunctionMode):
         self.syncs += 1  # device to host
         self._on.pop(out, None)
         return out
+
+
+class Made:
+    """Tensors made on the device by operations (views and an operation's own inputs handed back excluded)."""
+
+    def __init__(self) -> None:
+        self.tensors: list[tuple[str, torch.dtype, int]] = []
+
+    def record(self, name: str, out: Any, inputs: list[torch.Tensor]) -> None:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t._base is None and not any(t is i for i in inputs):
+                self.tensors.append((name, t.dtype, t.numel()))
+
+    def integer_tensors(self, larger_than: int = 0) -> list[tuple[str, torch.dtype, int]]:
+        """Made tensors of integers or booleans (indices, masks) of more than `larger_than` elements."""
+        return [m for m in self.tensors if not m[1].is_floating_point and m[2] > larger_than]
 
 
 def on_cuda(tree: Any) -> Any:

@@ -138,3 +138,99 @@ def test_each_run_in_a_process_reports_its_own_gpu_peak(monkeypatch):
         gpu.use(-used)
     assert figures == [6 * 1024**3, 1024**3]
     assert PeakMemory("cpu").gpu_peak() is None
+
+
+# ----------------------------------------------------------------------------- the mode on a GPU
+
+MAGNITUDE = "stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5, scope: layer}\n"
+
+
+def _predicted(path, monkeypatch, **options):
+    from compresscli.engine.options import RunOptions
+    from compresscli.engine.planning import resolve_targets
+    from compresscli.engine.prediction import predict_memory
+    from compresscli.engine.recipe import parse_recipe
+    from compresscli.io.source import open_source, skeleton_of
+
+    source, recipe = open_source(path), parse_recipe(MAGNITUDE)
+    skeleton = skeleton_of(source)
+    options = RunOptions(device="cuda", max_memory=64 * 1024**3, calibration_examples=16, eval_examples=16, **options)
+    return predict_memory(source, skeleton, recipe, resolve_targets(recipe, skeleton), options), recipe, options
+
+
+def test_a_model_that_fits_the_host_but_not_the_gpu_runs_block_by_block_on_it(tiny_text_dirs, monkeypatch):
+    from compresscli.core.errors import CompressError
+    from compresscli.engine.prediction import choose_mode
+
+    gpu = FakeCudaMemory().install(monkeypatch)
+    prediction, recipe, options = _predicted(tiny_text_dirs["llama"], monkeypatch)
+    whole, sequential = prediction.gpu["whole-model"], prediction.gpu["sequential"]
+    assert sequential < whole and prediction.whole_model <= options.memory_budget()
+    assert prediction.phases["sequential"]["next unit"] > 0  # the unit read ahead, on the host
+    gpu.free = whole  # fits exactly
+    assert choose_mode(prediction, options, recipe) == "whole-model"
+    gpu.free = whole - 1  # the host has room, the GPU does not: one unit at a time on the GPU
+    assert choose_mode(prediction, options, recipe) == "sequential"
+    gpu.free = sequential - 1
+    with pytest.raises(CompressError, match="on the GPU"):
+        choose_mode(prediction, options, recipe)
+
+
+def test_the_next_unit_is_read_ahead_and_loads_the_same_weights(tiny_text_dirs):
+    from compresscli.engine.block_reader import StreamedModel
+    from compresscli.io.source import open_source
+
+    source = open_source(tiny_text_dirs["llama"])
+    plain = StreamedModel(source, None, torch.device("cpu"), read_ahead=False)
+    ahead = StreamedModel(source, None, torch.device("cpu"), read_ahead=True)
+    try:
+        for i in range(len(plain.blocks)):
+            expected = plain.load_block(i).state_dict()
+            got = ahead.load_block(i).state_dict()
+            ahead.prefetch([i + 1])
+            assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+        assert ahead.read_ahead.served == sum(1 for n in source.index.names() if n.startswith(
+            tuple(b.name + "." for b in ahead.blocks[1:]))) > 0
+    finally:
+        ahead.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sequential", [True, False], ids=["block-by-block", "whole-model"])
+def test_a_run_on_the_gpu_writes_and_evaluates_what_the_cpu_run_does(tiny_text_dirs, tmp_path, sequential):
+    from compresscli.engine.options import RunOptions
+    from compresscli.engine.recipe import parse_recipe
+    from compresscli.engine.run import compress_source
+    from compresscli.io.source import open_source
+
+    def run(device):
+        options = RunOptions(device=device, sequential=sequential, calibration_examples=16, eval_examples=16)
+        return compress_source(open_source(tiny_text_dirs["llama"]), parse_recipe(MAGNITUDE), tmp_path / device,
+                               options, force=True).report
+
+    gpu, cpu = run("cuda"), run("cpu")
+    assert gpu["execution"]["gpu_peak_bytes"] > 0 and gpu["device"].startswith("cuda")
+    for m_gpu, m_cpu in zip(gpu["eval"]["metrics"], cpu["eval"]["metrics"]):
+        assert m_gpu["compressed"] == pytest.approx(m_cpu["compressed"], rel=1e-2)
+
+
+# ----------------------------------------------------------------------------- TF32
+
+def test_tf32_on_cuda_runs_but_never_in_the_solver_and_the_check_allows_for_it(monkeypatch):
+    from compresscli.core import precision
+    from compresscli.engine.verify import output_tolerance
+    from compresscli.methods.solvers import obs
+
+    seen = []
+    monkeypatch.setattr(obs, "inverse_cholesky", lambda *a, **k: seen.append(torch.get_float32_matmul_precision())
+                        or torch.eye(a[0].shape[0]))
+    before = torch.get_float32_matmul_precision()
+    with precision.tf32_on(torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before  # the CPU: unchanged
+    with precision.tf32_on(torch.device("cuda")):
+        assert torch.get_float32_matmul_precision() == "high"
+        sparsegpt(*_layer_problem(), MaskSpec(0.5))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert output_tolerance(torch.float32, 6) == pytest.approx(3 * 2**-10 * 7**0.5)
+    assert seen == ["highest"] and torch.get_float32_matmul_precision() == before
+    assert output_tolerance(torch.float32, 6) == 1e-4  # float32 without TF32: the fixed floor

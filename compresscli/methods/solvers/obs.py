@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from compresscli.core.errors import StageError
+from compresscli.core.precision import exact_float32
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def _fan_in_counts(cols: int, blocksize: int, pruned: int) -> list[int]:
 
 
 @torch.no_grad()
+@exact_float32()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = None,
               blocksize: int = 128, percdamp: float = 0.01, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned and updated weight in float32, keep mask), for `weight` (rows x cols) and H (cols x cols)."""
