@@ -108,3 +108,24 @@ def test_inference_forms_on_cuda_neither_sync_nor_build_indices_per_call(codec, 
             assert cuda.syncs == 0, f"{codec}: {cuda.syncs} host syncs in two calls"
             assert not made.integer_tensors(larger_than=layer.out_features), f"{codec}: {made.integer_tensors()}"
     assert launched or codec.startswith("rps")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("codec", LINEAR_FORMS)
+def test_inference_forms_on_the_gpu_compute_what_they_do_on_the_cpu_without_syncing(codec, dtype):
+    for sample in codec_samples(codec):
+        layer, _ = sample.make()
+        holder = to_inference_(torch.nn.Sequential(layer)).to(dtype)
+        x = sample.input(dtype)
+        with torch.no_grad():
+            expected = holder(x).float()
+            holder.cuda()
+            holder(x.cuda())  # the first call may prepare (RPS caches its weight)
+            torch.cuda.set_sync_debug_mode("error")  # any host sync inside the calls below raises
+            try:
+                got = [holder(x[:1].expand(n, -1).contiguous().cuda()) for n in (1, 64)] + [holder(x.cuda())]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert torch.allclose(got[-1].float().cpu(), expected, atol=tol, rtol=tol), codec
