@@ -309,7 +309,8 @@ def test_cuda_choice_follows_the_table_and_is_dense_with_gradients():
     cuda = torch.device("cuda")  # choose_path is pure logic: no device is touched
     for n in (1, 4, 5, 16, 64, 65, 2048):
         for k in (410, 2048, 4096):
-            assert dispatch.choose_path(cuda, torch.bfloat16, n, 4096, k, False) == cuda_paths.choose("condensed", n, k / 4096)
+            expected = cuda_paths.choose("condensed", n, k / 4096)
+            assert dispatch.choose_path(cuda, torch.bfloat16, n, 4096, k, False) == expected
             assert dispatch.choose_path(cuda, torch.bfloat16, n, 4096, k, True) == "dense"
 
 

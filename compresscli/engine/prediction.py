@@ -246,7 +246,8 @@ def choose_mode(prediction: MemoryPrediction, options: RunOptions, recipe: Recip
     if options.sequential is False:
         return "whole-model"
     free = gpu_free_bytes(options.resolved_device) if prediction.gpu else None
-    whole_fits = prediction.whole_model <= budget and (free is None or _gpu_need(prediction, options, "whole-model") <= free)
+    whole_fits = prediction.whole_model <= budget and \
+        (free is None or _gpu_need(prediction, options, "whole-model") <= free)
     sequential_fits = prediction.sequential is not None and prediction.sequential <= budget and \
         (free is None or _gpu_need(prediction, options, "sequential") <= free)
     prefers = any(stage.config.prefers_block_by_block for stage in recipe.stages)

@@ -71,7 +71,8 @@ def choose(layout: str, n: int, density: float, forced: str | None = None) -> st
 
 
 def row_sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
-                  bias: torch.Tensor | None, rows: int, columns: int, forced: str | None = None) -> tuple[torch.Tensor, str]:
+                  bias: torch.Tensor | None, rows: int, columns: int,
+                  forced: str | None = None) -> tuple[torch.Tensor, str]:
     """y (N, rows) for a bitmask / CSR weight on CUDA, no gradients; returns (y, path)."""
     from compresscli.kernels import triton_sparse
 

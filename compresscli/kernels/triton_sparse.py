@@ -156,7 +156,7 @@ def row_sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row
                                             BLOCK_C=block_c, BLOCK_N=block_n, num_warps=4)
         return y
     block_k = 64
-    block_r = max(1, REGISTER_ELEMENTS // (block_k * block_n))
+    block_r = max(1, min(32, REGISTER_ELEMENTS // (block_k * block_n)))  # enough programs to fill the GPU at batch 1
     _csr_gemv_kernel[grid(block_r)](x, values, cols, row_ptr if row_ptr is not None else cols, bias_arg, y, n, rows,
                                     k_fixed, x.stride(0), y.stride(0), FIXED=row_ptr is None,
                                     HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n,
