@@ -5,7 +5,10 @@ For each model and pattern (a sparsity of the MLP weights with constant fan-in, 
 compressed by the `condensed` stage, recovered by `finetune` (or `reconstruct`), and evaluated on the held-out
 split against the original (MiniLM: embedding cosine; digits ViT: accuracy). Each row also gives the recovery's
 wall time and steps per second (update steps included), the fraction of mask entries that changed and the
-process's peak RSS. `--reference sparsegpt` adds SparseGPT at the same pattern with the same recovery.
+process's peak RSS. `--reference sparsegpt` adds SparseGPT at the same pattern with the same recovery;
+`--reference sparsegpt-rec` adds the bundled `sparsegpt-2-4-rec` / `sparsegpt-50-rec` pair instead: SparseGPT then
+`reconstruct` with that recipe's settings (200 steps per block, its default lr), the issue's 2:4 target.
+`--modes ""` runs the reference alone.
 
 Results accumulate in a JSON file (one invocation per model and pattern keeps each locked job short), and
 `--table` renders them:
@@ -25,7 +28,14 @@ from pathlib import Path
 
 import torch
 
-from compresscli import CondensedConfig, FinetuneConfig, ReconstructConfig, SparseGPTConfig, StageContext, compress_
+from compresscli import (
+    CondensedConfig,
+    FinetuneConfig,
+    ReconstructConfig,
+    SparseGPTConfig,
+    StageContext,
+    compress_,
+)
 from compresscli.core.resources import peak_rss
 from compresscli.io.checkpoint import load_checkpoint
 from compresscli.io.data import prepare_data
@@ -49,7 +59,7 @@ def metric_of(evaluation: dict, name: str) -> float:
     return next(m["compressed"] for m in evaluation["metrics"] if m["name"] == name)
 
 
-def run_one(original, task, ctx, eval_batches, device, metric, stage, recovery) -> dict:
+def run_one(original, task, ctx, eval_batches, device, metric, stage, recovery: FinetuneConfig | ReconstructConfig) -> dict:
     model = copy.deepcopy(original)
     names = set(detect(model).groups["mlp"])
     compress_(model, stage, lambda m, n: n in names, ctx)
@@ -76,7 +86,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=None, help="steps between updates (default: steps * 0.75 / 10)")
     parser.add_argument("--drop-fraction", type=float, default=0.3)
     parser.add_argument("--ablate", action="store_true", help="SRigL neuron ablation (min_salient 0.3) with rigl/set")
-    parser.add_argument("--reference", choices=["sparsegpt"], default=None)
+    parser.add_argument("--reference", choices=["sparsegpt", "sparsegpt-rec"], default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-examples", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -101,14 +111,17 @@ def main() -> None:
     for pattern in args.patterns.split(","):
         stages = {mode: CondensedConfig(**pattern_params(pattern), update=mode, every=every,
                                         drop_fraction=args.drop_fraction, ablate=args.ablate and mode != "none"
-                                        and pattern != "2:4") for mode in args.modes.split(",")}
-        if args.reference == "sparsegpt":
-            stages["sparsegpt"] = SparseGPTConfig(**({"n_m": [2, 4]} if pattern == "2:4" else {"sparsity": float(pattern)}))
+                                        and pattern != "2:4") for mode in args.modes.split(",") if mode}
+        recoveries = dict.fromkeys(stages, recovery)
+        if args.reference:
+            stages[args.reference] = SparseGPTConfig(**({"n_m": [2, 4]} if pattern == "2:4" else {"sparsity": float(pattern)}))
+            recoveries[args.reference] = ReconstructConfig() if args.reference == "sparsegpt-rec" else recovery
         for mode, stage in stages.items():
-            row = {"model": args.model, "metric": metric, "pattern": pattern, "mode": mode, "recovery": args.recovery,
-                   "steps": args.steps, "lr": args.lr, "every": every, "drop_fraction": args.drop_fraction,
+            done = recoveries[mode]
+            row = {"model": args.model, "metric": metric, "pattern": pattern, "mode": mode, "recovery": done.method,
+                   "steps": done.steps, "lr": done.lr, "every": every, "drop_fraction": args.drop_fraction,
                    "ablate": getattr(stage, "ablate", False), "threads": args.threads, "command": " ".join(sys.argv),
-                   **run_one(original, task, ctx, eval_batches, device, metric, stage, recovery)}
+                   **run_one(original, task, ctx, eval_batches, device, metric, stage, done)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
@@ -117,8 +130,8 @@ def main() -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| model | pattern | recovery (steps, lr, every) | mask | no recovery | recovered | vs fixed | "
-             "recovery s | steps/s | vs fixed | mask changed | ablated |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | pattern | recovery (steps, lr, every) | mask | no recovery | recovered | vs fixed | "
+              "recovery s | steps/s | vs fixed | mask changed | ablated |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fixed = {(r["model"], r["pattern"], r["recovery"], r["steps"]): r for r in rows if r["mode"] == "none"}
     for r in rows:
         base = fixed.get((r["model"], r["pattern"], r["recovery"], r["steps"]))
