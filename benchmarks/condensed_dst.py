@@ -71,7 +71,9 @@ def run_one(original, task, ctx, eval_batches, device, metric, stage, recovery: 
     after = metric_of(compare(original, model, task, eval_batches, device), metric)
     return {"no_recovery": before, "recovered": after, "seconds": round(seconds, 1),
             "steps_per_second": stats["steps_per_second_per_rank"][0], "mask_changed": stats.get("mask_changed"),
-            "ablated_neurons": stats.get("ablated_neurons"), "peak_rss": peak_rss()}
+            "ablated_neurons": stats.get("ablated_neurons"),
+            "changed_per_layer": {name: row["changed"] for name, row in stats.get("mask_per_layer", {}).items()},
+            "peak_rss": peak_rss()}
 
 
 def main() -> None:
@@ -130,18 +132,30 @@ def main() -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = [("| model | pattern | recovery (steps, lr, every) | mask | no recovery | recovered | vs fixed | "
-              "recovery s | steps/s | vs fixed | mask changed | ablated |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | pattern | recovery (steps, lr) | every, drop | mask | no recovery | recovered | vs fixed | "
+              "recovery s | steps/s | vs fixed | mask changed (per layer min-max) | ablated |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fixed = {(r["model"], r["pattern"], r["recovery"], r["steps"]): r for r in rows if r["mode"] == "none"}
     for r in rows:
         base = fixed.get((r["model"], r["pattern"], r["recovery"], r["steps"]))
         delta = f"{r['recovered'] - base['recovered']:+.4f}" if base and r is not base else ""
         speed = f"{r['steps_per_second'] / base['steps_per_second']:.2f}x" if base and r is not base else ""
         mode = r["mode"] + (" + ablation" if r.get("ablate") else "")
-        lines.append(f"| {r['model']} | {r['pattern']} | {r['recovery']} ({r['steps']}, {r['lr']:g}, {r['every']}) | "
+        schedule = f"{r['every']}, {r['drop_fraction']:g}" if r["mode"] in ("rigl", "set") else "-"
+        changed = r["mask_changed"] if r["mask_changed"] is not None else "-"
+        if r.get("changed_per_layer"):
+            per_layer = r["changed_per_layer"].values()
+            changed = f"{changed} ({min(per_layer):.3f}-{max(per_layer):.3f})"
+        ablated = r["ablated_neurons"] if r["ablated_neurons"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['pattern']} | {r['recovery']} ({r['steps']}, {r['lr']:g}) | {schedule} | "
                      f"{mode} | {r['no_recovery']:.4f} | {r['recovered']:.4f} | {delta} | {r['seconds']:.0f} | "
-                     f"{r['steps_per_second']:.2f} | {speed} | {r['mask_changed'] if r['mask_changed'] is not None else '-'} | "
-                     f"{r['ablated_neurons'] if r['ablated_neurons'] is not None else '-'} |")
+                     f"{r['steps_per_second']:.2f} | {speed} | {changed} | {ablated} |")
+    per_layer = [r for r in rows if r.get("changed_per_layer")]
+    if per_layer:
+        lines += ["", "Fraction of each layer's mask entries not in the mask it started with:", ""]
+        for r in per_layer:
+            lines.append(f"- {r['model']} {r['pattern']} {r['mode']} ({r['steps']} steps, every {r['every']}, drop "
+                         f"{r['drop_fraction']:g}): " + ", ".join(f"{name} {value:.3f}" for name, value
+                                                                  in r["changed_per_layer"].items()))
     return "\n".join(lines)
 
 
