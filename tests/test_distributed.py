@@ -255,3 +255,58 @@ def test_a_rank_that_fails_mid_run_fails_every_rank_and_writes_nothing(tmp_path,
     assert set(codes) == {"0", "1"} and all(c not in ("0", "None") for c in codes.values()), (codes, done.stderr)
     assert how != "interrupt" or codes["1"] == "130"  # the CLI's exit status for Ctrl-C
     assert not out.exists() and not list(out.parent.iterdir())  # no OUT, no temporary directory, no lock
+
+
+DST_DRIVER = """
+import copy
+import sys
+import torch
+import torch.distributed as dist
+from compresscli import CondensedConfig, FinetuneConfig, StageContext, compress_
+from compresscli.codecs.condensed.codec import _Condensed
+from compresscli.io.checkpoint import load_checkpoint
+from compresscli.io.data import prepare_data
+
+if len(sys.argv) > 3:
+    dist.init_process_group("gloo")
+path, out = sys.argv[1], sys.argv[2]
+rank = dist.get_rank() if dist.is_initialized() else 0
+ckpt = load_checkpoint(path)
+task = ckpt.task()
+batcher, splits, _ = prepare_data(ckpt, task, "digits")
+torch.manual_seed(0)
+model, teacher = ckpt.model, copy.deepcopy(ckpt.model).eval()
+ctx = StageContext(teacher=teacher, task=task, train=batcher.batches(splits.train, 16)[:4])
+compress_(model, CondensedConfig(sparsity=0.9, update="rigl", every=2, ablate=True, min_salient=0.6),
+          lambda m, n: ".mlp.fc" in n, ctx)
+stats = compress_(model, FinetuneConfig(steps=8, lr=1e-3), None, ctx)
+layers = {n: m for n, m in model.named_modules() if isinstance(m, _Condensed)}
+torch.save({"stats": stats, "masks": {n: (m.indices, m.rows) for n, m in layers.items()},
+            "values": {n: m.values.detach() for n, m in layers.items()}}, f"{out}/rank{rank}.pt")
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_condensed_mask_updates_are_identical_on_every_rank_and_match_one_process(tmp_path, digits_vit_dir):
+    """condensed (90%, update every 2 steps, SRigL ablation) + 8 finetune steps on the real digits ViT, 2 gloo
+    processes splitting each batch: the dense gradients the updates read are summed over the ranks, so both
+    ranks choose the same masks (the run checks a checksum at each update) and the masks one process chooses
+    on the whole batches."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DST_DRIVER)
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    done = run_cli([*TORCHRUN, str(driver), str(digits_vit_dir), str(tmp_path / "two"), "distributed"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli([sys.executable, str(driver), str(digits_vit_dir), str(tmp_path / "one")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    assert ranks[0]["stats"]["mask_updates"] == 2 and ranks[0]["stats"]["mask_changed"] > 0  # steps 2, 4 (< 0.75 * 8)
+    for name, (indices, rows) in one["masks"].items():
+        for rank in ranks:
+            got_indices, got_rows = rank["masks"][name]
+            assert torch.equal(got_indices, indices) and (got_rows is None) == (rows is None)
+            assert rows is None or torch.equal(got_rows, rows)
+            assert torch.allclose(rank["values"][name], one["values"][name], atol=1e-4)

@@ -120,6 +120,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for i, stage in enumerate(report["stages"]):
         summary = ", ".join(f"{k}={_fmt(v)}" for k, v in stage["stats"].items() if not isinstance(v, (dict, list)))
         lines.append(f"| {i} | {stage['method']} | {len(stage['modules'])} | {stage['seconds']:.1f} | {summary} |")
+    lines += _mask_updates(report["stages"])
     t = mem["targeted"]
     lines += ["", "## Memory", "",
               "| | dense params | stored params | dense bytes | actual bytes | ratio |", "|---|---|---|---|---|---|",
@@ -140,6 +141,23 @@ def render_markdown(report: dict[str, Any]) -> str:
             p = ev["paired"]
             lines.append(f"\nPaired accuracy difference {p['delta']:+.4f} (95% CI {p['ci95'][0]:+.4f} .. {p['ci95'][1]:+.4f}).")
     return "\n".join(lines) + "\n"
+
+
+def _mask_updates(stages: list[dict[str, Any]]) -> list[str]:
+    """Per layer, what dynamic sparse training moved in each recovery stage (block by block: in each unit)."""
+    lines = []
+    for i, stage in enumerate(stages):
+        per_layer = {name: row for stats in [stage["stats"], *stage["stats"].get("per_unit", [])]
+                     for name, row in stats.get("mask_per_layer", {}).items()}
+        if not per_layer:
+            continue
+        lines += ["", f"### Mask updates in stage {i} ({stage['method']})", "",
+                  "changed: fraction of the layer's mask entries not in the mask it started with; moved: entries "
+                  "regrown over all updates per kept entry.", "",
+                  "| layer | updates | k | ablated neurons | changed | moved |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['updates']} | {row['k']} | {row['ablated']} | {row['changed']:.4f} | "
+                  f"{row['moved']:.4f} |" for name, row in per_layer.items()]
+    return lines
 
 
 def _reload_line(reload: dict[str, Any]) -> str:

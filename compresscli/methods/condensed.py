@@ -12,6 +12,16 @@ bias is kept, so it outputs a constant. SRigL decides this during training from 
 saliency; one-shot, the score is all there is. The threshold is relative to k (SRigL's
 "sparse const fan-in" variant): a neuron needs min_salient * k salient weights to stay.
 
+With `update: rigl` or `set`, the mask keeps learning in every recovery stage that follows (finetune,
+reconstruct): SRigL's dynamic sparse training (condensed_dst.py). Every `every` steps until `until` of
+the stage's steps, each layer drops the smallest |W| and every neuron regrows exactly what it lost, by
+|dL/dW| (rigl) or at random (set), new weights at zero, drop_fraction decaying on a cosine; with
+`ablate` the ablation is decided again at every update from weights and gradients, as SRigL does. The
+schedule is this stage's (it owns the mask); the recovery stages read it from the layers.
+
+A model's output head (lm_head, classifier) may be targeted: its neurons (tokens, classes) are never
+ablated.
+
 Layers become CondensedLinear / CondensedConv2d; magnitude-pruned (SparseLinear / SparseConv2d) and
 already condensed layers are accepted too, and their pruned weights are never revived unless a
 neuron has fewer than k of them left (then zeros fill its k slots).
@@ -31,9 +41,13 @@ from compresscli.codecs import SparseConv2d, SparseLinear
 from compresscli.codecs.base import CONV_ARGS
 from compresscli.codecs.condensed.training import CondensedConv2d, CondensedLinear
 from compresscli.codecs.condensed.codec import _Condensed
+from compresscli.methods.condensed_dst import DynamicSparsity, attach
+from compresscli.methods.condensed_update import neurons_kept, spread_fan_in
 from compresscli.methods.cost import Workload
+from compresscli.methods.mask_schedule import UpdateSchedule
 from compresscli.methods.solvers.activation_stats import collect
 from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, leaf_layers, register_method
+from compresscli.model.architecture import detect
 
 DEFAULT_SPARSITY = 0.9
 
@@ -48,6 +62,11 @@ class CondensedConfig(MethodConfig):
     k_multiple: int = 1  # round k up to a multiple of this (4 or 8 suit vector loads), capped at the fan-in
     ablate: bool = False  # SRigL neuron ablation: drop neurons with too few salient weights, give their budget to the rest
     min_salient: float = 0.3  # with ablate: a neuron stays when at least this fraction of its k weights are salient
+    # Dynamic sparse training in the recovery stages that follow (SRigL): how each neuron's inputs move.
+    update: Literal["none", "rigl", "set"] = "none"  # none: fixed mask; regrow by |dL/dW| (rigl) or at random (set)
+    every: int = 20  # recovery steps between mask updates
+    until: float = 0.75  # fraction of each recovery stage's steps after which the mask stays fixed
+    drop_fraction: float = 0.3  # fraction of the kept weights dropped and regrown at the first update, cosine-decayed
 
     def __post_init__(self) -> None:
         if self.n_m is not None:
@@ -68,6 +87,27 @@ class CondensedConfig(MethodConfig):
             raise StageError(f"k_multiple must be >= 1, got {self.k_multiple}")
         if not 0.0 < self.min_salient <= 1.0:
             raise StageError(f"min_salient must be in (0, 1], got {self.min_salient}")
+        if self.every < 1:
+            raise StageError(f"every must be >= 1 (recovery steps between mask updates), got {self.every}")
+        if not 0.0 < self.until <= 1.0:
+            raise StageError(f"until must be in (0, 1] (a fraction of the recovery steps), got {self.until}")
+        if not 0.0 < self.drop_fraction < 1.0:
+            raise StageError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
+
+    def dynamic(self, head: bool) -> DynamicSparsity | None:
+        """The mask schedule the recovery stages run for a layer of this stage (None: the mask stays).
+        An output head's neurons are tokens or classes: never ablated."""
+        if self.update == "none":
+            return None
+        return DynamicSparsity(self.update, UpdateSchedule(self.every, self.until, self.drop_fraction),
+                               self.min_salient if self.ablate and not head else None,
+                               tuple(self.n_m) if self.n_m else None, self.k_multiple)
+
+    def sweep_recovery(self, steps: int, lr: float) -> tuple[dict[str, Any], int]:
+        """With recovery steps, the mask keeps learning (rigl), about ten updates before `until`."""
+        if steps == 0:
+            return {}, steps
+        return {"update": "rigl", "every": max(1, round(self.until * steps / 10))}, steps
 
     def needs_data(self) -> bool:
         return self.score == "activation"
@@ -140,12 +180,8 @@ def neurons_to_keep(score: torch.Tensor, k: int, config: CondensedConfig) -> tor
     salient = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     salient[torch.topk(score.reshape(-1), budget, sorted=False).indices] = True
     counts = salient.view(rows, fan_in).sum(1)  # (rows,)
-    keep = counts >= max(1, int(config.min_salient * k))
-    must_keep = math.ceil(budget / fan_in)
-    if int(keep.sum()) < must_keep:  # spare the most salient neurons, ties broken by total score
-        order = torch.argsort(score.clamp_min(0).sum(1), descending=True)
-        order = order[torch.sort(counts[order], descending=True, stable=True).indices]
-        keep[order[:must_keep]] = True
+    keep = neurons_kept(counts, max(1, int(config.min_salient * k)), math.ceil(budget / fan_in),
+                        score.clamp_min(0).sum(1))
     return None if bool(keep.all()) else keep.nonzero().view(-1)
 
 
@@ -163,8 +199,8 @@ def activation_norms(model: nn.Module, layers: dict[str, nn.Module], ctx: StageC
     return norms
 
 
-def condense(layer: nn.Module, config: CondensedConfig, norms: torch.Tensor | None) -> _Condensed:
-    """The condensed replacement of one layer (the layer itself is left untouched)."""
+def condense(layer: nn.Module, config: CondensedConfig, norms: torch.Tensor | None, head: bool = False) -> _Condensed:
+    """The condensed replacement of one layer (the layer itself is left untouched); a head is never ablated."""
     weight, mask = dense_view(layer)  # (rows, fan_in)
     rows, fan_in = weight.shape
     score = weight.abs().float() if norms is None else weight.abs().float() * norms.to(weight.device)
@@ -175,10 +211,10 @@ def condense(layer: nn.Module, config: CondensedConfig, norms: torch.Tensor | No
         indices = n_m_indices(score, *config.n_m)
     else:
         k = fan_in_k(fan_in, config)
-        if config.ablate:
+        if config.ablate and not head:
             kept = neurons_to_keep(score, k, config)
         if kept is not None:
-            k = min(fan_in, math.ceil(round(rows * k / kept.numel()) / config.k_multiple) * config.k_multiple)
+            k = spread_fan_in(rows * k, kept.numel(), fan_in, config.k_multiple)
             score = score[kept]
         indices = top_k_indices(score, k)
     values = (weight if kept is None else weight[kept]).gather(1, indices)
@@ -195,9 +231,13 @@ def condensed(model: nn.Module, selected: dict[str, nn.Module], config: Condense
               ctx: StageContext) -> dict[str, Any]:
     layers = condensable_layers(selected)
     norms = activation_norms(model, layers, ctx) if config.score == "activation" else {}
+    heads = set(detect(model).groups["head"])
     ks, ablated, total, kept = {}, {}, 0, 0
     for name, layer in layers.items():
-        new = condense(layer, config, norms.get(name))
+        new = condense(layer, config, norms.get(name), head=name in heads)
+        settings = config.dynamic(head=name in heads)
+        if settings is not None:
+            attach(new, settings)
         replace_module(model, name, new)
         ks[name] = new.k
         ablated[name] = new.out_features - new.values.shape[0]
@@ -205,4 +245,4 @@ def condensed(model: nn.Module, selected: dict[str, nn.Module], config: Condense
         kept += new.values.numel()
     return {"layers": len(layers), "weights": total, "kept": kept, "sparsity": 1 - kept / total,
             "score": config.score, "n_m": config.n_m, "k": ks, "ablated_neurons": sum(ablated.values()),
-            "ablated_per_layer": {n: a for n, a in ablated.items() if a}}
+            "ablated_per_layer": {n: a for n, a in ablated.items() if a}, "mask_update": config.update}

@@ -13,28 +13,21 @@ are zero), so the gradient reaches inactive entries too, then closes the new mas
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from compresscli.codecs.fips.training import FipsLinear
 from compresscli.methods.fips_init import magnitude_masks
+from compresscli.methods.mask_schedule import UpdateSchedule, top_mask
 from compresscli.training.loop import StepHooks
-
-
-def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
-    if n > 0:
-        chosen[torch.topk(scores, n, sorted=False).indices] = True
-    return chosen
 
 
 class MaskSchedule(StepHooks):
     def __init__(self, groups: list[list[FipsLinear]], mode: str, sparsity: float, steps: int, every: int,
                  drop_fraction: float, initial_sparsity: float, until: float):
-        self.groups, self.mode, self.sparsity, self.every = groups, mode, sparsity, every
-        self.drop_fraction, self.initial_sparsity = drop_fraction, initial_sparsity
-        self.end = max(1, round(until * steps))  # first step after which masks stay fixed
+        self.groups, self.mode, self.sparsity, self.every, self.steps = groups, mode, sparsity, every, steps
+        self.initial_sparsity = initial_sparsity
+        self.schedule = UpdateSchedule(every, until, drop_fraction)  # shared with condensed's updates
+        self.end = self.schedule.end(steps)  # first step after which masks stay fixed
         self.edits_parameters = mode != "fixed"
         self.updates = 0
         self._open: list[torch.Tensor] | None = None
@@ -42,7 +35,7 @@ class MaskSchedule(StepHooks):
     def updating(self, step: int) -> bool:
         if self.mode == "gmp":
             return step == self.end or (0 < step < self.end and step % self.every == 0)
-        return self.mode == "rigl" and 0 < step < self.end and step % self.every == 0
+        return self.mode == "rigl" and self.schedule.updating(step, self.steps)
 
     def gmp_sparsity(self, step: int) -> float:
         """Cubic schedule s_t = s + (s_0 - s)(1 - t / end)^3 (Zhu & Gupta), reaching s at `end`."""
@@ -87,11 +80,11 @@ class MaskSchedule(StepHooks):
         grads = [layer.factor.grad if layer.factor.grad is not None else torch.zeros_like(layer.factor)
                  for layer in group]
         gradient = torch.cat([g.abs().reshape(-1) for g in grads]).float()
-        fraction = self.drop_fraction * 0.5 * (1 + math.cos(math.pi * step / self.end))
+        fraction = self.schedule.fraction(step, self.steps)
         n_active = int(active.sum())
         n_move = min(int(fraction * n_active), active.numel() - n_active)
-        keep = _top(torch.where(active, magnitude, -torch.inf), n_active - n_move)
-        grow = _top(torch.where(active, -torch.inf, gradient), n_move)
+        keep = top_mask(torch.where(active, magnitude, -torch.inf), n_active - n_move)
+        grow = top_mask(torch.where(active, -torch.inf, gradient), n_move)
         return [piece.view_as(m) for piece, m in zip((keep | grow).split([m.numel() for m in old]), old)]
 
     @torch.no_grad()

@@ -5,8 +5,9 @@ input to that block; block by block, by default, the already-compressed blocks' 
 reproduce the original block's output on those inputs (MSE over real tokens), all blocks at once
 (sum of block losses; blocks share no parameter, so this is the same as one block at a time). Masks
 and codecs are kept: the structure lives in the compressed layers' forward, so only what they store
-learns. It recovers far faster than distillation through the whole model, and needs no more than one
-block in memory.
+learns (and condensed layers built with a mask schedule also move which inputs they read,
+condensed_dst.py). It recovers far faster than distillation through the whole model, and needs no more
+than one block in memory.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from compresscli.codecs import CompressedModule
 from compresscli.model.tasks import compute_dtype
 from compresscli.training.loop import StepHooks, TrainConfig, train
 from compresscli.methods.base import MethodConfig, StageContext, check_training, register_method
+from compresscli.methods.condensed_dst import dynamic_sparsity
 
 
 @dataclass
@@ -143,5 +145,7 @@ def reconstruct_stage(model: nn.Module, selected: dict[str, nn.Module], config: 
             raise StageError("train: compressed, but the targeted blocks hold no compressed layer; put reconstruct "
                              "after a compression stage, or use train: block")
     params = list({id(p): p for m in modules for p in m.parameters()}.values())
-    stats = reconstruct(model, names, params, ctx, config.training(), config.batch_size)
-    return {"blocks": len(names), "trained_parameters": sum(p.numel() for p in params), **stats}
+    trained = sum(p.numel() for p in params)
+    masks = dynamic_sparsity(model, params, config.steps, ctx.seed)
+    stats = reconstruct(model, names, params, ctx, config.training(), config.batch_size, masks)
+    return {"blocks": len(names), "trained_parameters": trained, **stats, **(masks.summary() if masks else {})}

@@ -197,6 +197,22 @@ def gather_floats(value: float) -> list[float]:
     return slots.tolist()
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the ranks, in place (a single process: as it is)."""
+    if world().distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def same_on_every_rank(value: int) -> bool:
+    """Whether every rank holds this integer (a checksum of what each computed on its own)."""
+    if not world().distributed:
+        return True
+    check = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(check, op=dist.ReduceOp.MAX, group=_group())
+    return check[0].item() == value and -check[1].item() == value
+
+
 # ----------------------------------------------------------------------------- data parallelism
 
 def examples_in(item: Any) -> int:

@@ -55,7 +55,10 @@ class TrainConfig:
 
 
 class StepHooks:
-    """Called around every optimiser step; the default does nothing (FiPS's mask schedule overrides it)."""
+    """Called around every optimiser step; the default does nothing (FiPS's mask schedule and condensed's
+    dynamic sparse training override it). A hook that gives a parameter another shape puts a new Parameter in
+    its place with `replace_parameter`: train() reads its parameter list back from the optimiser after
+    `after_backward`, so clipping and the data-parallel all_reduce follow."""
 
     edits_parameters = False  # True: the hooks read or change parameters or gradients (not possible sharded)
 
@@ -70,6 +73,44 @@ class StepHooks:
 
     def finish(self) -> None:
         pass
+
+
+class HookChain(StepHooks):
+    """Several hooks, called in the order given."""
+
+    def __init__(self, *hooks: StepHooks):
+        self.hooks = hooks
+        self.edits_parameters = any(h.edits_parameters for h in hooks)
+
+    def before_forward(self, step: int) -> None:
+        for hook in self.hooks:
+            hook.before_forward(step)
+
+    def after_backward(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        for hook in self.hooks:
+            hook.after_backward(step, optimizer)
+
+    def after_step(self, step: int) -> None:
+        for hook in self.hooks:
+            hook.after_step(step)
+
+    def finish(self) -> None:
+        for hook in self.hooks:
+            hook.finish()
+
+
+def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
+                      state: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """`new` where `old` was in the optimiser's groups and state (each state tensor shaped like the parameter
+    passed through `state`; the rest, AdamW's step, kept). The caller puts `new` in its module. Why not
+    `old.data = ...` of another shape: autograd's AccumulateGrad node keeps the leaf's shape, and the loop
+    still holds the previous step's graph when the next forward runs, so the next backward would fail."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    saved = optimizer.state.pop(old, None)
+    if saved is not None:
+        optimizer.state[new] = {key: state(value) if state is not None and torch.is_tensor(value)
+                                and value.shape == old.shape else value for key, value in saved.items()}
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -111,20 +152,31 @@ def float32_master(modules: Sequence[nn.Module]) -> Iterator[None]:
     own dtype after (in place: every Parameter stays the object the optimiser and the model hold). Trained in
     their own dtype they would not learn: AdamW's eps (1e-8) underflows to 0 in float16, so the first step
     divides by zero, and in bfloat16 (8 significant bits) an update smaller than 0.4% of a weight rounds
-    away, which at lr 1e-4 is nearly every update. Costs 2 more bytes per trained value while training."""
-    saved: dict[int, tuple[torch.Tensor, torch.dtype]] = {}
-    for module in modules:
-        for tensor in (*module.parameters(), *module.buffers()):
-            if tensor.dtype in LOW_PRECISION and id(tensor) not in saved:
-                saved[id(tensor)] = (tensor, tensor.dtype)
+    away, which at lr 1e-4 is nearly every update. Costs 2 more bytes per trained value while training.
+    Restored by name: a tensor a hook replaced while training (replace_parameter) goes back to the dtype of
+    the one it replaced."""
+    saved: dict[tuple[int, str], torch.dtype] = {}
+    seen: set[int] = set()
+    for i, module in enumerate(modules):
+        for name, tensor in _named_tensors(module):
+            if tensor.dtype in LOW_PRECISION and id(tensor) not in seen:
+                seen.add(id(tensor))
+                saved[i, name] = tensor.dtype
                 tensor.data = tensor.data.float()
     try:
         yield
     finally:
-        for tensor, dtype in saved.values():
-            tensor.data = tensor.data.to(dtype)
-            if tensor.grad is not None:
-                tensor.grad = None
+        for i, module in enumerate(modules):
+            for name, tensor in _named_tensors(module):
+                dtype = saved.pop((i, name), None)
+                if dtype is not None:
+                    tensor.data = tensor.data.to(dtype)
+                    tensor.grad = None
+
+
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
 
 
 def _train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, config: TrainConfig,
@@ -135,7 +187,8 @@ def _train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, conf
     if shard:
         if hooks.edits_parameters:
             raise CompressError(f"{label} changes masks from whole parameters and gradients during training, which "
-                                "sharded training splits", "use mask_update: fixed, or drop --shard")
+                                "sharded training splits", "turn the mask updates off (fips: mask_update: fixed; "
+                                "condensed: update: none), or drop --shard")
         sharded = sharding.shard(modules, params, units)
         modules, params = sharded.modules, sharded.params
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -172,6 +225,8 @@ def _train(params: list[nn.Parameter], items: Sequence[Any], loss_fn: Loss, conf
             if not math.isfinite(value):
                 raise DivergedError(f"{label} diverged at step {step} (loss {value})", f"{fix}; nothing was written")
             hooks.after_backward(step, optimizer)
+            if hooks.edits_parameters:  # a hook may have replaced a parameter (replace_parameter)
+                params = [p for group in optimizer.param_groups for p in group["params"]]
             if config.max_grad_norm > 0:
                 clip = sharding.clip_grad_norm_ if sharded is not None else torch.nn.utils.clip_grad_norm_
                 clip(params, config.max_grad_norm)

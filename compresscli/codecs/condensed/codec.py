@@ -13,7 +13,7 @@ damaged file is a clear CheckpointError, never an out-of-bounds read in a kernel
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,9 @@ class _Condensed(CompressedModule):
     fan_in: int
     weight_shape: tuple[int, ...]
     last_path: str | None = None  # the product that ran last (see kernels.dispatch), for speed reports
+    # Set by dynamic sparse training (methods/condensed_dst.py) on the steps that update the structure: called
+    # with dL/dW of the whole dense weight (ablated rows included), which the training product computes anyway.
+    dense_grad_sink: Callable[[torch.Tensor], None] | None = None
     trainable: ClassVar[bool]  # the training form's values and bias are Parameters, the inference form's buffers
 
     def _init_condensed(self, values: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor | None,
@@ -88,7 +91,10 @@ class _Condensed(CompressedModule):
         kept = kernels.scatter_dense(self.values, self.indices, self.fan_in)  # (R, fan_in)
         if self.rows is not None:
             kept = kept.new_zeros(self.out_features, self.fan_in).index_copy(0, self.rows.long(), kept)
-        return kept.view(self.weight_shape)
+        weight = kept.view(self.weight_shape)
+        if self.dense_grad_sink is not None and weight.requires_grad:
+            weight.register_hook(self.dense_grad_sink)
+        return weight
 
     @property
     def weight(self) -> torch.Tensor:
@@ -170,6 +176,9 @@ class _CondensedLinear(_Condensed):
         self._init_condensed(values, indices, rows, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_grad_sink is not None and torch.is_grad_enabled():  # the training product, its dL/dW kept
+            self.__dict__["last_path"] = "dense"
+            return F.linear(x, self.dense_weight(), self.bias)  # ablated rows are zero: they output their bias
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (N, in)
         bias = self.bias if self.rows is None or self.bias is None else self.bias[self.rows.long()]
