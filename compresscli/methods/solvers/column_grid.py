@@ -55,7 +55,7 @@ class ColumnGrid:
         codes = torch.round(grid.grid_position(values, scale, zero, self.spec))
         codes = torch.where(pruned_rest[:, 0], zero, codes)  # a pruned weight: code z, exactly 0.0
         self.codes[:, col] = codes.to(torch.int8)
-        return (codes - zero) * scale
+        return (codes - zero).to(values.dtype) * scale.to(values.dtype)  # exact in float64 (the tests' references)
 
     def quantizer(self) -> Quantizer:
         """The training form's quantizer for the values the sweep produced."""
