@@ -104,10 +104,12 @@ def choose_scales(values: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtyp
     if clip == "minmax":
         return scale, zero
     best = torch.full_like(scale, float("inf"))
+    error = torch.empty_like(values)  # in place: the search is 80 passes over the weight
     for ratio in MSE_RATIOS:
         s, z = _scale_for_range(ratio * lo, ratio * hi, spec, scale_dtype)
-        codes = torch.round(grid_position(values, s.unsqueeze(1), z.unsqueeze(1), spec))
-        err = ((codes - z.unsqueeze(1)) * s.unsqueeze(1) - values).pow(2).sum(1)
+        torch.div(values, s.unsqueeze(1), out=error)
+        error.add_(z.unsqueeze(1)).round_().clamp_(spec.qmin, spec.qmax).sub_(z.unsqueeze(1)).mul_(s.unsqueeze(1))
+        err = torch.linalg.vector_norm(error.sub_(values), dim=1)
         better = err < best
         best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
