@@ -333,6 +333,7 @@ CODEC_REGRESSIONS: list[tuple[str, int, list[tuple]]] = [
     ("sparse_linear", 0, [("cast", "weight.values", "F8_E4M3")]),  # NotImplementedError: nn.Linear init in float8
     ("sparse_conv2d", 0, [("cast", "weight.values", "I32")]),  # RuntimeError: an int Parameter
     ("sparse_linear", 1, [("reshape", "weight.row_ptr", [])]),  # RuntimeError: repeat_interleave of a 0-d row_ptr
+    ("sparse_linear", 0, [("cast", "bias", "BOOL")]),  # RuntimeError: a bool Parameter (found at 400 examples)
     ("condensed_linear", 0, [("cast", "values", "I64")]),  # RuntimeError: an int Parameter
     ("condensed_linear", 0, [("tensor", "bias", ("I8", [5], "random"))]),  # RuntimeError: an int Parameter
     ("fips_linear", 1, [("tensor", "factor.row_ptr", ("BF16", [], "random"))]),  # RuntimeError: diff of 0-d

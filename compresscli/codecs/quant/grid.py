@@ -129,6 +129,15 @@ def rtn(weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype,
     return codes, scale.view(rows, groups).to(scale_dtype), zeros
 
 
+def grouped(values: torch.Tensor, spec: QuantSpec, cols: int) -> torch.Tensor | None:
+    """A whole (R, cols) matrix viewed as (R, groups, group_size) when its groups tile its rows exactly, so
+    that (R, groups, 1) scales broadcast over it without being repeated; None when they do not."""
+    g = spec.group(cols)
+    if spec.group_size is None or cols % g or values.shape[-1] != cols:
+        return None
+    return values.reshape(values.shape[0], cols // g, g)
+
+
 def expand(grid: torch.Tensor, spec: QuantSpec, cols: int, columns: torch.Tensor | None = None,
            rows: torch.Tensor | None = None) -> torch.Tensor:
     """A per-(row, group) tensor (R, groups) looked up for every value: the whole (R, cols) matrix (columns
@@ -161,5 +170,8 @@ def fake_quantize(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
     the clamped code outside). scale / zero are looked up per value (`expand`)."""
     z = 0.0 if zero is None else zero.float()
     position = grid_position(values, scale.float(), z, spec)
-    codes = position + (torch.round(position) - position).detach()
+    if torch.is_grad_enabled() and (values.requires_grad or scale.requires_grad):
+        codes = position + (torch.round(position) - position).detach()
+    else:  # (inference through the training form: calibrating the next layers)
+        codes = position.round_()
     return ((codes - z) * scale.float()).to(values.dtype)

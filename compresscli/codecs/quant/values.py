@@ -73,7 +73,12 @@ class Quantizer(nn.Module):
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """The values rounded to the grid (the whole matrix, values (R, k) at `columns`, or flat values at
         (rows, columns)); differentiable in the values and the scales."""
-        return grid.fake_quantize(values, *self._lookup(columns, rows, self.scales()), self.spec)
+        scales = self.scales()
+        tiles = None if columns is not None or rows is not None else grid.grouped(values, self.spec, self.cols)
+        if tiles is not None:  # whole groups: the scales broadcast, never repeated
+            zeros = None if self.zeros is None else self.zeros.unsqueeze(-1)
+            return grid.fake_quantize(tiles, scales.unsqueeze(-1), zeros, self.spec).view(values.shape)
+        return grid.fake_quantize(values, *self._lookup(columns, rows, scales), self.spec)
 
     def codes(self, values: torch.Tensor, columns: torch.Tensor | None = None,
               rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,6 +135,10 @@ class QuantizedValues(nn.Module):
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         """The values (rows, n) in `dtype` (default: the scales'), for the layouts grid.expand knows."""
         codes = self.codes_int8()
+        tiles = None if columns is not None or rows is not None else grid.grouped(codes, self.spec, self.cols)
+        if tiles is not None:  # whole groups: the scales broadcast, never repeated
+            zeros = None if self.zeros is None else self.zeros.unsqueeze(-1)
+            return grid.dequantize(tiles, self.scales.unsqueeze(-1), zeros, dtype or self.scales.dtype).view(codes.shape)
         if rows is not None:
             codes = codes.reshape(-1)
         zero = None if self.zeros is None else grid.expand(self.zeros, self.spec, self.cols, columns, rows)

@@ -11,6 +11,7 @@ import torch
 from compresscli.codecs.base import CONV_ARGS, CompressedModule
 from compresscli.codecs.quant.grid import QuantSpec
 from compresscli.codecs.sparse import encoding, quantized
+from compresscli.core.errors import CheckpointError
 
 CONV_LAYOUT = (*CONV_ARGS, "padding_mode")  # nn.Conv2d's own forward runs, so any padding mode works
 
@@ -64,6 +65,15 @@ class _SparseCodec(CompressedModule):
         spec = QuantSpec.from_params(params.get("quant"))
         stored = encoding.TENSORS_BY_FORMAT[params["format"]] if spec is None else quantized.names(params["format"], spec)
         return {f"weight.{k}" for k in stored} | ({"bias"} if params["bias"] else set())
+
+    @staticmethod
+    def _bias(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The stored bias, after checking it is floating point (its shape is the loader's to check)."""
+        bias = tensors.get("bias")
+        if bias is not None and bias.dtype not in encoding.VALUE_DTYPES:
+            raise CheckpointError(f"invalid sparse layer: bias must be floats, got {bias.dtype}",
+                                  "the file is damaged; re-export it")
+        return bias
 
     @staticmethod
     def _encoded_weight(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

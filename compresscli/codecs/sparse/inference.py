@@ -26,7 +26,7 @@ class _CompactWeight(_SparseCodec):
         self.storage_format = params["format"]  # the file's: its tensors are in it, so its params must say so
         self.matrix = CompactSparse.from_encoded(params["format"], self._encoded_weight(tensors), self.weight_shape,
                                                  spec=QuantSpec.from_params(params.get("quant")), nnz=params["nnz"])
-        self.register_buffer("bias", tensors.get("bias"))
+        self.register_buffer("bias", self._bias(tensors))
 
     def dense_weight(self) -> torch.Tensor:
         return self.matrix.dense().view(self.weight_shape)

@@ -57,10 +57,10 @@ class _SparseWeight(_SparseCodec):
         layer.storage_format = params["format"]
         if spec is None:
             weight, mask = cls._decode_weight(tensors, params)
-            return layer._load(weight, mask, tensors.get("bias"))
+            return layer._load(weight, mask, cls._bias(tensors))
         shape = tuple(params["weight_shape"])
         values, mask = quantized.decode(params["format"], cls._encoded_weight(tensors), shape, spec, params["nnz"])
-        layer._load(quantized.dense(values, mask).view(shape), mask.view(shape), tensors.get("bias"))
+        layer._load(quantized.dense(values, mask).view(shape), mask.view(shape), cls._bias(tensors))
         layer.quantizer = Quantizer.of(values)
         return layer
 
