@@ -8,13 +8,14 @@ Paths (all compute y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] + bias[r]
   cpu           the compiled C++ kernel (cpu.py): CPU, float32, inference.
   triton_gemv   Triton, few input rows (CUDA).
   triton_tiled  Triton, batch-tiled (CUDA).
+  triton_decode the dense weight written by a Triton kernel, then cuBLAS (CUDA).
 
 The CPU thresholds come from benchmarks/condensed_layers.py on a 2-core AMD EPYC (Zen 4), the crossover
 run in benchmarks/results/condensed_layers.md ("Crossover"): the kernel against this module's own dense
 path (which scatters the condensed weight to dense on every call, so it costs more than the original
-layer), one thread, thread CPU time, 768x3072 and 3072x768 at densities 0.2-0.75. The CUDA thresholds are
-the kernels' design points and have NOT been measured (no GPU was available when they were written):
-re-derive them from `benchmarks/condensed_layers.py --device cuda` on the target GPU.
+layer), one thread, thread CPU time, 768x3072 and 3072x768 at densities 0.2-0.75. The CUDA side, for
+condensed and row-sparse layers alike, reads cuda_paths.py's table (design points, NOT measured, until
+benchmarks/gpu_check.py measures them on a GPU).
 
 `force_path(name)` (or $COMPRESSCLI_CONDENSED_PATH) overrides the choice, for tests and benchmarks.
 """
@@ -30,11 +31,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from compresscli.kernels import cpu, reference
+from compresscli.kernels import cpu, cuda_paths, reference
 
 log = logging.getLogger(__name__)
 
-PATHS = ("dense", "gather", "cpu", "triton_gemv", "triton_tiled")
+PATHS = ("dense", "gather", "cpu", "triton_gemv", "triton_tiled", "triton_decode")
 PATH_ENV = "COMPRESSCLI_CONDENSED_PATH"
 _forced: ContextVar[str | None] = ContextVar("condensed_forced_path", default=None)
 
@@ -42,13 +43,6 @@ _forced: ContextVar[str | None] = ContextVar("condensed_forced_path", default=No
 # up to 8 rows it beat the dense path at every density tried (0.75 included); at 64 rows it won or tied
 # up to 0.75; at 256 rows it lost at 0.5 and won at 0.2, tying near 0.3.
 CPU_MAX_DENSITY = ((8, 1.0), (64, 0.75), (None, 0.3))
-# CUDA (unmeasured design points): gemv up to GEMV_MAX_ROWS rows while the kept fraction is at most
-# GEMV_MAX_DENSITY (bf16 values + int16 indices read 2 * density of the dense bytes: 0.6x at 0.3, nothing
-# saved at 0.5), tiled up to TILED_MAX_ROWS at low density.
-GEMV_MAX_ROWS = 4
-GEMV_MAX_DENSITY = 0.3
-TILED_MAX_ROWS = 64
-TILED_MAX_DENSITY = 0.2
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +63,7 @@ def available_paths(device: torch.device, dtype: torch.dtype | None) -> list[str
     if device.type == "cpu" and dtype == torch.float32 and cpu.available():
         paths.append("cpu")
     if device.type == "cuda" and triton_available():
-        paths += ["triton_gemv", "triton_tiled"]
+        paths += ["triton_gemv", "triton_tiled", "triton_decode"]
     return paths
 
 
@@ -110,10 +104,7 @@ def choose_path(device: torch.device, dtype: torch.dtype | None, n: int, in_feat
             return "cpu"
         return "dense"
     if device.type == "cuda" and triton_available():
-        if n <= GEMV_MAX_ROWS and density <= GEMV_MAX_DENSITY:
-            return "triton_gemv"
-        if n <= TILED_MAX_ROWS and density <= TILED_MAX_DENSITY:
-            return "triton_tiled"
+        return cuda_paths.choose("condensed", n, density)
     return "dense"
 
 
@@ -132,6 +123,8 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, b
         raise ValueError(f"condensed path {path!r} has no backward; run it under torch.no_grad()")
     if path == "cpu":
         return cpu.condensed_mm(x, values, indices, bias), path
+    if path == "triton_decode":
+        return cuda_paths.condensed_decode_mm(x, values, indices, bias, in_features), path
     from compresscli.kernels import triton_kernels
 
     return triton_kernels.condensed_mm(x, values, indices, bias, tiled=path == "triton_tiled"), path
@@ -154,6 +147,10 @@ def sparse_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor
     """The dense weight of a row-sparse structure, by the compiled decoder where it applies."""
     if values.device.type == "cpu" and values.dtype in cpu.DTYPES and cpu.available():
         return cpu.sparse_to_dense(values, cols, row_ptr, rows, columns)
+    if values.device.type == "cuda" and triton_available():  # no host sync, no index built
+        from compresscli.kernels import triton_sparse
+
+        return triton_sparse.row_sparse_dense(values, cols, row_ptr, rows, columns)
     return reference.row_sparse_dense(values, cols, row_ptr, rows, columns)
 
 
@@ -180,6 +177,9 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr
     returns (y, path name). The dense path decodes W for this call only; it is never kept."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     same = values.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    if x.device.type == "cuda" and same and not needs_grad and triton_available():
+        return cuda_paths.row_sparse_mm(x, values, cols, row_ptr, bias, rows, columns,
+                                        _forced.get() or os.environ.get(PATH_ENV) or None)
     path = choose_sparse_path(x.device, x.dtype if same else None, x.shape[0],
                               values.numel() / max(1, rows * columns), needs_grad)
     if path == "cpu":

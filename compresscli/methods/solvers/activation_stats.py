@@ -16,6 +16,7 @@ from torch import nn
 
 from compresscli.methods.calibration import Calibrator
 from compresscli.core.errors import StageError
+from compresscli.core.precision import exact_float32
 
 
 @dataclass
@@ -31,7 +32,8 @@ class InputStats:
         self.count += x.shape[0]
         if keep_gram:  # the sums of squares are its diagonal: not computed twice (a third of the time on MiniLM)
             xf = x.float()
-            gram = xf.t() @ xf
+            with exact_float32():  # the solver's Hessian: never TF32
+                gram = xf.t() @ xf
             self.gram = gram if self.gram is None else self.gram.add_(gram)
             return
         squares = x.double().pow(2).sum(0)
