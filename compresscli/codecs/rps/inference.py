@@ -68,7 +68,7 @@ class _CompactShared(_SharedWeightCodec):
 
     def _prepare(self) -> None:
         """Before a call: on CUDA, compute the weight once and keep it (see the module docstring)."""
-        if self.cached_weight is None and self.cache_on_gpu and self.memory.is_cuda:
+        if self.cached_weight is None and self.cache_on_gpu and self.weight_scale.is_cuda:
             self.cache_weights_()
 
     @property

