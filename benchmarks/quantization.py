@@ -37,6 +37,7 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "sparsegpt-50-int4": ("sparsegpt-50-int4", [], "SparseGPT 50% + int4 g128 in one sweep"),
     "sparsegpt-50-int3": ("sparsegpt-50-int4", ["0.bits=3"], "SparseGPT 50% + int3 g128 in one sweep"),
 }
+COMPRESS = str(Path(sys.executable).parent / "compress")  # the console script of this venv (PYTHONPATH picks the tree)
 LLMC_ROWS = {"llmc-gptq-W8A16": "W8A16", "llmc-gptq-W4A16": "W4A16"}
 
 
@@ -62,15 +63,15 @@ def cosine(original: str, other: str, text: Path) -> float:
 def ours(name: str, args) -> dict:
     recipe, sets, what = ROWS[name]
     out = args.out / name
-    cmd = [sys.executable, "-m", "compresscli.cli", "run", "ref:minilm", "--recipe", recipe, "--out", str(out), "--force"]
+    cmd = [COMPRESS, "run", "ref:minilm", "--recipe", recipe, "--out", str(out), "--force"]
     for s in sets:
         cmd += ["--set", s]
     _, wall = _timed(cmd)
     report = json.loads((out / "report.json").read_text())
     metric = next(m for m in report["eval"]["metrics"] if "cos" in m["name"])
     dense = args.out / f"{name}-dense"
-    _timed([sys.executable, "-m", "compresscli.cli", "export", str(out), "--to", str(dense), "--format", "dense", "--force"])
-    return {"row": name, "tool": "compresscli", "what": what, "command": " ".join(cmd[2:]),
+    _timed([COMPRESS, "export", str(out), "--to", str(dense), "--format", "dense", "--force"])
+    return {"row": name, "tool": "compresscli", "what": what, "command": "compress " + " ".join(cmd[1:]),
             "mlp_bytes_ratio": report["memory"]["targeted"]["ratio"], "stage_seconds": sum(s["seconds"] for s in report["stages"]),
             "process_seconds": wall, "peak_rss_bytes": report["execution"]["peak_rss_bytes"],
             "cos_compress_eval": metric["compressed"], "cos_pydoc_eval": cosine(args.model, str(dense), args.pydoc_text),
