@@ -11,6 +11,10 @@ that scores llm-compressor's output). llm-compressor runs in its own venv (`--ll
 transformers) through the peers' llmc_gptq.py on the same model, with 128 pydoc paragraphs of calibration.
 
     flock /tmp/timing.lock python benchmarks/quantization.py [--rows NAME,...] [--out DIR] [--json FILE]
+
+`--layers` instead times one quantized Linear's inference form (what `compress run` writes and `load` builds)
+against the float32 nn.Linear of the same shape at batch 1 (1536x384 and 3072x768, 2 threads, median of
+alternating repeats), in float32 and with bfloat16 activations, and names the path that ran.
 """
 from __future__ import annotations
 
@@ -34,7 +38,14 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "gptq-int4-g128": ("gptq-int4", [], "GPTQ int4, group 128"),
     "gptq-int3-g128": ("gptq-int4", ["0.bits=3"], "GPTQ int3, group 128"),
     "gptq-int2-g64": ("gptq-int4", ["0.bits=2", "0.group_size=64"], "GPTQ int2, group 64"),
+    "gptq-int3-g256": ("gptq-int3", ["0.group_size=256"], "GPTQ int3, group 256"),
+    "gptq-int3-g256-rec": ("gptq-int3-rec", [], "GPTQ int3, group 256, + reconstruct 200 steps through the quantizer"),
     "sparsegpt-50-int4": ("sparsegpt-50-int4", [], "SparseGPT 50% + int4 g128 in one sweep"),
+    "sparsegpt-50-int4-g256": ("sparsegpt-50-int4", ["0.group_size=256"], "SparseGPT 50% + int4 g256 in one sweep"),
+    "fips-40-int4": ("fips-40-int4", [], "FiPS 40% + int4 g128 (RTN) + reconstruct 200 steps"),
+    "fips-40-int8": ("fips-40-int8", [], "FiPS 40% + int8 per row (RTN) + reconstruct 200 steps"),
+    "gptq-int2-row-rec": ("gptq-int3-rec", ["0.bits=2", "0.group_size=null"],
+                          "GPTQ int2, one scale per row, + reconstruct 200 steps"),
     "sparsegpt-50-int3": ("sparsegpt-50-int4", ["0.bits=3"], "SparseGPT 50% + int3 g128 in one sweep"),
 }
 COMPRESS = str(Path(sys.executable).parent / "compress")  # the console script of this venv (PYTHONPATH picks the tree)
@@ -109,6 +120,58 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_times(threads: int = 2, repeats: int = 400) -> str:
+    """Per-layer latency of quantized inference forms against dense float32, batch 1 (see the module doc)."""
+    import statistics
+
+    import torch
+    from torch import nn
+
+    from compresscli.codecs.quant.grid import QuantSpec
+    from compresscli.codecs.quant.values import Quantizer
+    from compresscli.codecs.quantized_linear.inference import CompactQuantizedLinear
+    from compresscli.codecs.quantized_linear.training import QuantizedLinear
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    lines = [f"{threads} threads, batch 1, median ms of {repeats} alternating calls; ratio = dense float32 / quantized",
+             "", "| layer (out x in) | activations | dense fp32 ms | dense same-dtype ms | int8 ms (path) | int8 vs fp32 | "
+             "int4 g128 ms (path) | int4 vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+    for out_f, in_f in ((1536, 384), (3072, 768)):
+        dense = nn.Linear(in_f, out_f)
+        nn.init.normal_(dense.weight, std=in_f ** -0.5)
+        forms = {}
+        for key, spec in (("int8", QuantSpec(8)), ("int4", QuantSpec(4, 128))):
+            for dtype in (torch.float32, torch.bfloat16):
+                src = nn.Linear(in_f, out_f).to(dtype)
+                src.load_state_dict(dense.state_dict())
+                quantizer, weight = Quantizer.fit(src.weight.detach(), spec)
+                layer = QuantizedLinear.from_dense(src, quantizer, weight)
+                forms[key, dtype] = CompactQuantizedLinear(layer.to_tensors(), layer.codec_params())
+        for dtype in (torch.float32, torch.bfloat16):
+            x32 = torch.randn(1, in_f)
+            x = x32.to(dtype)
+            same = nn.Linear(in_f, out_f).to(dtype)
+            same.load_state_dict(dense.state_dict())
+            calls = {"fp32": lambda: dense(x32), "same": lambda: same(x),
+                     "int8": lambda: forms["int8", dtype](x), "int4": lambda: forms["int4", dtype](x)}
+            times = {k: [] for k in calls}
+            with torch.inference_mode():
+                for _ in range(20):
+                    for f in calls.values():
+                        f()
+                for _ in range(repeats):
+                    for k, f in calls.items():
+                        t = time.perf_counter()
+                        f()
+                        times[k].append(time.perf_counter() - t)
+            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            lines.append(f"| {out_f}x{in_f} | {str(dtype).removeprefix('torch.')} | {ms['fp32']:.4f} | {ms['same']:.4f} | "
+                         f"{ms['int8']:.4f} ({forms['int8', dtype].last_path}) | {ms['fp32'] / ms['int8']:.2f}x | "
+                         f"{ms['int4']:.4f} ({forms['int4', dtype].last_path}) | {ms['fp32'] / ms['int4']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join([*ROWS, *LLMC_ROWS]))
@@ -118,7 +181,11 @@ def main() -> None:
     parser.add_argument("--clean-text", type=Path, default=Path("/work/proto/ct/heldout_clean.txt"))
     parser.add_argument("--pydoc-text", type=Path, default=Path("/work/proto/ct/heldout.txt"))
     parser.add_argument("--table", type=Path, default=None, help="only print the table of a --json file")
+    parser.add_argument("--layers", action="store_true", help="time single quantized Linears instead (see above)")
     args = parser.parse_args()
+    if args.layers:
+        print(layer_times())
+        return
     if args.table:
         print(table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
         return
