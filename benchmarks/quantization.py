@@ -89,6 +89,22 @@ def ours(name: str, args) -> dict:
             "cos_clean": cosine(args.model, str(dense), args.clean_text)}
 
 
+def packed_mlp_ratio(model_dir: str, bits: int, group: int = 128) -> float:
+    """The MLP bytes of llm-compressor's `pack-quantized` output over their float32 bytes, counted as ours are:
+    codes (rows padded to 4 bytes, as pack_to_int32 does), a float32 scale per group of 128 inputs (its W*A16
+    schemes; a float32 model keeps float32 scales), no zero points (symmetric), the float32 bias."""
+    from safetensors import safe_open
+
+    packed = dense = 0
+    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if re.search(r"layer\.\d+\.(intermediate|output)\.dense\.weight$", key):
+                rows, cols = f.get_slice(key).get_shape()
+                packed += rows * (-(-cols * bits // 32) * 4 + -(-cols // group) * 4 + 4)
+                dense += rows * (cols + 1) * 4
+    return packed / dense
+
+
 def llmc(name: str, args) -> dict:
     scheme = LLMC_ROWS[name]
     out = args.out / name
@@ -101,9 +117,8 @@ def llmc(name: str, args) -> dict:
     oneshot = float(re.search(r"oneshot_s=([\d.]+)", done.stdout).group(1))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1)) * 1024
     bits = 4 if "W4" in scheme else 8
-    # codes + a scale per 128 inputs (llm-compressor's W*A16 schemes are group 128), float32 bias counted as ours is
     return {"row": name, "tool": "llm-compressor 0.14", "what": f"GPTQ {scheme} (group 128)", "command": " ".join(cmd[2:]),
-            "mlp_bytes_ratio": (bits / 8 + 2 / 128) / 4, "stage_seconds": oneshot, "process_seconds": wall,
+            "mlp_bytes_ratio": packed_mlp_ratio(args.model, bits), "stage_seconds": oneshot, "process_seconds": wall,
             "peak_rss_bytes": rss, "cos_pydoc_eval": cosine(args.model, str(out), args.pydoc_text),
             "cos_clean": cosine(args.model, str(out), args.clean_text)}
 

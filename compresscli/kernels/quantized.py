@@ -30,9 +30,10 @@ import torch.nn.functional as F
 INT4_GROUPS = (32, 64, 128, 256)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The kernels run while the input has at most this many rows (above, dequantizing for the call and running
-# the dense GEMM wins), by (bits, dtype). Measured by benchmarks/quantization.py --kernels on MiniLM's MLP
-# shapes (1536x384, 384x1536), 2 threads, Sapphire Rapids (AVX512): see benchmarks/results/quantization.md.
-KERNEL_MAX_ROWS = {(8, torch.float32): 16, (8, torch.bfloat16): 64, (8, torch.float16): 64,
+# the dense GEMM wins), by (bits, dtype). From the research probe's timings (torch_kernels.md: MiniLM's MLP
+# shapes and Llama's, 2 threads, Sapphire Rapids): the float32 int8 kernel is plain C++ loops, ~0.19 ms per
+# input row of a 1536x384 weight, so dequantizing (~0.2-0.6 ms whatever the rows) wins from 2-3 rows on.
+KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 64, (8, torch.float16): 64,
                    (4, torch.float32): 4, (4, torch.bfloat16): 64, (4, torch.float16): 64}
 
 

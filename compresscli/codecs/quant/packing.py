@@ -44,6 +44,9 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         return packed.view(torch.int8) if packed.dtype == torch.uint8 else packed
     rows, stored = packed.shape
     per, unit_bytes = _unit(bits)
+    if unit_bytes == 1:  # int4 / int2: whole codes per byte, split in uint8 (4x fewer bytes moved than in int32)
+        fields = torch.stack([(packed >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1)
+        return (fields.view(rows, stored * per)[:, :cols].to(torch.int8) - (1 << (bits - 1))).contiguous()
     units = -(-cols // per)
     bytes_ = torch.nn.functional.pad(packed.to(torch.int32), (0, units * unit_bytes - stored))
     bytes_ = bytes_.view(rows, units, unit_bytes)
