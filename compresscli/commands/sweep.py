@@ -2,7 +2,7 @@
 
 Beside the ratio grid, `points` are recipes whose size their own settings fix (a quantized grid, a method
 then `quantize`): each runs once, on the sweep's targets, its recovery stages given the sweep's steps, and is
-placed where its measured bytes put it (QUANTIZED_POINTS: quantize at 8/4/3/2 bits and the composed recipes).
+placed where its measured bytes put it (every stage that trains gets the sweep's steps) (QUANTIZED_POINTS: quantize at 8/4/3/2 bits and the composed recipes).
 
 "Compression ratio" means dense bytes of the targeted weights / their actual bytes on disk, for
 every method alike. Each method exposes one knob (sparsity, compression factor, budget); the knob
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 # `--points quantized`: the bundled quantized and composed recipes (issue 21's sweep points)
 QUANTIZED_POINTS = ["gptq-int8", "gptq-int4", "gptq-int3", "gptq-int2", "sparsegpt-50-int4", "fips-40-int8",
                     "fips-40-int4", "rps-10-int8", "condensed-90-int8"]
-RECOVERY_METHODS = ("finetune", "reconstruct")
 
 
 @dataclass(frozen=True)
@@ -111,12 +110,13 @@ def stage_config(spec: SweepMethod, knob_value: float, options: SweepOptions | N
 
 
 def point_recipe(name: str, options: SweepOptions) -> Recipe:
-    """Recipe `name` on the sweep's targets, each recovery stage (finetune, reconstruct) given the sweep's steps."""
+    """Recipe `name` on the sweep's targets, each stage that trains (finetune, reconstruct, FiPS's own
+    reconstruction) given the sweep's steps."""
     overrides = []
     for i, stage in enumerate(load_recipe(name).stages):
         if stage.targets:
             overrides.append(f"{i}.targets=[{', '.join(options.targets)}]")
-        if stage.method in RECOVERY_METHODS:
+        if hasattr(stage.config, "steps"):
             overrides.append(f"{i}.steps={options.steps}")
     recipe = load_recipe(name, overrides)
     return Recipe(f"sweep point: {name} ({recipe.description})", recipe.stages, f"sweep {name}")
