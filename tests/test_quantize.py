@@ -71,6 +71,19 @@ def test_gptq_after_pruning_keeps_pruned_weights_at_zero(tiny_text_dirs, tmp_pat
         assert layer.codec_params()["quant"] == {"bits": 3, "group_size": None, "symmetric": False}
 
 
+def test_gptq_in_one_pass_differs_only_after_the_first_layer(tiny_text_dirs, tmp_path):
+    """sequential: false takes every layer's Hessian from the unit's unquantized inputs: the first MLP layer
+    (whose inputs no quantized layer feeds) is solved alike, a later one differently."""
+    codes = {}
+    for sequential in (True, False):
+        result = _run(tiny_text_dirs["bert"], tmp_path / str(sequential), "stages:\n" + _stage(
+            "quantize", f"{{bits: 4, group_size: 16, sequential: {str(sequential).lower()}}}"))
+        codes[sequential] = {n: m.to_tensors()["weight.codes"] for n, m in compressed_layers(result.model).items()}
+    names = list(codes[True])
+    assert torch.equal(codes[True][names[0]], codes[False][names[0]])
+    assert any(not torch.equal(codes[True][n], codes[False][n]) for n in names[1:])
+
+
 def _expected_bytes(params: dict, scale_bytes: int) -> int:
     """A quantized_linear layer's stored bytes by the format's arithmetic: packed rows, scales, zeros, bias."""
     rows, cols, spec = params["out_features"], params["in_features"], QuantSpec.from_params(params["quant"])

@@ -7,7 +7,8 @@ solver gptq: the OBS column sweep SparseGPT uses (solvers/obs.py with a solvers/
 same Hessian of the layer's inputs on calibration data, layers solved in forward order so each sees the
 quantized layers before it; weights a previous stage pruned stay pruned. It applies to weights that multiply
 the layer's input (dense, sparse, condensed); FiPS factors and RPS memories are not, so they are rounded to
-nearest whatever the solver. solver rtn: round to nearest, no data. `clip: auto` searches each group's range
+nearest whatever the solver (`sequential: false` gathers every layer's statistics in one pass, from the
+inputs the unit has before any of its layers is quantized). solver rtn: round to nearest, no data. `clip: auto` searches each group's range
 (mse) below 8 bits and takes the full range at 8 (research notes: the search halves int2's error; at int8 it
 does not help).
 """
@@ -41,6 +42,8 @@ class QuantizeConfig(MethodConfig):
     symmetric: bool = True  # false: an int8 zero point per scale
     solver: Literal["gptq", "rtn"] = "gptq"  # gptq: OBS sweep on calibration data; rtn: round to nearest, no data
     clip: Literal["auto", "mse", "minmax"] = "auto"  # scales: range search (mse), the full range, or auto
+    sequential: bool = True  # gptq: each layer group's inputs from the layers before it already quantized;
+    # false: every layer's from one calibration pass over the unit (as llm-compressor's GPTQ does: fewer passes)
     blocksize: int = 128  # gptq: columns solved together (rounded to a multiple of group_size)
     percdamp: float = 0.01  # gptq: damping of H, as a fraction of mean(diag H)
 
@@ -157,7 +160,10 @@ def quantize_stage(model: nn.Module, selected: dict[str, nn.Module], config: Qua
             if name not in calibrated:
                 round_to_nearest(model, name, layer, spec, clip)
                 bar.advance(1)
-        for group in forward_groups(model, calibrated, ctx.calibrator) if calibrated else []:
+        groups = forward_groups(model, calibrated, ctx.calibrator) if calibrated else []
+        if groups and not config.sequential:  # one pass: the last layer's statistics end it
+            groups = [[name for group in groups for name in group]]
+        for group in groups:
             stats = collect(model, {n: calibrated[n] for n in group}, ctx.calibrator, True,
                             stop_after=calibrated[group[-1]])
             for name in group:
