@@ -239,6 +239,7 @@ def sweep(checkpoint: CheckpointArg,
           targets: Annotated[str, typer.Option("--targets", help="Comma-separated recipe targets.")] = "mlp",
           resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep in OUT.")] = False,
           keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep each run's model.safetensors.")] = False,
+          points: Annotated[str, typer.Option("--points", help="Comma-separated recipes run once each, where their bytes put them (`quantized`: quantize at 8/4/3/2 bits and the composed recipes).")] = "",
           weights: WeightsOpt = None, data: DataOpt = None, device: DeviceOpt = "auto", batch_size: BatchOpt = 16,
           eval_examples: Annotated[Optional[int], typer.Option("--eval-examples", help="Cap on held-out examples.")] = None,
           seed: Annotated[int, typer.Option("--seed")] = 0, as_json: JsonOpt = False) -> None:
@@ -253,6 +254,7 @@ def sweep(checkpoint: CheckpointArg,
         raise CompressError(f"--ratios {ratios!r} is not a list of numbers", "write e.g. --ratios 2,4,10") from None
     options = SweepOptions([m.strip() for m in methods.split(",") if m.strip()], ratio_list, steps=steps, lr=lr,
                            targets=[t.strip() for t in targets.split(",")], keep_checkpoints=keep_checkpoints,
+                           points=[p.strip() for p in points.split(",") if p.strip()],
                            run=RunOptions(data=data, batch_size=batch_size, eval_examples=eval_examples, device=device,
                                           seed=seed))
     progress = RichProgress(enabled=not as_json)

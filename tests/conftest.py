@@ -245,9 +245,48 @@ def _rps_sample(kind: str, mapper: str):
                scale_gradients=True, bias=bias), dense
 
 
+def quantized_(layer, bits: int, group_size: int | None = None, symmetric: bool = True, shared: bool = True):
+    """`layer` (a training form) with its values, and its shared values when `shared`, on a grid of `bits`
+    (round to nearest, as a `quantize` stage with solver rtn stores them)."""
+    from compresscli.codecs.quant.grid import QuantSpec
+    from compresscli.codecs.quant.values import Quantizer
+
+    spec = QuantSpec(bits, group_size, symmetric)
+    if hasattr(layer, "quantizable_values"):
+        layer.quantize_values_(*Quantizer.fit(layer.quantizable_values()[0], spec))
+    for key, values in (layer.quantizable_shared() if shared and hasattr(layer, "quantizable_shared") else {}).items():
+        layer.quantize_shared_(key, *Quantizer.fit(values, spec))
+    return layer
+
+
+def _quantized_sample(make, *grid, **options):
+    def build():
+        layer, dense = make()
+        return quantized_(layer, *grid, **options), dense
+    return build
+
+
+def _quantized_linear_sample(out: int, inputs: int, bits: int, group_size: int | None, symmetric: bool = True):
+    from compresscli.codecs.quant.grid import QuantSpec
+    from compresscli.codecs.quant.values import Quantizer
+    from compresscli.codecs.quantized_linear.training import QuantizedLinear
+
+    dense = nn.Linear(inputs, out)
+    quantizer, weight = Quantizer.fit(dense.weight.detach(), QuantSpec(bits, group_size, symmetric))
+    return QuantizedLinear.from_dense(nn.Linear(inputs, out), quantizer, weight), dense
+
+
+# (bits, group_size, symmetric) of the quantized samples: 8, 4 and 2 bits (tests/test_forms.py needs them),
+# per row and grouped, symmetric and not
+GRIDS = [(8, None, True), (4, 4, True), (2, 8, False)]
+
 # The one table of sample layers every codec test reads: a new codec adds its samples here (the tests
-# parametrized over the codec registry fail, naming this table, until it does).
+# parametrized over the codec registry fail, naming this table, until it does). Quantized values are a
+# property of every codec: each has samples of its values at 8, 4 and 2 bits (`quantized_`).
 CODEC_SAMPLES: dict[str, list[CodecSample]] = {
+    "quantized_linear": [CodecSample(lambda a=a: _quantized_linear_sample(*a), (3, a[1]))
+                         for a in ((32, 256, 4, 128), (16, 32, 8, None), (16, 40, 3, 16), (7, 20, 2, None, False),
+                                   (5, 12, 4, 5, False))],
     "sparse_linear": [CodecSample(lambda f=f: _sparse_sample(nn.Linear(12, 7), f), (3, 12)) for f in ("bitmask", "csr")],
     "sparse_conv2d": [CodecSample(lambda f=f: _sparse_sample(nn.Conv2d(3, 4, 3, padding=1), f),
                                   (2, 3, 6, 6)) for f in ("bitmask", "csr")],
@@ -259,6 +298,21 @@ CODEC_SAMPLES: dict[str, list[CodecSample]] = {
     "rps_conv2d": [CodecSample(lambda m=m: _rps_sample("conv", m), (2, 2, 5, 5)) for m in ("randomfold", "roast")],
     "rps_embedding": [CodecSample(lambda m=m: _rps_sample("embedding", m), None) for m in ("randomfold", "roast")],
 }
+_QUANTIZED_SAMPLES = {  # codec -> the sample layers whose values are quantized at each of GRIDS in turn
+    "sparse_linear": [CodecSample(lambda f=f: _sparse_sample(nn.Linear(12, 7), f), (3, 12)) for f in ("bitmask", "csr")],
+    "sparse_conv2d": [CodecSample(lambda f=f: _sparse_sample(nn.Conv2d(3, 4, 3, padding=1), f), (2, 3, 6, 6))
+                      for f in ("csr", "bitmask")],
+    "condensed_linear": [CodecSample(lambda a=a: _condensed_sample(a), (3, 8)) for a in (True, False)],
+    "condensed_conv2d": [CodecSample(_condensed_conv_sample, (2, 2, 5, 5))],
+    "fips_linear": [CodecSample(lambda o=o, f=f: _fips_sample(o, f), (3, 6) if o == "in" else (3, 10))
+                    for o, f in (("in", "bitmask"), ("out", "csr"))],
+    "rps_linear": [CodecSample(lambda m=m: _rps_sample("linear", m), (3, 6)) for m in ("randomfold", "roast")],
+    "rps_conv2d": [CodecSample(lambda m=m: _rps_sample("conv", m), (2, 2, 5, 5)) for m in ("roast",)],
+    "rps_embedding": [CodecSample(lambda m=m: _rps_sample("embedding", m), None) for m in ("randomfold",)],
+}
+for _codec, _samples in _QUANTIZED_SAMPLES.items():
+    CODEC_SAMPLES[_codec] += [CodecSample(_quantized_sample(sample.make, *grid), sample.shape)
+                              for i, grid in enumerate(GRIDS) for sample in [_samples[i % len(_samples)]]]
 
 
 def codec_samples(codec: str) -> list[CodecSample]:

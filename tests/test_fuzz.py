@@ -238,17 +238,22 @@ TENSOR_SPECS = st.tuples(st.sampled_from(DTYPE_NAMES), st.lists(st.integers(0, 7
                          st.sampled_from(["random", "zeros", "extreme"]))
 NAMES = st.sampled_from(["values", "indices", "rows", "bias", "mask", "col_idx", "row_ptr", "weight_scale",
                          "weight.values", "weight.mask", "weight.col_idx", "weight.row_ptr",
-                         "factor.values", "factor.mask", "factor.col_idx", "factor.row_ptr"])
+                         "factor.values", "factor.mask", "factor.col_idx", "factor.row_ptr",
+                         "weight.codes", "weight.scales", "weight.zeros", "weight.values.codes", "weight.values.scales",
+                         "weight.values.zeros", "values.codes", "values.scales", "values.zeros", "factor.values.codes",
+                         "factor.values.scales"])
 PARAM_KEYS = st.sampled_from(sorted({"in_features", "out_features", "weight_shape", "format", "bias", "nnz", "dtype",
                                      "fan_in", "k", "kept_rows", "ablated", "index_dtype", "in_channels",
                                      "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                                      "padding_mode", "orientation", "width", "hidden", "rank", "base_key",
                                      "counts_base", "memory", "placement", "counted", "scale_gradients",
-                                     "num_embeddings", "embedding_dim", "padding_idx"}))
+                                     "num_embeddings", "embedding_dim", "padding_idx", "quant", "shared_quant"}))
 PLACEMENT_KEYS = st.sampled_from(["memory_size", "mapper", "seed", "offset", "tensor_index", "layout", "block_k",
                                   "block_n", "block_z", "extra"])
 DELETE = "<delete>"
-PARAM_VALUES = JSON_VALUES | st.just(DELETE) | st.lists(SMALL_INTS, max_size=5) | st.sampled_from(
+QUANT_PARAMS = st.fixed_dictionaries({"bits": st.sampled_from([2, 3, 4, 8, 5, 0, True]),
+                                      "group_size": st.none() | SMALL_INTS | BIG_INTS, "symmetric": st.booleans()})
+PARAM_VALUES = JSON_VALUES | st.just(DELETE) | st.lists(SMALL_INTS, max_size=5) | QUANT_PARAMS | st.sampled_from(
     ["bitmask", "csr", "in", "out", "roast", "randomfold", "linear", "conv", "embedding", "same", "valid", "rps.0"])
 CODEC_EDITS = st.one_of(
     st.tuples(st.just("param"), PARAM_KEYS, PARAM_VALUES),
@@ -328,6 +333,7 @@ CODEC_REGRESSIONS: list[tuple[str, int, list[tuple]]] = [
     ("sparse_linear", 0, [("cast", "weight.values", "F8_E4M3")]),  # NotImplementedError: nn.Linear init in float8
     ("sparse_conv2d", 0, [("cast", "weight.values", "I32")]),  # RuntimeError: an int Parameter
     ("sparse_linear", 1, [("reshape", "weight.row_ptr", [])]),  # RuntimeError: repeat_interleave of a 0-d row_ptr
+    ("sparse_linear", 0, [("cast", "bias", "BOOL")]),  # RuntimeError: a bool Parameter (found at 400 examples)
     ("condensed_linear", 0, [("cast", "values", "I64")]),  # RuntimeError: an int Parameter
     ("condensed_linear", 0, [("tensor", "bias", ("I8", [5], "random"))]),  # RuntimeError: an int Parameter
     ("fips_linear", 1, [("tensor", "factor.row_ptr", ("BF16", [], "random"))]),  # RuntimeError: diff of 0-d

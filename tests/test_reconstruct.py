@@ -32,15 +32,17 @@ def _context(model):
 
 
 def _structure(model):
-    """What a recovery stage must not change: every compressed layer's buffers (masks, indices, maps) and
-    where its weights are zero."""
+    """What a recovery stage must not change: every compressed layer's codec and quantization grid, its buffers
+    (masks, indices, maps) and where its weights are zero."""
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, CompressedModule):
+            found[f"{name}.codec"] = (module.codec, module.codec_params().get("quant"))
             for key, buffer in module.named_buffers(recurse=False):
                 found[f"{name}.{key}"] = buffer.clone()
             weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.nn.Parameter):
+            if isinstance(weight, torch.nn.Parameter) and hasattr(module, "mask"):  # (a quantized dense layer's
+                # zeros are weights that rounded to 0, which training may move: not pruned ones)
                 found[f"{name}.zeros"] = weight.detach() == 0
     return found
 
@@ -64,6 +66,8 @@ def test_reconstruct_lowers_the_block_loss_and_keeps_the_structure(method):
     for key, value in before.items():
         if key.endswith(".zeros"):  # a pruned weight is never revived
             assert not (value & ~after[key]).any(), key
+        elif key.endswith(".codec"):  # the same codec, its values on the same grid
+            assert value == after[key], key
         else:
             assert torch.equal(value, after[key]), key
 

@@ -154,7 +154,8 @@ def test_every_codec_round_trips_to_the_same_outputs(codec):
         layer.eval()
         tensors = load_bytes(save_bytes({k: v.contiguous() for k, v in layer.to_tensors().items()}))
         params = json.loads(json.dumps(layer.codec_params()))
-        shared = {k: nn.Parameter(v.detach().clone()) for k, v in layer.shared_tensors().items()}
+        shared = {k: nn.Parameter(v.detach().clone(), requires_grad=v.is_floating_point())
+                  for k, v in layer.shared_tensors().items()}
         decoded = codec_for(codec).from_tensors(tensors, params, shared).eval()
         x = sample.input()
         with torch.no_grad():

@@ -136,3 +136,32 @@ def test_knob_search_steps_over_budgets_too_small_to_build():
     assert measured_ratio(model, names, fips, 0.0005, ctx) == float("inf")
     budget = find_knob(model, names, fips, 4.0, ctx)
     assert budget is not None and measured_ratio(model, names, fips, budget, ctx) == pytest.approx(4, rel=0.05)
+
+
+def test_points_run_once_where_their_bytes_put_them(tmp_path, digits_vit_dir):
+    """Recipes whose size their grid fixes: run once each on the sweep's targets, their recovery given the
+    sweep's steps, listed and plotted at their measured relative bytes."""
+    options = SweepOptions([], [], steps=2, points=["rtn-int8", "condensed-90-int8"],
+                           run=RunOptions(data="digits", eval_examples=64))
+    state = run_sweep(load_checkpoint(digits_vit_dir), options, tmp_path)
+    int8, composed = state["runs"]["rtn-int8"], state["runs"]["condensed-90-int8"]
+    assert int8["status"] == composed["status"] == "ok" and int8["point"] and int8["target_ratio"] is None
+    assert 3.3 < int8["ratio"] < 4.0  # float32 -> int8 codes plus a float32 scale and bias per row
+    assert composed["ratio"] > int8["ratio"] and int8["value"] >= int8["original"] - 0.05
+    report = json.loads((tmp_path / "runs" / "condensed-90-int8" / "report.json").read_text())
+    assert [s["method"] for s in report["recipe"]["stages"]] == ["condensed", "quantize", "finetune"]
+    assert report["recipe"]["stages"][2]["params"]["steps"] == 2
+    assert "| rtn-int8 |" in (tmp_path / "sweep.md").read_text()
+    with pytest.raises(CompressError, match="unknown recipe"):
+        SweepOptions([], [], points=["gptq-int9"])
+
+
+def test_quantized_points_are_bundled_recipes():
+    options = SweepOptions([], [], steps=3, points=["quantized"])
+    from compresscli.commands.sweep import QUANTIZED_POINTS, point_recipe
+
+    assert options.points == QUANTIZED_POINTS
+    for name in QUANTIZED_POINTS:
+        recipe = point_recipe(name, options)
+        assert any(s.method in ("quantize", "sparsegpt") for s in recipe.stages)
+        assert all(s.config.steps == 3 for s in recipe.stages if s.method in ("finetune", "reconstruct"))

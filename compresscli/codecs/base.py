@@ -27,14 +27,23 @@ class CompressedModule(nn.Module):
     # The formats `compress export` can write this codec in besides "dense" (which every codec can: its
     # dense_tensors). compresscli.interop asks the codec rather than keeping a list of its own.
     export_formats: ClassVar[frozenset[str]] = frozenset()
-    codec_version: ClassVar[int] = 1
+    # The newest layer version this build reads. Version 2 layers may store their values quantized (params
+    # "quant" / "shared_quant", codecs/quant); a layer is written as version 1 unless it does, so files
+    # without quantization stay readable by builds before it.
+    codec_version: ClassVar[int] = 2
+    QUANT_PARAMS: ClassVar[tuple[str, ...]] = ("quant", "shared_quant")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def stored_version(self) -> int:
+        """The version this layer is written as: 2 when its values are quantized, else 1."""
+        return 2 if any(k in self.codec_params() for k in self.QUANT_PARAMS) else 1
+
     def shared_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors owned jointly with other layers (a FiPS group's base U, an RPS memory), keyed by a
-        model-wide name. Stored once; on load every layer naming them gets the same nn.Parameter."""
+        model-wide name. Stored once; on load every layer naming them gets the same nn.Parameter (an integer
+        one, not trainable, for quantized codes)."""
         return {}
 
     @classmethod

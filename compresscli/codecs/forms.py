@@ -2,8 +2,8 @@
 
 Each layer is re-decoded by the other form from its own tensors (`to_tensors`, then the other class's
 `from_tensors`): the codec is exact, so nothing is lost either way and no second implementation of any
-codec exists. Tensors several layers share (a FiPS base, an RPS memory) are handed over as they are
-(one new Parameter per tensor, on the same storage), never copied.
+codec exists. Tensors several layers share (a FiPS base, an RPS memory, or their quantized codes and scales)
+are handed over once per model-wide name (one new Parameter per tensor, on the same storage), never copied.
 """
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from compresscli.codecs.base import codec_for
 
 def convert_(model: nn.Module, trainable: bool) -> nn.Module:
     """Every compressed layer of `model` into its training form (`trainable`) or its inference form."""
-    handed_over: dict[int, nn.Parameter] = {}  # id of a shared tensor -> its Parameter in the new form
+    handed_over: dict[str, nn.Parameter] = {}  # model-wide key of a shared tensor -> its Parameter in the new form
     for name, layer in compressed_layers(model).items():
         shared = {}
         for key, tensor in layer.shared_tensors().items():
-            if id(tensor) not in handed_over:
-                handed_over[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=trainable)
-            shared[key] = handed_over[id(tensor)]
+            if key not in handed_over:
+                grad = trainable and tensor.is_floating_point()  # quantized codes never train
+                handed_over[key] = nn.Parameter(tensor.detach(), requires_grad=grad)
+            shared[key] = handed_over[key]
         form = codec_for(layer.codec, trainable)
         new = form.from_tensors(layer.to_tensors(), layer.codec_params(), shared).train(layer.training)
         if not trainable:

@@ -1,5 +1,9 @@
 """`compress sweep`: every method at every compression ratio, one recovery budget, one table.
 
+Beside the ratio grid, `points` are recipes whose size their own settings fix (a quantized grid, a method
+then `quantize`): each runs once, on the sweep's targets, its recovery stages given the sweep's steps, and is
+placed where its measured bytes put it (every stage that trains gets the sweep's steps) (QUANTIZED_POINTS: quantize at 8/4/3/2 bits and the composed recipes).
+
 "Compression ratio" means dense bytes of the targeted weights / their actual bytes on disk, for
 every method alike. Each method exposes one knob (sparsity, compression factor, budget); the knob
 for a ratio is found by bisection on dry runs (compress, no training) measuring real encoded
@@ -31,10 +35,14 @@ from compresscli.engine.options import RunOptions
 from compresscli.engine.stage import layer_bytes
 from compresscli.engine.planning import resolve_stage_targets
 from compresscli.engine.whole_model import run_recipe
-from compresscli.engine.recipe import Recipe, Stage, make_config
+from compresscli.engine.recipe import Recipe, Stage, load_recipe, make_config
 from compresscli.core.registry import did_you_mean
 
 log = logging.getLogger(__name__)
+
+# `--points quantized`: the bundled quantized and composed recipes (issue 21's sweep points)
+QUANTIZED_POINTS = ["gptq-int8", "gptq-int4", "gptq-int3", "gptq-int2", "sparsegpt-50-int4", "fips-40-int8",
+                    "fips-40-int4", "rps-10-int8", "condensed-90-int8"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,14 @@ class SweepOptions:
     targets: list[str] = field(default_factory=lambda: ["mlp"])
     keep_checkpoints: bool = False
     run: RunOptions = field(default_factory=RunOptions)
+    points: list[str] = field(default_factory=list)  # recipes run once each ("quantized": QUANTIZED_POINTS)
 
     def __post_init__(self) -> None:
         check_methods(self.methods)
-        if not self.ratios or any(not r >= 1 for r in self.ratios):
+        self.points = [p for name in self.points for p in (QUANTIZED_POINTS if name == "quantized" else [name])]
+        for name in self.points:
+            point_recipe(name, self)  # an unknown recipe or bad stage is refused before anything runs
+        if self.methods and (not self.ratios or any(not r >= 1 for r in self.ratios)):
             raise CompressError(f"every ratio must be >= 1 (dense bytes / bytes on disk), got {self.ratios}",
                                 "drop ratios below 1, e.g. --ratios 2,4,10")
         if self.steps < 0 or not self.lr > 0:
@@ -95,6 +107,19 @@ def stage_config(spec: SweepMethod, knob_value: float, options: SweepOptions | N
         params.update(config.sweep_recovery(options.steps, options.lr)[0])
         config = make_config(spec.method, params)
     return config
+
+
+def point_recipe(name: str, options: SweepOptions) -> Recipe:
+    """Recipe `name` on the sweep's targets, each stage that trains (finetune, reconstruct, FiPS's own
+    reconstruction) given the sweep's steps."""
+    overrides = []
+    for i, stage in enumerate(load_recipe(name).stages):
+        if stage.targets:
+            overrides.append(f"{i}.targets=[{', '.join(options.targets)}]")
+        if hasattr(stage.config, "steps"):
+            overrides.append(f"{i}.steps={options.steps}")
+    recipe = load_recipe(name, overrides)
+    return Recipe(f"sweep point: {name} ({recipe.description})", recipe.stages, f"sweep {name}")
 
 
 def finetune_steps(config: MethodConfig, options: SweepOptions) -> int:
@@ -158,36 +183,25 @@ def run_sweep(ckpt: Checkpoint, options: SweepOptions, out: Path, resume: bool =
         raise CompressError(f"{out} already holds a sweep", "pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     state = json.loads(state_path.read_text()) if state_path.exists() else {"runs": {}}
-    state["config"] = {"source": ckpt.name, "methods": options.methods, "ratios": options.ratios,
+    state["config"] = {"source": ckpt.name, "methods": options.methods, "ratios": options.ratios, "points": options.points,
                        "steps": options.steps, "lr": options.lr, "targets": options.targets,
                        "data": options.run.data, "seed": options.run.seed}
     original = ckpt.model
     arch = detect(original)
     probe = Stage(make_config("magnitude", {}), options.targets)
     names = resolve_stage_targets(probe, arch, original, "sweep targets")
-    jobs = [(m, r) for m in options.methods for r in options.ratios]
+    jobs = [(m, r) for m in options.methods for r in options.ratios] + [(p, None) for p in options.points]
     knob_cache: dict[tuple[str, float], float | None] = {}
     specs = sweep_methods()
     for i, (name, ratio) in enumerate(jobs):
-        run_id = f"{name}-x{ratio:g}"
+        run_id = name if ratio is None else f"{name}-x{ratio:g}"
         if state["runs"].get(run_id, {}).get("status") in ("ok", "diverged"):
             continue  # done before the interruption; a failed run is tried again
         started = time.time()
-        entry: dict[str, Any] = {"method": name, "target_ratio": ratio}
+        entry: dict[str, Any] = {"method": name, "target_ratio": ratio, "point": ratio is None}
         try:
-            spec = specs[name]
-            key = (spec.storage, ratio)
-            if key not in knob_cache:
-                knob_cache[key] = find_knob(original, names, spec, ratio, StageContext(dry_run=True))
-            knob = knob_cache[key]
-            if knob is None:
-                raise CompressError(f"{name} cannot reach {ratio:g}x on these targets")
-            entry["knob"] = {spec.knob.name: knob}
-            config = stage_config(spec, knob, options)
-            stages = [Stage(config, options.targets)]
-            if finetune_steps(config, options):
-                stages.append(Stage(FinetuneConfig(steps=finetune_steps(config, options), lr=options.lr), []))
-            recipe = Recipe(f"sweep: {name} at {ratio:g}x", stages, f"sweep {run_id}")
+            recipe = point_recipe(name, options) if ratio is None else ratio_recipe(
+                original, names, specs[name], ratio, options, knob_cache, entry)
             run_ckpt = copy.copy(ckpt)
             run_ckpt.model = copy.deepcopy(original)
             run_dir = out / "runs" / run_id
@@ -216,6 +230,23 @@ def run_sweep(ckpt: Checkpoint, options: SweepOptions, out: Path, resume: bool =
             on_run(i + 1, len(jobs), run_id, entry)
     write_outputs(out, state)
     return state
+
+
+def ratio_recipe(original: nn.Module, names: list[str], spec: SweepMethod, ratio: float, options: SweepOptions,
+                 knob_cache: dict[tuple[str, float], float | None], entry: dict[str, Any]) -> Recipe:
+    """The method of `spec` at the knob that reaches `ratio` (found once per storage), then its finetune."""
+    key = (spec.storage, ratio)
+    if key not in knob_cache:
+        knob_cache[key] = find_knob(original, names, spec, ratio, StageContext(dry_run=True))
+    knob = knob_cache[key]
+    if knob is None:
+        raise CompressError(f"{entry['method']} cannot reach {ratio:g}x on these targets")
+    entry["knob"] = {spec.knob.name: knob}
+    config = stage_config(spec, knob, options)
+    stages = [Stage(config, options.targets)]
+    if finetune_steps(config, options):
+        stages.append(Stage(FinetuneConfig(steps=finetune_steps(config, options), lr=options.lr), []))
+    return Recipe(f"sweep: {entry['method']} at {ratio:g}x", stages, f"sweep {entry['method']}-x{ratio:g}")
 
 
 def write_outputs(out: Path, state: dict[str, Any]) -> None:

@@ -101,7 +101,8 @@ def forms_difference(layer: CompressedModule, shared: dict[str, nn.Parameter] | 
     own = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in own.items()}
     for key, tensor in layer.shared_tensors().items():
         if key not in shared:  # on the CPU whatever the run's device: this checks the codec, not a device
-            shared[key] = nn.Parameter(tensor.detach().float().cpu().clone(), requires_grad=False)
+            tensor = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()  # (codes stay ints)
+            shared[key] = nn.Parameter(tensor.cpu().clone(), requires_grad=False)
     own_shared = {k: shared[k] for k in layer.shared_tensors()}
     params = layer.codec_params()
     x = probe_input(layer)

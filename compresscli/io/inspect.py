@@ -93,8 +93,10 @@ def _extra_bytes(meta: dict[str, Any]) -> int:
 
 
 def _value_dtype(header: dict, keys: list[str]) -> str:
+    """The dtype the layer's dense equivalent is counted in: its float values', or (quantized) its scales'."""
+    scales = [k for k in keys if k.endswith(".scales")]
     values = [k for k in keys if k.endswith("values") or k.endswith("weight")]
-    return header[(values or keys)[0]]["dtype"]
+    return header[(scales or values or keys)[0]]["dtype"]
 
 
 def _nbytes(header: dict, keys: list[str]) -> int:

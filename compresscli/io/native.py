@@ -30,7 +30,7 @@ _MISMATCH = "the config.json does not match the weight files"
 
 
 def layer_metadata(layer: CompressedModule) -> dict[str, Any]:
-    return {"shared": sorted(layer.shared_tensors()), "codec": layer.codec, "version": layer.codec_version,
+    return {"shared": sorted(layer.shared_tensors()), "codec": layer.codec, "version": layer.stored_version(),
             "params": layer.codec_params(), "stored_params": layer.stored_parameters(),
             "dense_shapes": {k: list(v) for k, v in layer.dense_equivalent().items()}}
 
@@ -168,12 +168,13 @@ def check_layer_tensors(name: str, codec: str, own: set[str], wanted: set[str], 
 
 def shared_parameter(key: str, tensor: torch.Tensor, where: str, trainable: bool = True) -> nn.Parameter:
     """A shared tensor (FiPS base, RPS memory) as the Parameter layers share (trainable or not): floating
-    point only. A Parameter, not a buffer, also in the inference form: `Module.to` keeps one Parameter
-    shared where it would copy a buffer once per layer holding it."""
-    if not tensor.is_floating_point():
-        raise CheckpointError(f"{where}: shared tensor {SHARED_PREFIX}{key} is {tensor.dtype}, not floating point",
-                              _DAMAGED)
-    return nn.Parameter(tensor, requires_grad=trainable)
+    point, or 8-bit integer codes of quantized values (never trainable; the codec checks them). A Parameter,
+    not a buffer, also in the inference form: `Module.to` keeps one Parameter shared where it would copy a
+    buffer once per layer holding it."""
+    if not tensor.is_floating_point() and tensor.dtype not in (torch.int8, torch.uint8):
+        raise CheckpointError(f"{where}: shared tensor {SHARED_PREFIX}{key} is {tensor.dtype}, neither floating "
+                              "point nor quantized codes", _DAMAGED)
+    return nn.Parameter(tensor, requires_grad=trainable and tensor.is_floating_point())
 
 
 def decode_layer(cls: type[CompressedModule], name: str, tensors: dict[str, torch.Tensor], params: dict[str, Any],

@@ -3,7 +3,9 @@ from calibration data, no training. Unstructured (each column block at `sparsity
 fan-in stored in the condensed format (`format: condensed`: every row keeps exactly
 k = round((1 - s) * in) inputs and runs on the condensed kernel). `scope: global` spends one
 threshold of the OBS costs over all targets to set each layer's sparsity first (the layers then
-solve in order as usual), so sensitive layers keep more.
+solve in order as usual), so sensitive layers keep more. With `bits`, the kept weights are quantized in the
+same sweep (the SparseGPT paper's joint mode: each weight rounded to its grid when its column is reached, its
+error compensated like a pruning error) and stored on that grid (codecs/quant).
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from compresscli.codecs.quant.grid import QuantSpec
 from compresscli.core.errors import StageError
 from compresscli.methods.cost import Workload
 from compresscli.methods.solvers.activation_stats import collect, forward_groups
 from compresscli.methods.base import MethodConfig, SizeKnob, StageContext, register_method
+from compresscli.methods.solvers.column_grid import ColumnGrid
 from compresscli.methods.solvers.obs import MaskSpec, inverse_cholesky, sparsegpt
 from compresscli.methods.solvers.one_shot import check_fan_ins, check_n_m, linear_targets, prior_keep, prune_in_order
 
@@ -33,9 +37,18 @@ class SparseGPTConfig(MethodConfig):
     scope: Literal["layer", "global"] = "layer"  # each layer at `sparsity`, or per-layer sparsities from one threshold
     blocksize: int = 128  # columns solved together (the mask is chosen per block)
     percdamp: float = 0.01  # damping of H, as a fraction of mean(diag H); raised x10 on Cholesky failure
+    bits: int | None = None  # also quantize the kept weights in the same sweep: 8, 4, 3 or 2 (null: floats)
+    group_size: int | None = 128  # with bits: inputs per scale; null: one scale per output row
+    symmetric: bool = True  # with bits: false adds an int8 zero point per scale
+    clip: Literal["auto", "mse", "minmax"] = "auto"  # with bits: scales by range search (mse below 8 bits) or full range
 
     def __post_init__(self) -> None:
         check_n_m(self.n_m)
+        if self.bits is not None:
+            try:
+                QuantSpec(self.bits, self.group_size, self.symmetric)
+            except ValueError as err:
+                raise StageError(str(err)) from None
         if self.n_m is not None:
             self.sparsity = 1 - self.n_m[0] / self.n_m[1]
             if self.scope != "layer":
@@ -59,6 +72,11 @@ class SparseGPTConfig(MethodConfig):
         return per_layer + (4 * work.weights if self.scope == "global" else 0) + work.weights
 
     def resident_bytes(self, work: Workload) -> int:
+        if self.bits is not None:  # the same, plus a scale mantissa and exponent per group
+            return self._pruned_resident(work) + 2 * work.value_bytes * work.weights // (self.group_size or work.fan_in)
+        return self._pruned_resident(work)
+
+    def _pruned_resident(self, work: Workload) -> int:
         if self.format == "condensed":
             return int((1 - self.sparsity) * work.weights * (work.value_bytes + 2)) - work.weights * work.value_bytes
         return work.weights  # a bool mask beside each dense weight
@@ -94,7 +112,7 @@ def sparsegpt_stage(model: nn.Module, selected: dict[str, nn.Module], config: Sp
                     ctx: StageContext) -> dict[str, Any]:
     layers = linear_targets(selected)
     check_fan_ins(layers, config.n_m)
-    blocksize = max(config.blocksize // config.n_m[1], 1) * config.n_m[1] if config.n_m else config.blocksize
+    unit = config.n_m[1] if config.n_m else 1
     if config.scope == "global":
         if ctx.calibrator is None:
             raise StageError("sparsegpt needs calibration data, but none was given (pass --data)")
@@ -102,9 +120,19 @@ def sparsegpt_stage(model: nn.Module, selected: dict[str, nn.Module], config: Sp
     else:
         sparsity = {name: config.sparsity for name in layers}
 
-    def solve(name: str, layer: nn.Linear, stats) -> tuple[torch.Tensor, torch.Tensor]:
-        return sparsegpt(layer.weight, stats.hessian(), config.spec(sparsity[name]), prior_keep(layer), blocksize,
-                         config.percdamp, name)
+    def solve(name: str, layer: nn.Linear, stats):
+        grid = None
+        if config.bits is not None:
+            dtype = layer.weight.dtype if layer.weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+            grid = ColumnGrid(QuantSpec(config.bits, config.group_size, config.symmetric), *layer.weight.shape, dtype,
+                              ("mse" if config.bits < 8 else "minmax") if config.clip == "auto" else config.clip,
+                              layer.weight.device)
+        blocksize = grid.blocksize(config.blocksize, unit) if grid else max(config.blocksize // unit, 1) * unit
+        weight, keep = sparsegpt(layer.weight, stats.hessian(), config.spec(sparsity[name]), prior_keep(layer),
+                                 blocksize, config.percdamp, name, grid)
+        return weight, keep, None if grid is None else grid.quantizer()
 
     stats = prune_in_order(model, layers, ctx, solve, config.format, keep_gram=True)
-    return {**stats, "scope": config.scope, "n_m": config.n_m, "format": config.format}
+    quant = {} if config.bits is None else {"bits": config.bits, "group_size": config.group_size,
+                                            "symmetric": config.symmetric}
+    return {**stats, "scope": config.scope, "n_m": config.n_m, "format": config.format, **quant}

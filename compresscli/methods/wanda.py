@@ -73,9 +73,9 @@ def wanda_stage(model: nn.Module, selected: dict[str, nn.Module], config: WandaC
     layers = linear_targets(selected)
     check_fan_ins(layers, config.n_m)
 
-    def solve(name: str, layer: nn.Linear, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(name: str, layer: nn.Linear, stats) -> tuple[torch.Tensor, torch.Tensor, None]:
         keep = wanda_keep(layer.weight, stats.norms(), config.sparsity, config.n_m, prior_keep(layer))
-        return layer.weight.detach() * keep, keep
+        return layer.weight.detach() * keep, keep, None
 
     stats = prune_in_order(model, layers, ctx, solve, config.format, keep_gram=False)
     return {**stats, "n_m": config.n_m, "format": config.format}

@@ -5,6 +5,9 @@ Stored as `values` (R x k, the model's dtype) and `indices` (R x k, int16 when t
 int32), plus `rows` (the R kept output ids, only when neurons were ablated) and the full `bias`: an
 ablated neuron outputs its bias. A conv is viewed as out x (in/groups * kh * kw).
 
+The values may be stored quantized (codecs/quant: `values.codes` + `values.scales`, params "quant"), on a
+grid over the (R, fan_in) coordinates: a value's scale is that of its row and its input's column group.
+
 The structure lives in `forward`, so recovery training only moves the kept values; the indices are
 buffers. The training form (training.py) holds the values as a Parameter, the inference form
 (inference.py) as a buffer: the same tensors, nothing trainable. Loading checks the indices (range, one entry per input per neuron) and the row ids, so a
@@ -22,6 +25,8 @@ from torch import nn
 from compresscli import kernels
 from compresscli.core.errors import CheckpointError
 from compresscli.codecs.base import CONV_ARGS, CompressedModule, conv_params
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import QuantizedValues, Quantizer, tensor_names
 from compresscli.codecs.sparse.encoding import VALUE_DTYPES, index_dtype
 
 
@@ -66,15 +71,23 @@ class _Condensed(CompressedModule):
     dense_grad_sink: Callable[[torch.Tensor], None] | None = None
     trainable: ClassVar[bool]  # the training form's values and bias are Parameters, the inference form's buffers
 
-    def _init_condensed(self, values: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor | None,
+    def _init_condensed(self, values: torch.Tensor | QuantizedValues, indices: torch.Tensor, rows: torch.Tensor | None,
                         bias: torch.Tensor | None) -> None:
-        problem = structure_problem(values, indices, rows, self.out_features, self.fan_in)
+        """`values` float (R, k), or stored quantized: the training form then trains their dequantized
+        shadow through a Quantizer, the inference form keeps them as they are (`quantized`)."""
+        stored = values if isinstance(values, QuantizedValues) else None
+        shape_of_values = torch.empty(stored.shape, device="meta") if stored is not None else values
+        problem = structure_problem(shape_of_values, indices, rows, self.out_features, self.fan_in)
         if problem:
             raise ValueError(problem)
+        self.register_module("quantizer", None if stored is None or not self.trainable else Quantizer.of(stored))
+        self.register_module("quantized", None if self.trainable else stored)
+        if stored is not None and self.trainable:
+            values = stored.dequantize(columns=indices)
         if self.trainable:
             self.values = nn.Parameter(values.detach().clone())
         else:
-            self.register_buffer("values", values.detach().contiguous())
+            self.register_buffer("values", None if stored is not None else values.detach().contiguous())
         self.register_buffer("indices", indices.to(index_dtype(self.fan_in)).contiguous())
         self.register_buffer("rows", None if rows is None else rows.to(index_dtype(self.out_features)))
         if self.trainable:
@@ -84,11 +97,36 @@ class _Condensed(CompressedModule):
 
     @property
     def k(self) -> int:
-        return self.values.shape[1]
+        return self.indices.shape[1]
+
+    def float_values(self) -> torch.Tensor:
+        """The values (R, k) the layer computes with: as held, rounded to the grid (training form, quantized),
+        or dequantized for the call (inference form, quantized)."""
+        if self.quantizer is not None:
+            return self.quantizer(self.values, columns=self.indices)
+        if self.quantized is not None:
+            return self.quantized.dequantize(columns=self.indices)
+        return self.values
+
+    def _spec(self) -> QuantSpec | None:
+        held = self.quantizer or self.quantized
+        return None if held is None else held.spec
+
+    def quantizable_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values to quantize as the (R, fan_in) matrix they sit in, and the kept entries' mask."""
+        dense = kernels.scatter_dense(self.float_values().detach(), self.indices, self.fan_in)
+        kept = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, self.indices.long(), True)
+        return dense, kept
+
+    def quantize_values_(self, quantizer: Quantizer, values: torch.Tensor) -> None:
+        """Store the values on `quantizer`'s grid from now on, the shadow read from `values` (R, fan_in)."""
+        with torch.no_grad():
+            self.values.copy_(values.gather(1, self.indices.long()))
+        self.quantizer = quantizer.to(self.values.device)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight this layer equals (zeros where nothing is kept); differentiable in `values`."""
-        kept = kernels.scatter_dense(self.values, self.indices, self.fan_in)  # (R, fan_in)
+        kept = kernels.scatter_dense(self.float_values(), self.indices, self.fan_in)  # (R, fan_in)
         if self.rows is not None:
             kept = kept.new_zeros(self.out_features, self.fan_in).index_copy(0, self.rows.long(), kept)
         weight = kept.view(self.weight_shape)
@@ -104,7 +142,7 @@ class _Condensed(CompressedModule):
     def mask(self) -> torch.Tensor:
         """Bool (out, fan_in): which weights are kept."""
         ones = torch.ones_like(self.indices, dtype=torch.bool)
-        mask = torch.zeros(self.values.shape[0], self.fan_in, dtype=torch.bool, device=self.indices.device)
+        mask = torch.zeros(self.indices.shape[0], self.fan_in, dtype=torch.bool, device=self.indices.device)
         mask.scatter_(1, self.indices.long(), ones)
         if self.rows is not None:
             mask = mask.new_zeros(self.out_features, self.fan_in).index_copy(0, self.rows.long(), mask)
@@ -112,37 +150,52 @@ class _Condensed(CompressedModule):
 
     def stored_parameters(self) -> int:
         """Stored values plus the bias; indices and row ids are structure (they count in bytes, not here)."""
-        return self.values.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return self.indices.numel() + (self.bias.numel() if self.bias is not None else 0)
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
         return {"weight": torch.Size(self.weight_shape), **self._bias_entry(shape=True)}
 
+    def _stored_values(self) -> dict[str, torch.Tensor]:
+        if self.quantizer is not None:
+            return self.quantizer.tensors("values", self.quantizer.codes(self.values, columns=self.indices))
+        if self.quantized is not None:
+            return self.quantized.tensors("values")
+        return {"values": self.values.detach()}
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"values": self.values.detach(), "indices": self.indices}
+        tensors = {**self._stored_values(), "indices": self.indices}
         if self.rows is not None:
             tensors["rows"] = self.rows
         return {**tensors, **self._bias_entry()}
 
     def _condensed_params(self) -> dict[str, Any]:
+        dtype = (self.values if self.quantized is None else self.quantized.scales).dtype
+        quant = {} if self._spec() is None else {"quant": self._spec().to_params()}
         return {"out_features": self.out_features, "fan_in": self.fan_in, "k": self.k,
-                "kept_rows": self.values.shape[0], "ablated": self.rows is not None, "bias": self.bias is not None,
-                "dtype": str(self.values.dtype).removeprefix("torch."),
-                "index_dtype": str(self.indices.dtype).removeprefix("torch.")}
+                "kept_rows": self.indices.shape[0], "ablated": self.rows is not None, "bias": self.bias is not None,
+                "dtype": str(dtype).removeprefix("torch."),
+                "index_dtype": str(self.indices.dtype).removeprefix("torch."), **quant}
 
     @classmethod
     def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
-        names = {"values", "indices"}
+        spec = QuantSpec.from_params(params.get("quant"))
+        names = {"indices"} | ({"values"} if spec is None else tensor_names("values", spec))
         return names | ({"rows"} if params["ablated"] else set()) | ({"bias"} if params["bias"] else set())
 
     @classmethod
     def _checked(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
         """The constructor's tensor arguments, after checking them against the metadata."""
-        values, indices, rows = tensors["values"], tensors["indices"], tensors.get("rows")
-        problem = structure_problem(values, indices, rows, params["out_features"], params["fan_in"])
+        indices, rows, spec = tensors["indices"], tensors.get("rows"), QuantSpec.from_params(params.get("quant"))
+        values = tensors.get("values")
+        if spec is not None:  # codes for the (R, k) values, on a grid over (R, fan_in)
+            values = QuantizedValues.from_tensors(tensors, "values", spec, tuple(indices.shape),
+                                                  (indices.shape[0], params["fan_in"]))
+        shape_of_values = values if spec is None else torch.empty(values.shape, device="meta")
+        problem = structure_problem(shape_of_values, indices, rows, params["out_features"], params["fan_in"])
         if problem is None and indices.dtype not in (torch.int16, torch.int32):
             problem = f"indices are stored as int16 or int32, found {indices.dtype}"
-        if problem is None and values.shape[1] != params["k"]:
-            problem = f"values hold k={values.shape[1]} per neuron, the metadata says k={params['k']}"
+        if problem is None and indices.shape[1] != params["k"]:
+            problem = f"values hold k={indices.shape[1]} per neuron, the metadata says k={params['k']}"
         bias = tensors.get("bias")
         if problem is None and bias is not None and (bias.shape != (params["out_features"],)
                                                      or bias.dtype not in VALUE_DTYPES):
@@ -182,13 +235,13 @@ class _CondensedLinear(_Condensed):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (N, in)
         bias = self.bias if self.rows is None or self.bias is None else self.bias[self.rows.long()]
-        y, path = kernels.condensed_mm(x2d, self.values, self.indices, bias, self.in_features)  # (N, R)
+        y, path = kernels.condensed_mm(x2d, self.float_values(), self.indices, bias, self.in_features)  # (N, R)
         self.__dict__["last_path"] = path  # past nn.Module.__setattr__: a few us per call on tiny layers
         return self._expand(y).view(*lead, self.out_features)  # (..., out)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
-                f"kept_rows={self.values.shape[0]}, bias={self.bias is not None}")
+                f"kept_rows={self.indices.shape[0]}, bias={self.bias is not None}")
 
     def codec_params(self) -> dict[str, Any]:
         return {"in_features": self.in_features, **self._condensed_params()}

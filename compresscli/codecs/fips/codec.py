@@ -4,7 +4,9 @@ times a private sparse factor.
 The weight, viewed as d x h (d the block width, h the hidden width), is U @ (V * mask): U (d x r) is
 one nn.Parameter shared by every layer of a group of blocks, V (r x h) belongs to this layer and is
 sparse. A layer of orientation "in" maps d -> h (an MLP's fc1 / gate / up), one of orientation "out"
-maps h -> d (fc2 / down). Stored as U once (a shared tensor) plus V as values + bitmask or CSR.
+maps h -> d (fc2 / down). Stored as U once (a shared tensor) plus V as values + bitmask or CSR. Either may
+be quantized (codecs/quant): V's values (params "quant", on a grid over V's (r, h)) and U (params
+"shared_quant", stored as the shared tensors KEY.codes / KEY.scales on a grid over (d, r)).
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import torch
 from torch import nn
 
 from compresscli.codecs.base import CompressedModule
-from compresscli.codecs.sparse import encoding
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import tensor_names
+from compresscli.codecs.sparse import encoding, quantized
 from compresscli.core.errors import CheckpointError
 
 ORIENTATIONS = ("in", "out")
@@ -22,10 +26,10 @@ ORIENTATIONS = ("in", "out")
 
 class _FipsCodec(CompressedModule):
     """What both forms of a FiPS layer share: the codec (U a shared tensor, V values + bitmask or CSR, the
-    bias dense) and the sizes. A form gives V masked and its mask (`_factor_and_mask`), V's shape, its
-    non-zero count and value dtype."""
+    bias dense) and the sizes. A form gives V masked and its mask (`_factor_and_mask`), U as it computes
+    (`_base_values`), V's non-zero count, value dtype and the specs V and U are quantized by (None: floats)."""
 
-    base: nn.Parameter  # (d, r), the same nn.Parameter object in every layer of the group
+    base: nn.Module  # (d, r): the same object in every layer of the group (a Parameter, or its stored codes)
     bias: torch.Tensor | None
     orientation: str
     base_key: str
@@ -39,6 +43,19 @@ class _FipsCodec(CompressedModule):
         raise NotImplementedError
 
     def _value_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def _base_values(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _specs(self) -> tuple[QuantSpec | None, QuantSpec | None]:
+        """(V's spec, U's spec)."""
+        raise NotImplementedError
+
+    def _encoded_factor(self) -> dict[str, torch.Tensor]:
+        return encoding.encode(*self._factor_and_mask(), self.storage_format)[1]
+
+    def _shared_stored(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     @property
@@ -64,44 +81,55 @@ class _FipsCodec(CompressedModule):
     def weight_dxh(self) -> torch.Tensor:
         """The effective weight viewed as d x h (fc1's weight transposed, fc2's weight as is)."""
         factor, _ = self._factor_and_mask()
-        return self.base @ factor.to(self.base.dtype)
+        base = self._base_values()
+        return base @ factor.to(base.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         weight = self.weight_dxh()  # (d, h): fc2's (out, in) as is, fc1's transposed
         return weight.t() if self.orientation == "in" else weight
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        _, encoded = encoding.encode(*self._factor_and_mask(), self.storage_format)
-        return {**{f"factor.{k}": v for k, v in encoded.items()}, **self._bias_entry()}
+        return {**{f"factor.{k}": v for k, v in self._encoded_factor().items()}, **self._bias_entry()}
 
     def shared_tensors(self) -> dict[str, torch.Tensor]:
-        return {self.base_key: self.base}
+        return self._shared_stored()
 
     @classmethod
     def expected_shared(cls, params: dict[str, Any]) -> set[str]:
-        return {params["base_key"]}
+        spec = QuantSpec.from_params(params.get("shared_quant"))
+        return {params["base_key"]} if spec is None else tensor_names(params["base_key"], spec)
 
     def codec_params(self) -> dict[str, Any]:
         nnz = self._nnz()
         value_bytes = torch.empty(0, dtype=self._value_dtype()).element_size()
         fmt = encoding.choose_format(self.rank, self.hidden, nnz, value_bytes, self.storage_format)
+        own, base = self._specs()
+        quant = ({} if own is None else {"quant": own.to_params()}) | \
+            ({} if base is None else {"shared_quant": base.to_params()})
         return {"orientation": self.orientation, "width": self.width, "hidden": self.hidden, "rank": self.rank,
                 "base_key": self.base_key, "counts_base": self.counts_base, "format": fmt, "nnz": nnz,
-                "bias": self.bias is not None, "dtype": str(self._value_dtype()).removeprefix("torch.")}
+                "bias": self.bias is not None, "dtype": str(self._value_dtype()).removeprefix("torch."), **quant}
 
     @classmethod
     def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
-        names = {f"factor.{k}" for k in encoding.TENSORS_BY_FORMAT[params["format"]]}
-        return names | ({"bias"} if params["bias"] else set())
+        spec = QuantSpec.from_params(params.get("quant"))
+        stored = encoding.TENSORS_BY_FORMAT[params["format"]] if spec is None else quantized.names(params["format"], spec)
+        return {f"factor.{k}" for k in stored} | ({"bias"} if params["bias"] else set())
 
     @staticmethod
     def _checked(tensors: dict[str, torch.Tensor], params: dict[str, Any],
-                 shared: dict[str, nn.Parameter] | None) -> tuple[nn.Parameter, dict[str, torch.Tensor]]:
-        """The shared base and V's encoding, after checking the base's and the bias's shapes."""
+                 shared: dict[str, nn.Parameter] | None) -> tuple[nn.Parameter | None, dict[str, torch.Tensor]]:
+        """The shared base (None when it is stored quantized: the form decodes it) and V's encoding, after
+        checking the base's and the bias's shapes."""
         base = (shared or {}).get(params["base_key"])
-        if base is None:
+        base_spec = QuantSpec.from_params(params.get("shared_quant"))
+        if base_spec is not None:
+            base = None
+            if not tensor_names(params["base_key"], base_spec) <= set(shared or {}):
+                raise ValueError(f"fips_linear needs the shared base {params['base_key']!r}, quantized")
+        elif base is None:
             raise ValueError(f"fips_linear needs the shared base {params['base_key']!r}")
-        if tuple(base.shape) != (params["width"], params["rank"]):
+        if base is not None and tuple(base.shape) != (params["width"], params["rank"]):
             raise ValueError(f"shared base {params['base_key']!r} is {tuple(base.shape)}, "
                              f"expected {(params['width'], params['rank'])}")
         bias, outputs = tensors.get("bias"), params["hidden"] if params["orientation"] == "in" else params["width"]
@@ -114,7 +142,7 @@ class _FipsCodec(CompressedModule):
         """Non-zeros of V, the bias, and U (d x r) in the one layer of its group with `counts_base`,
         so a model-wide sum counts the shared base exactly once."""
         count = self._nnz() + (self.bias.numel() if self.bias is not None else 0)
-        return count + (self.base.numel() if self.counts_base else 0)
+        return count + (self.width * self.rank if self.counts_base else 0)
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
         return {"weight": torch.Size((self.out_features, self.in_features)), **self._bias_entry(shape=True)}

@@ -1,5 +1,6 @@
 """The inference form of a FiPS layer: U once per group and V held as its file holds it (CompactSparse), run
-by the row-sparse kernels; U @ V is never formed."""
+by the row-sparse kernels; U @ V is never formed. Quantized U or V are held as their codes and scales and
+dequantized for each call (an "in" layer's quantized V then multiplies densely: its codes are not transposed)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +11,8 @@ from torch import nn
 
 from compresscli.codecs.base import register_inference_form
 from compresscli.codecs.fips.codec import ORIENTATIONS, _FipsCodec
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import QuantizedValues
 from compresscli.codecs.sparse.matrix import CompactSparse
 
 
@@ -28,13 +31,22 @@ class CompactFipsLinear(_FipsCodec):
         if params["orientation"] not in ORIENTATIONS:
             raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {params['orientation']!r}")
         base, encoded = self._checked(tensors, params, shared)
-        self.base = base
+        base_spec, spec = QuantSpec.from_params(params.get("shared_quant")), QuantSpec.from_params(params.get("quant"))
+        shape = (params["width"], params["rank"])
+        self.base = base if base_spec is None else QuantizedValues.from_tensors(shared, params["base_key"], base_spec,
+                                                                                 shape, shape)
         self.orientation, self.base_key, self.counts_base = params["orientation"], params["base_key"], params["counts_base"]
         self._hidden = params["hidden"]
         self.storage_format = params["format"]  # the file's: its tensors are in it, so its params must say so
         self.matrix = CompactSparse.from_encoded(params["format"], encoded, (params["rank"], params["hidden"]),
-                                                 transpose=self.orientation == "in")
+                                                 transpose=self.orientation == "in" and spec is None, spec=spec,
+                                                 nnz=params["nnz"])
         self.register_buffer("bias", tensors.get("bias"))
+
+    @property
+    def transposed(self) -> bool:
+        """Whether V is held transposed (an "in" layer's float V, for the row-sparse product)."""
+        return self.orientation == "in" and self.matrix.quantized is None
 
     @property
     def hidden(self) -> int:
@@ -42,22 +54,41 @@ class CompactFipsLinear(_FipsCodec):
 
     def _factor_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         factor, mask = self.matrix.dense(), self.matrix.mask()
-        return (factor.t(), mask.t()) if self.orientation == "in" else (factor, mask)
+        return (factor.t(), mask.t()) if self.transposed else (factor, mask)
 
     def _nnz(self) -> int:
         return self.matrix.nnz()
 
     def _value_dtype(self) -> torch.dtype:
-        return self.matrix.values.dtype
+        return self.matrix.value_dtype
+
+    def _base_values(self) -> torch.Tensor:
+        return self.base.dequantize() if isinstance(self.base, QuantizedValues) else self.base
+
+    def _specs(self) -> tuple[QuantSpec | None, QuantSpec | None]:
+        return (None if self.matrix.quantized is None else self.matrix.quantized.spec,
+                self.base.spec if isinstance(self.base, QuantizedValues) else None)
+
+    def _encoded_factor(self) -> dict[str, torch.Tensor]:
+        return super()._encoded_factor() if self.matrix.quantized is None else self.matrix.encoded()
+
+    def _shared_stored(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.base, QuantizedValues):
+            return self.base.tensors(self.base_key)
+        return {self.base_key: self.base}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
-        if self.orientation == "in":  # (N, d) @ U -> (N, r), then V: (N, r) -> (N, h)
-            y, path = self.matrix.mm(x2d @ self.base, self.bias)
+        base = self._base_values()
+        if self.orientation == "in" and not self.transposed:  # quantized V, dequantized: (N, d) @ U @ V
+            y, path = (x2d @ base) @ self.matrix.dense(), "dense"
+            y = y if self.bias is None else y + self.bias
+        elif self.orientation == "in":  # (N, d) @ U -> (N, r), then V: (N, r) -> (N, h)
+            y, path = self.matrix.mm(x2d @ base, self.bias)
         else:  # V: (N, h) -> (N, r), then U^T: (N, r) -> (N, d)
             z, path = self.matrix.mm(x2d)
-            y = F.linear(z, self.base, self.bias)
+            y = F.linear(z, base, self.bias)
         self.__dict__["last_path"] = path  # past nn.Module.__setattr__: a few us per call on tiny layers
         return y.view(*lead, self.out_features)
 
@@ -69,5 +100,6 @@ class CompactFipsLinear(_FipsCodec):
     @classmethod
     def inference_extra_bytes(cls, params: dict[str, Any]) -> int:
         shape = (params["rank"], params["hidden"])
-        rows, cols = shape[::-1] if params["orientation"] == "in" else shape
-        return CompactSparse.extra_bytes(params["format"], rows, cols, params["nnz"], params["orientation"] == "in")
+        transposed = params["orientation"] == "in" and params.get("quant") is None
+        rows, cols = shape[::-1] if transposed else shape
+        return CompactSparse.extra_bytes(params["format"], rows, cols, params["nnz"], transposed)

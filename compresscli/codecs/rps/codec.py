@@ -1,5 +1,6 @@
 """The RPS codec, what both forms of a randomized-parameter-sharing layer share: the memory (a shared
-tensor, stored once), the placement that fixes the map (never stored: recomputed from a few integers),
+tensor, stored once, as floats or quantized: codecs/quant, params "shared_quant", on a grid over the memory
+viewed as one row), the placement that fixes the map (never stored: recomputed from a few integers),
 the per-tensor scale and the bias, and the layer layouts (Linear, Conv2d, Embedding).
 """
 from __future__ import annotations
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 from compresscli.codecs.base import CONV_ARGS, CompressedModule, conv_params
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import QuantizedValues, tensor_names
 from compresscli.codecs.rps.hashing import Placement
 from compresscli.core.errors import CheckpointError
 
@@ -31,7 +34,7 @@ def _stored_problem(tensors: dict[str, torch.Tensor], placement: Any, memory: to
     layout = placement.get("layout", "linear")
     if layout not in ("linear", "conv", "embedding") or (layout == "linear" and dims != 2):  # roast tiles it 2-D
         return f"placement layout {str(layout)[:20]!r} does not fit a {dims}-D weight"
-    if placement.get("memory_size") != memory.numel():
+    if placement.get("memory_size") != memory.shape[-1]:
         return f"the placement is for {placement.get('memory_size')} memory slots, the memory holds {memory.numel()}"
     scale, bias = tensors["weight_scale"], tensors.get("bias")
     if scale.numel() != 1 or not scale.is_floating_point():
@@ -45,10 +48,13 @@ class _SharedWeightCodec(CompressedModule):
     """What every RPS layer shares, in both forms: the memory, the placement, the scale, the bias, and the
     codec plumbing (stored per layer: the scale and the bias; the memory once, as a shared tensor)."""
 
-    memory: nn.Parameter
+    memory: nn.Module  # (M,): a Parameter, or (inference form, quantized) its stored codes
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
     scale_gradients: bool
+
+    def _memory_spec(self) -> QuantSpec | None:
+        raise NotImplementedError
 
     def _init_codec(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
                     scale: float, scale_gradients: bool, counted: bool) -> None:
@@ -60,13 +66,14 @@ class _SharedWeightCodec(CompressedModule):
         self.counted = counted
         self.scale_gradients = scale_gradients
         # the scale as stored (memory dtype), so the slot sums are the same after compression and after loading
-        self.register_buffer("weight_scale", torch.tensor(float(scale), dtype=memory.dtype).to(memory.device))
+        like = memory.scales if isinstance(memory, QuantizedValues) else memory
+        self.register_buffer("weight_scale", torch.tensor(float(scale), dtype=like.dtype).to(like.device))
 
     def stored_parameters(self) -> int:
         """The scale, the bias, and the whole memory counted once: by the group's first tensor."""
         own = 1 + (self.bias.numel() if self.bias is not None else 0)
         first = self.placement.tensor_index == 0 and self.counted
-        return own + (self.memory.numel() if first else 0)
+        return own + (self.placement.memory_size if first else 0)
 
     def dense_equivalent(self) -> dict[str, torch.Size]:
         return {"weight": torch.Size(self.weight_shape), **self._bias_entry(shape=True)}
@@ -79,25 +86,38 @@ class _SharedWeightCodec(CompressedModule):
 
     @classmethod
     def expected_shared(cls, params: dict[str, Any]) -> set[str]:
-        return {params["memory"]}
+        spec = QuantSpec.from_params(params.get("shared_quant"))
+        return {params["memory"]} if spec is None else tensor_names(params["memory"], spec)
 
     @classmethod
     def expected_tensors(cls, params: dict[str, Any]) -> set[str]:
         return {"weight_scale"} | ({"bias"} if params["bias"] else set())
 
     def _shared_params(self) -> dict[str, Any]:
+        spec = self._memory_spec()
+        quant = {} if spec is None else {"shared_quant": spec.to_params()}
         return {"memory": self.memory_name, "placement": self.placement.to_dict(), "counted": self.counted,
-                "scale_gradients": self.scale_gradients, "bias": self.bias is not None}
+                "scale_gradients": self.scale_gradients, "bias": self.bias is not None, **quant}
 
     @staticmethod
     def _shared_args(tensors: dict[str, torch.Tensor], params: dict[str, Any],
                      shared: dict[str, nn.Parameter] | None, dims: int = 2) -> dict[str, Any]:
-        if not shared or params["memory"] not in shared:
+        """The constructor's arguments; the memory is the shared Parameter, or (quantized) its stored codes."""
+        spec = QuantSpec.from_params(params.get("shared_quant"))
+        wanted = {params["memory"]} if spec is None else tensor_names(params["memory"], spec)
+        if not shared or not wanted <= set(shared):
             raise ValueError(f"RPS layer needs the shared memory {params['memory']!r}")
-        problem = _stored_problem(tensors, params["placement"], shared[params["memory"]], dims)
+        memory = shared.get(params["memory"])
+        if spec is not None:  # its size is the placement's, checked before the codes are
+            size = params["placement"].get("memory_size") if isinstance(params["placement"], dict) else None
+            if type(size) is not int or not 0 < size < 2**40:
+                raise CheckpointError("invalid RPS layer: placement needs a memory_size in [1, 2^40)",
+                                      "the file is damaged; re-export it")
+            memory = QuantizedValues.from_tensors(shared, params["memory"], spec, (1, size), (1, size))
+        problem = _stored_problem(tensors, params["placement"], memory, dims)
         if problem:
             raise CheckpointError(f"invalid RPS layer: {problem}", "the file is damaged; re-export it")
-        return {"memory": shared[params["memory"]], "memory_name": params["memory"],
+        return {"memory": memory, "memory_name": params["memory"],
                 "placement": Placement(**params["placement"]), "scale": float(tensors["weight_scale"]),
                 "scale_gradients": params["scale_gradients"], "bias": tensors.get("bias"),
                 "counted": params.get("counted", True)}

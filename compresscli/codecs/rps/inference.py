@@ -19,6 +19,8 @@ from torch import nn
 
 from compresscli.kernels import cpu
 from compresscli.codecs.base import register_inference_form
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import QuantizedValues
 from compresscli.codecs.rps.codec import _ConvLayout, _EmbeddingLayout, _LinearLayout, _SharedWeightCodec
 
 ROW_CHUNK = 1 << 22  # weights computed at once in a forward (16 MiB in float32), so a huge layer never is whole
@@ -31,14 +33,28 @@ class _CompactShared(_SharedWeightCodec):
     def _init_weight(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Any,
                       scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
         self._init_codec(shape, memory, memory_name, placement, scale, scale_gradients, counted)
-        self.register_buffer("bias", None if bias is None else bias.to(memory.device))
+        self.register_buffer("bias", None if bias is None else bias.to(self.weight_scale.device))
         self.register_buffer("cached_weight", None, persistent=False)
         # the kernel's integers, computed once (not a buffer: they stay on the CPU whatever device the layer is on)
         self.__dict__["_spec"] = torch.tensor(placement.kernel_spec(self.weight_shape), dtype=torch.int64)
 
+    def _memory_values(self) -> torch.Tensor:
+        """The memory (M,) as floats: as held, or dequantized for the call."""
+        if isinstance(self.memory, QuantizedValues):
+            return self.memory.dequantize().view(-1)
+        return self.memory.detach()
+
+    def _memory_spec(self) -> QuantSpec | None:
+        return self.memory.spec if isinstance(self.memory, QuantizedValues) else None
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.memory, QuantizedValues):
+            return self.memory.tensors(self.memory_name)
+        return super().shared_tensors()
+
     def weight_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the weight, (stop - start, *weight_shape[1:]), computed now."""
-        memory, shape = self.memory.detach(), self.weight_shape
+        memory, shape = self._memory_values(), self.weight_shape
         if memory.device.type == "cpu" and memory.dtype in cpu.DTYPES and cpu.available():
             rows = cpu.rps_weight(memory, self._spec, float(self.weight_scale), start, stop, math.prod(shape[1:]))
             return rows.view(stop - start, *shape[1:])
@@ -52,7 +68,7 @@ class _CompactShared(_SharedWeightCodec):
 
     def _prepare(self) -> None:
         """Before a call: on CUDA, compute the weight once and keep it (see the module docstring)."""
-        if self.cached_weight is None and self.cache_on_gpu and self.memory.is_cuda:
+        if self.cached_weight is None and self.cache_on_gpu and self.weight_scale.is_cuda:
             self.cache_weights_()
 
     @property
@@ -101,5 +117,5 @@ class CompactRPSEmbedding(_EmbeddingLayout, _CompactShared):
         self._prepare()
         if self.cached_weight is not None:
             return F.embedding(ids, self.cached_weight)
-        index, sign = self.placement.locate_rows(self.weight_shape, ids.to(self.memory.device))
-        return self.memory.detach()[index] * (sign * self.weight_scale)
+        index, sign = self.placement.locate_rows(self.weight_shape, ids.to(self.weight_scale.device))
+        return self._memory_values()[index] * (sign * self.weight_scale)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscli.codecs.base import register_codec
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import QuantizedValues, Quantizer, shared_shadow
 from compresscli.codecs.rps.codec import _ConvLayout, _EmbeddingLayout, _LinearLayout, _SharedWeightCodec
 from compresscli.codecs.rps.hashing import Placement
 from compresscli.codecs.rps.slot_norms import book_for
@@ -26,9 +28,14 @@ class _SharedWeight(_SharedWeightCodec):
     index: torch.Tensor
     sign: torch.Tensor
 
-    def _init_weight(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Placement,
-                     scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
+    def _init_weight(self, shape: tuple[int, ...], memory: nn.Parameter | QuantizedValues, memory_name: str,
+                     placement: Placement, scale: float, scale_gradients: bool, bias: torch.Tensor | None,
+                     counted: bool = True) -> None:
+        quantizer = None
+        if isinstance(memory, QuantizedValues):  # stored quantized: its shadow and grid, shared as the memory is
+            memory, quantizer = shared_shadow(memory, (placement.memory_size,))
         self._init_codec(shape, memory, memory_name, placement, scale, scale_gradients, counted)
+        self.register_module("memory_quantizer", quantizer)  # the same Quantizer in every layer sharing the memory
         index, sign = placement.locate(self.weight_shape)
         # the map is derived data: never in state_dict, recomputed on load
         self.register_buffer("index", index.to(memory.device), persistent=False)  # (weight shape) int64
@@ -38,11 +45,37 @@ class _SharedWeight(_SharedWeightCodec):
         if counted:
             self.book.add(index, float(self.weight_scale))
 
+    def _memory_values(self) -> torch.Tensor:
+        """The memory as the weights read it: rounded to its grid when quantized; its gradient STABLE-RPS scaled."""
+        memory = self.book.scaled_memory(self.memory)
+        if self.memory_quantizer is None:
+            return memory
+        return self.memory_quantizer(memory.view(1, -1)).view(-1)
+
+    def _memory_spec(self) -> QuantSpec | None:
+        return None if self.memory_quantizer is None else self.memory_quantizer.spec
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        if self.memory_quantizer is None:
+            return super().shared_tensors()
+        memory = self.memory.view(1, -1)
+        return self.memory_quantizer.tensors(self.memory_name, self.memory_quantizer.codes(memory))
+
+    def quantizable_shared(self) -> dict[str, torch.Tensor]:
+        """The shared values (key -> (rows, cols)) a quantize stage may put on a grid: the memory, one row."""
+        with torch.no_grad():
+            return {self.memory_name: self._memory_values().detach().view(1, -1)}
+
+    def quantize_shared_(self, key: str, quantizer: Quantizer, values: torch.Tensor) -> None:
+        """The memory on `quantizer`'s grid from now on (the same for every layer sharing it)."""
+        with torch.no_grad():
+            self.memory.copy_(values.view(-1))
+        self.memory_quantizer = quantizer.to(self.memory.device)
+
     @property
     def weight(self) -> torch.Tensor:
         """The materialised weight (differentiable w.r.t. the memory); read-only."""
-        memory = self.book.scaled_memory(self.memory)
-        return memory[self.index] * (self.sign * self.weight_scale)  # (weight shape)
+        return self._memory_values()[self.index] * (self.sign * self.weight_scale)  # (weight shape)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
@@ -65,7 +98,7 @@ class RPSConv2d(_ConvLayout, _SharedWeight):
 class RPSEmbedding(_EmbeddingLayout, _SharedWeight):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # gather only the looked-up rows: (...) ids -> (..., dim), never the whole table
-        memory = self.book.scaled_memory(self.memory)
+        memory = self._memory_values()
         out = memory[self.index[ids]] * (self.sign[ids] * self.weight_scale)
         if self.padding_idx is not None:  # as nn.Embedding: the padding row receives no gradient
             out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)

@@ -75,8 +75,10 @@ def _is_index(t: torch.Tensor) -> bool:
     return t.dim() == 1 and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> str | None:
-    """Why `tensors` are not a `fmt` encoding of a `shape` weight, or None when they are.
+def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
+                      count: int | None = None) -> str | None:
+    """Why `tensors` are not a `fmt` encoding of a `shape` weight, or None when they are. `count`: the
+    number of values, when they are stored quantized (codecs/quant) instead of as a float `values` tensor.
 
     Checked before `decode` allocates or indexes anything: sizes come from the stored tensors (a
     bitmask holds a bit per weight, a row pointer an entry per row), so a damaged file is a message,
@@ -85,12 +87,16 @@ def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[i
         return f"unknown sparse format {fmt!r}, expected one of {sorted(TENSORS_BY_FORMAT)}"
     if not shape or not all(type(s) is int and s >= 0 for s in shape):
         return f"weight shape {list(shape)} is not a list of sizes"
-    missing = TENSORS_BY_FORMAT[fmt] - set(tensors)
+    missing = TENSORS_BY_FORMAT[fmt] - set(tensors) - ({"values"} if count is not None else set())
     if missing:
         return f"{fmt} needs tensors {sorted(missing)}"
-    rows, cols, values = shape[0], math.prod(shape[1:]), tensors["values"]
-    if values.dim() != 1 or values.dtype not in VALUE_DTYPES:
-        return f"values must be a 1-D float16/bfloat16/float32/float64 tensor, got {values.dtype} {list(values.shape)}"
+    rows, cols = shape[0], math.prod(shape[1:])
+    if count is None:
+        values = tensors["values"]
+        if values.dim() != 1 or values.dtype not in VALUE_DTYPES:
+            return (f"values must be a 1-D float16/bfloat16/float32/float64 tensor, got {values.dtype} "
+                    f"{list(values.shape)}")
+        count = values.numel()
     if fmt == "bitmask":
         mask = tensors["mask"]
         if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (rows * cols + 7) // 8:
@@ -100,11 +106,11 @@ def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[i
     row_ptr, col_idx = tensors["row_ptr"], tensors["col_idx"]
     if not _is_index(row_ptr) or row_ptr.numel() != rows + 1:
         return f"row_ptr must be {rows + 1} integers, got {row_ptr.dtype} {list(row_ptr.shape)}"
-    if not _is_index(col_idx) or col_idx.numel() != values.numel():
-        return f"col_idx must be {values.numel()} integers (one per value), got {col_idx.dtype} {list(col_idx.shape)}"
+    if not _is_index(col_idx) or col_idx.numel() != count:
+        return f"col_idx must be {count} integers (one per value), got {col_idx.dtype} {list(col_idx.shape)}"
     steps = row_ptr.long().diff()
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.numel() or bool((steps < 0).any()):
-        return f"row_ptr must rise from 0 to {values.numel()} (the number of values)"
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != count or bool((steps < 0).any()):
+        return f"row_ptr must rise from 0 to {count} (the number of values)"
     if col_idx.numel() and (int(col_idx.min()) < 0 or int(col_idx.max()) >= cols):
         return f"col_idx must lie in [0, {cols})"
     rising = col_idx.long().diff() > 0
@@ -114,22 +120,23 @@ def structure_problem(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[i
     return None
 
 
-def decode_mask(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+def decode_mask(fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
+                count: int | None = None) -> torch.Tensor:
     """The bool (rows, cols) mask an encoding selects, after checking it (`structure_problem`, and one
-    stored value per selected entry)."""
-    problem = structure_problem(fmt, tensors, tuple(shape))
+    stored value per selected entry; `count` values when they are stored quantized)."""
+    problem = structure_problem(fmt, tensors, tuple(shape), count)
     if problem:
         raise CheckpointError(f"invalid sparse {fmt} encoding: {problem}", "the file is damaged; re-export it")
     rows, cols = shape[0], math.prod(shape[1:])
-    values = tensors["values"]
+    count = tensors["values"].numel() if count is None else count
     if fmt == "bitmask":
         mask2d = unpack_bits(tensors["mask"], rows * cols).view(rows, cols)
     else:
         mask2d = row_sparse_mask(tensors["col_idx"], tensors["row_ptr"], rows, cols)
     selected = int(torch.count_nonzero(mask2d))
-    if selected != values.numel():  # a bitmask with other counts, or a CSR row naming a column twice
+    if selected != count:  # a bitmask with other counts, or a CSR row naming a column twice
         raise CheckpointError(f"invalid sparse {fmt} encoding: it selects {selected} entries but "
-                              f"{values.numel()} values are stored", "the file is damaged; re-export it")
+                              f"{count} values are stored", "the file is damaged; re-export it")
     return mask2d
 
 

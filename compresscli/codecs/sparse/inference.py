@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscli.codecs.base import conv_params, register_inference_form
+from compresscli.codecs.quant.grid import QuantSpec
 from compresscli.codecs.sparse.matrix import CompactSparse
 from compresscli.codecs.sparse.codec import CONV_LAYOUT, _SparseCodec
 
@@ -23,8 +24,9 @@ class _CompactWeight(_SparseCodec):
     def _init_compact(self, tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> None:
         self.weight_shape = tuple(params["weight_shape"])
         self.storage_format = params["format"]  # the file's: its tensors are in it, so its params must say so
-        self.matrix = CompactSparse.from_encoded(params["format"], self._encoded_weight(tensors), self.weight_shape)
-        self.register_buffer("bias", tensors.get("bias"))
+        self.matrix = CompactSparse.from_encoded(params["format"], self._encoded_weight(tensors), self.weight_shape,
+                                                 spec=QuantSpec.from_params(params.get("quant")), nnz=params["nnz"])
+        self.register_buffer("bias", self._bias(tensors))
 
     def dense_weight(self) -> torch.Tensor:
         return self.matrix.dense().view(self.weight_shape)
@@ -47,7 +49,10 @@ class _CompactWeight(_SparseCodec):
         return self.matrix.nnz()
 
     def _value_dtype(self) -> torch.dtype:
-        return self.matrix.values.dtype
+        return self.matrix.value_dtype
+
+    def _spec(self) -> QuantSpec | None:
+        return None if self.matrix.quantized is None else self.matrix.quantized.spec
 
     @classmethod
     def inference_extra_bytes(cls, params: dict[str, Any]) -> int:

@@ -4,7 +4,8 @@ The bytes stay those on disk plus O(rows): a bitmask layer keeps its bits (one i
 each row padded to whole words so that a row starts at a word, at most 63 bits more per row) and an int64
 offset per row into the values; a CSR layer keeps its int16/int32 column indices and its row pointer
 (int64 here, int32 on disk). Which of the two a layer uses is the one its file chose (the smaller).
-`mm` runs the product through kernels.sparse_mm, which never keeps a dense copy.
+`mm` runs the product through kernels.sparse_mm, which never keeps a dense copy. Quantized values
+(codecs/quant) are held as their codes and scales and dequantized for each product.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from compresscli import kernels
-from compresscli.codecs.sparse import encoding
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import QuantizedValues
+from compresscli.codecs.sparse import encoding, quantized
 
 
 def pack_row_words(mask: torch.Tensor) -> torch.Tensor:
@@ -34,17 +37,24 @@ def _row_offsets(mask: torch.Tensor) -> torch.Tensor:
 
 
 class CompactSparse(nn.Module):
-    """A (rows, cols) sparse matrix: `values` (nnz,), `cols` (bitmask words, or column indices),
-    `row_ptr` (rows + 1,) int64 offsets into `values`. Buffers only: nothing here trains."""
+    """A (rows, cols) sparse matrix: `values` (nnz,) or, quantized, `quantized` (their codes as one row, on a
+    grid over the matrix), `cols` (bitmask words, or column indices), `row_ptr` (rows + 1,) int64 offsets into
+    the values. Buffers only: nothing here trains."""
 
-    values: torch.Tensor
+    values: torch.Tensor | None
     cols: torch.Tensor
     row_ptr: torch.Tensor
 
-    def __init__(self, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, shape: tuple[int, int]):
+    def __init__(self, values: torch.Tensor | QuantizedValues, cols: torch.Tensor, row_ptr: torch.Tensor,
+                 shape: tuple[int, int]):
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
-        self.register_buffer("values", values.contiguous())
+        if isinstance(values, QuantizedValues):
+            self.quantized = values
+            self.register_buffer("values", None)
+        else:
+            self.register_module("quantized", None)
+            self.register_buffer("values", values.contiguous())
         self.register_buffer("cols", cols.contiguous())
         self.register_buffer("row_ptr", row_ptr.to(torch.int64).contiguous())
 
@@ -72,9 +82,14 @@ class CompactSparse(nn.Module):
 
     @classmethod
     def from_encoded(cls, fmt: str, encoded: dict[str, torch.Tensor], shape: tuple[int, ...],
-                     transpose: bool = False) -> "CompactSparse":
+                     transpose: bool = False, spec: QuantSpec | None = None, nnz: int = 0) -> "CompactSparse":
         """From a encoding of a `shape` weight (checked there), viewed as rows x the rest and
-        kept in `fmt`; with `transpose`, of its transpose (dense only while it is transposed)."""
+        kept in `fmt`; with `transpose`, of its transpose (dense only while it is transposed); with `spec`,
+        of `nnz` quantized values (never transposed)."""
+        if spec is not None:
+            values, mask = quantized.decode(fmt, encoded, shape, spec, nnz)
+            cols = encoded["col_idx"] if fmt == "csr" else pack_row_words(mask).to(mask.device)
+            return cls(values, cols, _row_offsets(mask), tuple(mask.shape))
         if transpose:
             dense, mask = encoding.decode(fmt, encoded, shape)
             return cls.from_masked(dense.t(), mask.t(), fmt)
@@ -85,11 +100,26 @@ class CompactSparse(nn.Module):
 
     def encoded(self) -> dict[str, torch.Tensor]:
         """The encoding of this matrix, in the format it mirrors, without forming it densely."""
+        values = {"values": self.values} if self.quantized is None else self.quantized.tensors("values")
         if self.fmt == "csr":
-            return {"values": self.values, "col_idx": self.cols, "row_ptr": self.row_ptr.to(torch.int32)}
+            return {**values, "col_idx": self.cols, "row_ptr": self.row_ptr.to(torch.int32)}
         words = self.cols.cpu().numpy().view(np.uint8)  # (rows, 8 * words per row), little-endian bytes
         bits = np.unpackbits(words, axis=1, bitorder="little")[:, :self.shape[1]]  # (rows, cols)
-        return {"values": self.values, "mask": torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="big"))}
+        return {**values, "mask": torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="big"))}
+
+    def float_values(self) -> torch.Tensor:
+        """The values (nnz,) as floats: as held, or dequantized for the caller (each value's scale is that of
+        its row and, grouped, of its column's group)."""
+        if self.quantized is None:
+            return self.values
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.cols.device), self.row_ptr.diff())
+        grouped = self.quantized.scales.shape[1] > 1
+        cols = None if not grouped else self.cols if self.fmt == "csr" else self.mask().nonzero()[:, 1]
+        return self.quantized.dequantize(rows=rows, columns=cols)
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        return (self.values if self.quantized is None else self.quantized.scales).dtype
 
     def mask(self) -> torch.Tensor:
         """Bool (rows, cols): which entries are stored."""
@@ -97,14 +127,14 @@ class CompactSparse(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """The dense (rows, cols) matrix, zeros where nothing is stored (made for the caller, not kept)."""
-        return kernels.sparse_dense(self.values, self.cols, self.row_ptr, *self.shape)
+        return kernels.sparse_dense(self.float_values(), self.cols, self.row_ptr, *self.shape)
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         """x (N, cols) @ self^T (+ bias) -> ((N, rows), the kernel path that ran)."""
-        return kernels.sparse_mm(x, self.values, self.cols, self.row_ptr, bias, *self.shape)
+        return kernels.sparse_mm(x, self.float_values(), self.cols, self.row_ptr, bias, *self.shape)
 
     def nnz(self) -> int:
-        return self.values.numel()
+        return self.values.numel() if self.quantized is None else self.quantized.shape[1]
 
     @staticmethod
     def extra_bytes(fmt: str, rows: int, cols: int, nnz: int = 0, transposed: bool = False) -> int:

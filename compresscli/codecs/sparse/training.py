@@ -1,5 +1,6 @@
 """The training forms of the sparse layers: a dense weight Parameter and a fixed mask, so that recovery trains
-the kept entries (the inference forms, inference.py, hold only what the file holds)."""
+the kept entries, and (quantized values) a Quantizer rounding them to the grid in every forward (the inference
+forms, inference.py, hold only what the file holds)."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresscli.codecs.base import conv_params, register_codec
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.codecs.quant.values import Quantizer
+from compresscli.codecs.sparse import quantized
 from compresscli.codecs.sparse.codec import CONV_LAYOUT, _SparseCodec
 
 
@@ -20,8 +24,10 @@ class _SparseWeight(_SparseCodec):
     """
 
     mask: torch.Tensor
+    quantizer: Quantizer | None  # quantized values: the grid over the weight viewed as (out, rest)
 
     def _init_mask(self, mask: torch.Tensor | None) -> None:
+        self.register_module("quantizer", None)
         if mask is None:
             mask = torch.ones_like(self.weight, dtype=torch.bool)
         self.register_buffer("mask", mask.to(device=self.weight.device, dtype=torch.bool))
@@ -47,12 +53,43 @@ class _SparseWeight(_SparseCodec):
     @classmethod
     def _decoded(cls, layer: "_SparseWeight", tensors: dict[str, torch.Tensor], params: dict[str, Any]):
         """`layer` (built on the meta device) holding the decoded weight, in the format its file chose."""
-        weight, mask = cls._decode_weight(tensors, params)
+        spec = QuantSpec.from_params(params.get("quant"))
         layer.storage_format = params["format"]
-        return layer._load(weight, mask, tensors.get("bias"))
+        if spec is None:
+            weight, mask = cls._decode_weight(tensors, params)
+            return layer._load(weight, mask, cls._bias(tensors))
+        shape = tuple(params["weight_shape"])
+        values, mask = quantized.decode(params["format"], cls._encoded_weight(tensors), shape, spec, params["nnz"])
+        layer._load(quantized.dense(values, mask).view(shape), mask.view(shape), cls._bias(tensors))
+        layer.quantizer = Quantizer.of(values)
+        return layer
+
+    def _rounded_weight(self) -> torch.Tensor:
+        """The weight as it computes: the shadow, rounded to the grid when the values are quantized."""
+        if self.quantizer is None:
+            return self.weight
+        return self.quantizer(self.weight.view(self.weight.shape[0], -1)).view(self.weight.shape)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight * self.mask
+        return self._rounded_weight() * self.mask
+
+    def quantizable_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values to quantize as a (rows, cols) matrix (zero where pruned) and the kept entries' mask."""
+        return self.dense_weight().detach().view(self.weight.shape[0], -1), self.mask.view(self.weight.shape[0], -1)
+
+    def quantize_values_(self, quantizer: Quantizer, values: torch.Tensor) -> None:
+        """Store the values on `quantizer`'s grid from now on, the shadow set to `values` (rows, cols)."""
+        with torch.no_grad():
+            self.weight.copy_(values.view(self.weight.shape) * self.mask)
+        self.quantizer = quantizer.to(self.weight.device)
+
+    def _encoded(self) -> dict[str, torch.Tensor]:
+        if self.quantizer is None:
+            return super()._encoded()
+        return quantized.encode(self.weight, self.mask, self.quantizer, self.storage_format)
+
+    def _spec(self) -> QuantSpec | None:
+        return None if self.quantizer is None else self.quantizer.spec
 
     def _weight_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight, self.mask

@@ -13,6 +13,13 @@ the end of the block). Which weights go is chosen per block (adaptive mask selec
   per-block counts summing to exactly cols - k, so every row keeps exactly k = round((1 - s) cols)
   inputs (the condensed format's constraint; N:M is its evenly spread special case).
 Weights already pruned (`keep` False) cost nothing and go first; they are never revived.
+
+With a `grid` (column_grid.py) every kept weight is also rounded to a quantization grid when its column is
+reached, and the rounding error is propagated exactly like a pruning error: that is GPTQ (sparsity 0) and
+SparseGPT's joint prune-and-quantize mode. Pruned weights stay exactly 0; the compensation the sweep sends to
+a weight already pruned reaches it before its column and is passed on, with its value, when the column is
+reached, so every error ends up compensated by weights that are kept (measured on MiniLM: 1% more output
+error than re-solving each row on its kept support alone, at 1/55 of the time).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import torch
 
 from compresscli.core.errors import StageError
 from compresscli.core.precision import exact_float32
+from compresscli.methods.solvers.column_grid import ColumnGrid
 
 
 @dataclass(frozen=True)
@@ -38,9 +46,11 @@ class MaskSpec:
 
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float, name: str, retries: int = 3) -> torch.Tensor:
     """The upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); on failure retried
-    with ten times the damping, up to `retries` times, then in float64, then an error naming the layer."""
+    with ten times the damping, up to `retries` times, then in float64, then an error naming the layer.
+    Float32, or float64 for a float64 H (the tests' exact references)."""
     mean_diag = torch.diag(hessian).mean().item()
-    for dtype in (torch.float32, torch.float64):
+    exact = hessian.dtype == torch.float64
+    for dtype in (torch.float64,) if exact else (torch.float32, torch.float64):
         damp = percdamp
         for _ in range(retries + 1):
             h = hessian.to(dtype).clone()
@@ -49,7 +59,7 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float, name: str, retries:
             if info.item() == 0:
                 inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
                 if info.item() == 0 and torch.isfinite(inverse).all():
-                    return inverse.float()
+                    return inverse if exact else inverse.float()
             damp *= 10
     raise StageError(f"{name}: the calibration Hessian is not positive definite even with damping "
                      f"{damp / 10:g} x mean(diag H) in float64 (are its inputs finite?); give more or other "
@@ -70,17 +80,23 @@ def _fan_in_counts(cols: int, blocksize: int, pruned: int) -> list[int]:
 @torch.no_grad()
 @exact_float32()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = None,
-              blocksize: int = 128, percdamp: float = 0.01, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
-    """(pruned and updated weight in float32, keep mask), for `weight` (rows x cols) and H (cols x cols)."""
-    W = weight.detach().float().clone()
+              blocksize: int = 128, percdamp: float = 0.01, name: str = "layer",
+              grid: ColumnGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pruned and updated weight in float32, keep mask), for `weight` (rows x cols) and H (cols x cols); with
+    `grid`, the weight is on it and the grid holds its codes and scales. `blocksize` must already be a
+    multiple of N:M's M and of the grid's group (ColumnGrid.blocksize)."""
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.detach().to(work).clone()
     rows, cols = W.shape
-    H = hessian.float().clone()
+    H = hessian.to(work).clone()
     dead = torch.diag(H) == 0  # inputs that are always zero: nothing to preserve, their weights go
     H[dead, dead] = 1
     W[:, dead] = 0
     Hinv = inverse_cholesky(H, percdamp, name)
     prior = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.to(torch.bool).clone()
     pruned_mask = torch.zeros_like(W, dtype=torch.bool)
+    if grid is not None:
+        grid.start(W, prior)
     fan_in_counts = _fan_in_counts(cols, blocksize, cols - spec.kept_per_row(cols)) if spec.fan_in else None
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
@@ -116,6 +132,8 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep:
                 mask1.scatter_(1, i + torch.topk(group, m - n, dim=1, largest=False).indices, True)
             q = w.clone()
             q[mask1[:, i]] = 0
+            if grid is not None:
+                q = grid.round(i1 + i, q, W1[:, i:], mask1[:, i:])
             Q1[:, i] = q
             err = (w - q) / d[i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

@@ -3,7 +3,8 @@ group by group in the order the forward reaches them (layers reading the same in
 group's statistics gathered with the layers before it already pruned, so their error is seen and
 compensated downstream (the papers' sequential mode; in the block-by-block engine the calibrator
 only runs the current block). Results become SparseLinear layers (values + bitmask/CSR) or, for a
-constant fan-in, CondensedLinear layers that run on the condensed kernel.
+constant fan-in, CondensedLinear layers that run on the condensed kernel; a solver that also quantized the
+kept weights (SparseGPT's joint mode) gives their grid, and the layer stores its values on it.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from compresscli.core.errors import StageError
 from compresscli.codecs.base import replace_module
 from compresscli.codecs import SparseLinear
 from compresscli.codecs.condensed.training import CondensedLinear
+from compresscli.codecs.quant.values import Quantizer
 from compresscli.methods.solvers.activation_stats import InputStats, collect, forward_groups
 from compresscli.methods.base import StageContext, leaf_layers
 
-# (layer name, layer, its input statistics) -> (pruned weight, keep mask)
-Solver = Callable[[str, nn.Linear, InputStats], tuple[torch.Tensor, torch.Tensor]]
+# (layer name, layer, its input statistics) -> (pruned weight, keep mask, the grid it is on or None)
+Solver = Callable[[str, nn.Linear, InputStats], tuple[torch.Tensor, torch.Tensor, Quantizer | None]]
 
 
 def linear_targets(selected: dict[str, nn.Module]) -> dict[str, nn.Linear]:
@@ -81,8 +83,11 @@ def prune_in_order(model: nn.Module, layers: dict[str, nn.Linear], ctx: StageCon
             stats = collect(model, {n: layers[n] for n in group}, ctx.calibrator, keep_gram,
                             stop_after=layers[group[-1]])
             for name in group:
-                weight, keep = solve(name, layers[name], stats[name])
-                replace_module(model, name, pruned_layer(layers[name], weight, keep, storage))
+                weight, keep, quantizer = solve(name, layers[name], stats[name])
+                pruned = pruned_layer(layers[name], weight, keep, storage)
+                if quantizer is not None:
+                    pruned.quantize_values_(quantizer, weight)
+                replace_module(model, name, pruned)
                 sparsity[name] = round(1 - keep.float().mean().item(), 4)
                 bar.advance(1)
             del stats

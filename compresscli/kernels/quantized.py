@@ -1,0 +1,155 @@
+"""Weight-only quantized products on the CPU through torch's own kernels, for dense layers whose weight is
+stored as integer codes (torch_kernels.md in the research notes has their exact semantics and timings):
+
+  int8   aten._weight_int8pack_mm(x, codes, scales): y = scales[n] * sum_k x[m, k] codes[n, k]. Symmetric int8,
+         one scale per row, scales in x's dtype. The file's codes are its operand as they are. Its bfloat16
+         path (AVX512 / AVX2) reads 16 inputs at a time with aligned loads and no tail: it needs K % 16 == 0
+         and 32-byte aligned rows, or it reads past the row (wrong results) or faults (found probing it: K = 24
+         gave 1e33, odd K crashed the process); its float32 / float16 path is plain C++ loops.
+  int4   aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros): y = sum_k x[m, k] *
+         ((nibble - 8) * scale + zero) per group of 32, 64, 128 or 256 inputs; rows a multiple of 16.
+         Symmetric int4 is expressed exactly (nibble = code + 8, zero = 0).
+
+Both dequantize in float32 registers and round only the output, so in bfloat16 they are closer to the exact
+product than dequantizing to bfloat16 and calling F.linear. The int4 kernel reads its weight in a layout that
+depends on the CPU capability torch dispatches to (blocks of 64 rows on AVX512, 32 on AVX2, each byte pairing
+row j with row j + block / 2); it is prepared once at load from the file's plain nibbles (the same bytes,
+reordered) and undone exactly when the tensors are written again. The layout is checked against torch's own
+conversion on first use; where it differs (another ISA, another torch), the int4 kernel is not used.
+
+Where no kernel applies (int3 / int2, other group sizes, asymmetric grids, many input rows) the caller
+dequantizes the weight for the call and runs F.linear (`dequantized_mm`).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUPS = (32, 64, 128, 256)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels run while the input has at most this many rows (above, dequantizing for the call and running
+# the dense GEMM wins), by (bits, dtype). From the research probe's timings (torch_kernels.md: MiniLM's MLP
+# shapes and Llama's, 2 threads, Sapphire Rapids): the float32 int8 kernel is plain C++ loops, ~0.19 ms per
+# input row of a 1536x384 weight, so dequantizing (~0.2-0.6 ms whatever the rows) wins from 2-3 rows on.
+KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 64, (8, torch.float16): 64,
+                   (4, torch.float32): 4, (4, torch.bfloat16): 64, (4, torch.float16): 64}
+
+
+def _ops_available(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+@lru_cache(maxsize=1)
+def int4_block() -> int | None:
+    """Rows per block of the int4 kernel's layout on this CPU (64 on AVX512, 32 on AVX2), found by checking
+    our reordering against torch's conversion on a small weight; None when neither matches (or no kernel)."""
+    if not (_ops_available("_convert_weight_to_int4pack_for_cpu") and _ops_available("_weight_int4pack_mm_for_cpu")):
+        return None
+    probe = torch.randint(0, 16, (80, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    try:
+        expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 1)
+    except RuntimeError:
+        return None
+    for block in (64, 32):
+        if torch.equal(_to_blocks(probe, block), expected):
+            return block
+    return None
+
+
+def _to_blocks(nibbles: torch.Tensor, block: int) -> torch.Tensor:
+    """Nibbles (rows, cols) uint8 -> the kernel's layout (rows, cols / 2): per block of rows and input k,
+    byte j = row j | row j + block / 2 << 4; a last partial block pairs adjacent rows."""
+    rows, cols = nibbles.shape
+    out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=nibbles.device)
+    full = rows // block * block
+    if full:
+        v = nibbles[:full].view(rows // block, block, cols)
+        lo, hi = v[:, :block // 2].transpose(1, 2), v[:, block // 2:].transpose(1, 2)  # (blocks, cols, block / 2)
+        out[:full].view(-1).copy_((lo | (hi << 4)).reshape(-1))
+    if full < rows:
+        rest = nibbles[full:]
+        out[full:].view(-1).copy_((rest[0::2].t() | (rest[1::2].t() << 4)).reshape(-1))
+    return out
+
+
+def _from_blocks(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of _to_blocks: the kernel's layout (rows, cols / 2) -> nibbles (rows, cols) uint8."""
+    rows, half = packed.shape
+    cols = 2 * half
+    nibbles = torch.empty(rows, cols, dtype=torch.uint8, device=packed.device)
+    full = rows // block * block
+    if full:
+        v = packed[:full].reshape(rows // block, cols, block // 2)
+        blocks = nibbles[:full].view(rows // block, block, cols)
+        blocks[:, :block // 2] = (v & 15).transpose(1, 2)
+        blocks[:, block // 2:] = (v >> 4).transpose(1, 2)
+    if full < rows:
+        rest = packed[full:].reshape(cols, (rows - full) // 2)
+        nibbles[full::2] = (rest & 15).t()
+        nibbles[full + 1::2] = (rest >> 4).t()
+    return nibbles
+
+
+ALIGN = 64  # bytes: what torch's CPU allocator gives; the int8 kernel's aligned loads need 32
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, contiguous and starting on an ALIGN-byte boundary (a copy when it does not: a tensor read
+    from a safetensors file may start anywhere its 8-byte alignment allows)."""
+    tensor = tensor.contiguous()
+    return tensor if tensor.data_ptr() % ALIGN == 0 else tensor.clone()
+
+
+def int8_supported(cols: int) -> bool:
+    """Whether the int8 kernel can run a weight of `cols` inputs in every dtype it takes (bfloat16 needs K % 16)."""
+    return _ops_available("_weight_int8pack_mm") and cols % 16 == 0
+
+
+def int4_supported(rows: int, cols: int, group: int) -> bool:
+    """Whether the int4 kernel can hold a (rows, cols) weight with `group` inputs per scale here."""
+    return int4_block() is not None and rows % 16 == 0 and group in INT4_GROUPS and cols % group == 0
+
+
+def int4_prepare(plain: torch.Tensor) -> torch.Tensor:
+    """The file's int4 rows (rows, cols / 2: low nibble = even column, nibble = code + 8) in the kernel's layout."""
+    nibbles = torch.stack([plain & 15, plain >> 4], -1).view(plain.shape[0], -1)
+    return _to_blocks(nibbles, int4_block())
+
+
+def int4_plain(prepared: torch.Tensor) -> torch.Tensor:
+    """Inverse of int4_prepare, exactly: the file's bytes back."""
+    nibbles = _from_blocks(prepared, int4_block())
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+
+
+def int4_scales_and_zeros(scales: torch.Tensor) -> torch.Tensor:
+    """(rows, groups) symmetric scales -> the kernel's (groups, rows, 2) [scale, zero = 0]."""
+    s = scales.t()
+    return torch.stack([s, torch.zeros_like(s)], -1).contiguous()
+
+
+def use_kernel(bits: int, x: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether a prepared kernel should run this product (a CPU input in the kernel's dtype, few rows)."""
+    limit = KERNEL_MAX_ROWS.get((bits, x.dtype))
+    return (limit is not None and not needs_grad and x.device.type == "cpu"
+            and x.numel() // max(1, x.shape[-1]) <= limit)
+
+
+def int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, K) @ (codes * scales[:, None])^T (+ bias) -> (N, rows); scales (rows,) in x's dtype."""
+    y = torch.ops.aten._weight_int8pack_mm(aligned(x), codes, scales)
+    return y if bias is None else y + bias
+
+
+def int4_mm(x: torch.Tensor, prepared: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, K) @ W^T (+ bias) for an int4 weight in the kernel's layout -> (N, rows)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), prepared, group, scales_and_zeros)
+    return y if bias is None else y + bias
+
+
+def dequantized_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The fallback: the weight dequantized for this call (never kept), then the dense GEMM."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
