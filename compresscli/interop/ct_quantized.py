@@ -1,0 +1,115 @@
+"""compressed-tensors' `pack-quantized` format for quantized dense Linears, written without the package.
+
+A quantized_linear layer (codes, scales, zero points on a per-row or per-group grid: codecs/quant) becomes, under
+its module's name, what compressed-tensors 0.20 / transformers 5 read (research: /work/proto/ct/ct_format.md):
+
+- `weight_packed`: int32 (rows, ceil(cols * bits / 32)), each row one little-endian bitstream of offset-binary
+  codes (code + 2^(bits-1)), code j at bits j*bits .. j*bits + bits - 1: compresscli's own packing (codecs/quant/
+  packing.py) padded to whole int32 words, so the file's bytes are reused, never re-quantized;
+- `weight_scale`: (rows, groups) in the layer's float dtype; `weight_shape`: int64 [rows, cols];
+- asymmetric only, `weight_zero_point`: the int8 zero points packed the same way along the rows (dim 0).
+
+Dequantized there as (code - zero) * scale, exactly compresscli's grid. Every layer with the same grid (bits,
+group size, symmetry) is one config group whose targets name its modules; every other Linear is listed in
+`ignore` (vLLM refuses a Linear that neither targets nor ignore name).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compresscli.codecs.quant import packing
+from compresscli.codecs.quant.grid import QuantSpec
+from compresscli.core.errors import CompressError
+
+PACKED = "pack-quantized"
+CODEC = "quantized_linear"
+FORMAT_VERSION = "0.20.1"  # the compressed-tensors release this layout was verified against
+FIX = "use --format dense, which writes every method (quantized weights dequantized)"
+
+
+def refuse_layer(unit: str, codec: str, params: dict[str, Any], module_type: str) -> None:
+    """Raise for a quantized layer pack-quantized cannot hold: quantized values of any structure but a dense
+    Linear, a GPT-2 Conv1D (compressed-tensors quantizes torch Linears), a group size that does not divide
+    the inputs (its grouped dequantization requires it)."""
+    quantized = [k for k in ("quant", "shared_quant") if params.get(k)]
+    if codec != CODEC:
+        spec = QuantSpec.from_params(params[quantized[0]])
+        raise CompressError(f"compressed-tensors has no format for quantized {codec.split('_')[0]} layers "
+                            f"({unit}: {codec}, int{spec.bits} values)", FIX)
+    spec = QuantSpec.from_params(params["quant"])
+    if module_type != "Linear":
+        raise CompressError(f"compressed-tensors quantizes torch Linear layers; {unit} is a {module_type} "
+                            f"({codec}, int{spec.bits})", FIX)
+    cols = params["in_features"]
+    if cols % spec.group(cols):
+        raise CompressError(f"compressed-tensors needs the group size to divide the inputs ({unit}: {codec}, "
+                            f"group_size {spec.group_size} of {cols} inputs)", FIX)
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Signed codes (rows, cols) int8 -> compressed-tensors' `pack_to_int32` of them along `dim`."""
+    if dim == 0:
+        return pack_int32(codes.t(), bits).t().contiguous()
+    stream = (codes.to(torch.int16) + 128).to(torch.uint8) if bits == 8 else packing.pack(codes, bits)
+    words = -(-codes.shape[1] * bits // 32)
+    stream = torch.nn.functional.pad(stream, (0, 4 * words - stream.shape[1]))
+    return stream.contiguous().view(torch.int32)  # little-endian words, as safetensors stores them
+
+
+def encode(stored: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """A quantized_linear layer's stored weight tensors (`weight.codes`, `.scales`, `.zeros`) in pack-quantized."""
+    rows, cols = shape
+    codes = packing.unpack(stored["weight.codes"], spec.bits, cols)
+    tensors = {"weight_packed": pack_int32(codes, spec.bits), "weight_scale": stored["weight.scales"],
+               "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+    if not spec.symmetric:
+        tensors["weight_zero_point"] = pack_int32(stored["weight.zeros"], spec.bits, dim=0)
+    return tensors
+
+
+def weights_args(spec: QuantSpec) -> dict[str, Any]:
+    """The `weights` QuantizationArgs of one grid (strategy channel: one scale per row)."""
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+            "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size,
+            "dynamic": False, "observer": "minmax"}
+
+
+@dataclass
+class QuantizationBlock:
+    """The `quantization_config` of a model whose quantized layers are `layers` (unit -> params) and whose other
+    Linears are `plain`. `encode` is the export's per-layer hook (export._write_dense)."""
+
+    layers: dict[str, dict[str, Any]]
+    plain: list[str]
+    read: Any  # names -> tensors, the checkpoint's TensorIndex.read
+    written: list[str] = field(default_factory=list)
+
+    def encode(self, unit: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A quantized layer's dense tensors with the weight replaced by its stored codes in pack-quantized."""
+        params = self.layers.get(unit)
+        if params is None or f"{unit}.weight" not in tensors:  # a weight tied to one stored elsewhere: kept plain
+            self.plain.append(unit)
+            return tensors
+        spec = QuantSpec.from_params(params["quant"])
+        names = [f"{unit}.weight.{k}" for k in ("codes", "scales") + (() if spec.symmetric else ("zeros",))]
+        stored = {k.removeprefix(f"{unit}."): v for k, v in self.read(names).items()}
+        packed = encode(stored, spec, (params["out_features"], params["in_features"]))
+        self.written.append(unit)
+        rest = {k: v for k, v in tensors.items() if k != f"{unit}.weight"}
+        return {**rest, **{f"{unit}.{k}": v for k, v in packed.items()}}
+
+    def quantization_config(self) -> dict[str, Any]:
+        """The config.json block: one config group per grid, `format` in each (the loader reads it there)."""
+        groups: dict[QuantSpec, list[str]] = {}
+        for unit in self.written:
+            groups.setdefault(QuantSpec.from_params(self.layers[unit]["quant"]), []).append(unit)
+        config_groups = {f"group_{i}": {"targets": targets, "weights": weights_args(spec), "input_activations": None,
+                                        "output_activations": None, "format": PACKED}
+                         for i, (spec, targets) in enumerate(groups.items())}
+        return {"quant_method": "compressed-tensors", "format": PACKED, "quantization_status": "compressed",
+                "config_groups": config_groups, "ignore": sorted(set(self.plain)), "kv_cache_scheme": None,
+                "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
+                "version": FORMAT_VERSION}
