@@ -6,10 +6,11 @@ its module's name, what compressed-tensors 0.20 / transformers 5 read (research:
 - `weight_packed`: int32 (rows, ceil(cols * bits / 32)), each row one little-endian bitstream of offset-binary
   codes (code + 2^(bits-1)), code j at bits j*bits .. j*bits + bits - 1: compresscli's own packing (codecs/quant/
   packing.py) padded to whole int32 words, so the file's bytes are reused, never re-quantized;
-- `weight_scale`: (rows, groups) in the layer's float dtype; `weight_shape`: int64 [rows, cols];
-- asymmetric only, `weight_zero_point`: the int8 zero points packed the same way along the rows (dim 0).
+- `weight_scale`: (rows, groups) in the layer's float dtype; `weight_shape`: int64 [rows, cols].
 
-Dequantized there as (code - zero) * scale, exactly compresscli's grid. Every layer with the same grid (bits,
+Dequantized there as code * scale, exactly compresscli's grid. Asymmetric grids are refused: compressed-tensors
+writes their zero points packed along the rows, but transformers 5.25 with compressed-tensors 0.20.1 expects them
+unpacked when it loads (a size mismatch, measured), so no zero-point layout loads there. Every layer with the same grid (bits,
 group size, symmetry) is one config group whose targets name its modules; every other Linear is listed in
 `ignore` (vLLM refuses a Linear that neither targets nor ignore name).
 """
@@ -32,8 +33,8 @@ FIX = "use --format dense, which writes every method (quantized weights dequanti
 
 def refuse_layer(unit: str, codec: str, params: dict[str, Any], module_type: str) -> None:
     """Raise for a quantized layer pack-quantized cannot hold: quantized values of any structure but a dense
-    Linear, a GPT-2 Conv1D (compressed-tensors quantizes torch Linears), a group size that does not divide
-    the inputs (its grouped dequantization requires it)."""
+    Linear, a GPT-2 Conv1D (compressed-tensors quantizes torch Linears), zero points (see above), a group size
+    that does not divide the inputs (its grouped dequantization requires it)."""
     quantized = [k for k in ("quant", "shared_quant") if params.get(k)]
     if codec != CODEC:
         spec = QuantSpec.from_params(params[quantized[0]])
@@ -43,16 +44,17 @@ def refuse_layer(unit: str, codec: str, params: dict[str, Any], module_type: str
     if module_type != "Linear":
         raise CompressError(f"compressed-tensors quantizes torch Linear layers; {unit} is a {module_type} "
                             f"({codec}, int{spec.bits})", FIX)
+    if not spec.symmetric:
+        raise CompressError(f"transformers cannot load asymmetric compressed-tensors layers ({unit}: {codec}, "
+                            f"int{spec.bits} with zero points)", "quantize with symmetric: true, or " + FIX)
     cols = params["in_features"]
     if cols % spec.group(cols):
         raise CompressError(f"compressed-tensors needs the group size to divide the inputs ({unit}: {codec}, "
                             f"group_size {spec.group_size} of {cols} inputs)", FIX)
 
 
-def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Signed codes (rows, cols) int8 -> compressed-tensors' `pack_to_int32` of them along `dim`."""
-    if dim == 0:
-        return pack_int32(codes.t(), bits).t().contiguous()
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes (rows, cols) int8 -> compressed-tensors' `pack_to_int32` of them."""
     stream = (codes.to(torch.int16) + 128).to(torch.uint8) if bits == 8 else packing.pack(codes, bits)
     words = -(-codes.shape[1] * bits // 32)
     stream = torch.nn.functional.pad(stream, (0, 4 * words - stream.shape[1]))
@@ -60,14 +62,11 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 
 
 def encode(stored: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """A quantized_linear layer's stored weight tensors (`weight.codes`, `.scales`, `.zeros`) in pack-quantized."""
+    """A symmetric quantized_linear layer's stored weight tensors (`weight.codes`, `.scales`) in pack-quantized."""
     rows, cols = shape
     codes = packing.unpack(stored["weight.codes"], spec.bits, cols)
-    tensors = {"weight_packed": pack_int32(codes, spec.bits), "weight_scale": stored["weight.scales"],
-               "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
-    if not spec.symmetric:
-        tensors["weight_zero_point"] = pack_int32(stored["weight.zeros"], spec.bits, dim=0)
-    return tensors
+    return {"weight_packed": pack_int32(codes, spec.bits), "weight_scale": stored["weight.scales"],
+            "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
 
 
 def weights_args(spec: QuantSpec) -> dict[str, Any]:
@@ -94,7 +93,7 @@ class QuantizationBlock:
             self.plain.append(unit)
             return tensors
         spec = QuantSpec.from_params(params["quant"])
-        names = [f"{unit}.weight.{k}" for k in ("codes", "scales") + (() if spec.symmetric else ("zeros",))]
+        names = [f"{unit}.weight.codes", f"{unit}.weight.scales"]
         stored = {k.removeprefix(f"{unit}."): v for k, v in self.read(names).items()}
         packed = encode(stored, spec, (params["out_features"], params["in_features"]))
         self.written.append(unit)
