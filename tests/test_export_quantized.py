@@ -8,7 +8,9 @@ import re
 
 import pytest
 import torch
+from conftest import codec_samples, run_cli
 from safetensors import safe_open
+from test_ecosystem_export import _compress, _job, _load_elsewhere, _output
 
 import compresscli
 from compresscli.codecs import CODECS, codec_for
@@ -19,8 +21,6 @@ from compresscli.interop import compressed_tensors as ct_sparse
 from compresscli.interop import ct_quantized
 from compresscli.interop.export import export
 from compresscli.io.safetensors import read_header
-from conftest import codec_samples, run_cli
-from test_ecosystem_export import _compress, _job, _load_elsewhere, _output
 
 pytest.importorskip("compressed_tensors", reason="the pack-quantized layout is checked with compressed-tensors itself")
 
@@ -30,7 +30,9 @@ RTN_INT8 = "stages:\n  - method: quantize\n    targets: [mlp]\n    params: {bits
 
 def _decompressed(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     """compressed-tensors' own pack-quantized decompressor on the exported tensors of one layer."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import (
+        PackedQuantizationCompressor,
+    )
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**ct_quantized.weights_args(spec)))
@@ -172,13 +174,16 @@ SPARSE_INT8 = ("stages:\n  - method: magnitude\n    targets: [mlp]\n    params: 
                "  - method: quantize\n    targets: [mlp]\n    params: {bits: 8, group_size: null, solver: rtn}\n")
 SPARSE_AND_INT8 = ("stages:\n  - method: magnitude\n    targets: [attention]\n    params: {sparsity: 0.5}\n"
                    "  - method: quantize\n    targets: [mlp]\n    params: {bits: 8, group_size: null, solver: rtn}\n")
-ASYMMETRIC = "stages:\n  - method: quantize\n    targets: [mlp]\n    params: {bits: 4, group_size: 16, symmetric: false, solver: rtn}\n"
-REFUSALS = {"asymmetric": (ASYMMETRIC, r"asymmetric .*\(encoder\.layer\.0\.intermediate\.dense: quantized_linear, "
-                                      r"int4 with zero points\)"),
-            "quantized-sparse": (SPARSE_INT8, r"no format for quantized sparse layers \(encoder\.layer\.0\."
-                                              r"intermediate\.dense: sparse_linear, int8 values\)"),
-            "sparse-beside-quantized": (SPARSE_AND_INT8, r"quantized or sparse layers, not both in one model "
-                                                         r"\(encoder\.layer\.0\.attention\.self\.query: sparse_linear")}
+ASYMMETRIC = ("stages:\n  - method: quantize\n    targets: [mlp]\n"
+              "    params: {bits: 4, group_size: 16, symmetric: false, solver: rtn}\n")
+REFUSALS = {  # case -> (recipe, the one line expected)
+    "asymmetric": (ASYMMETRIC, (r"asymmetric .*\(encoder\.layer\.0\.intermediate\.dense: quantized_linear, int4 with "
+                               r"zero points\)")),
+    "quantized-sparse": (SPARSE_INT8, (r"no format for quantized sparse layers \(encoder\.layer\.0\.intermediate\."
+                                      r"dense: sparse_linear, int8 values\)")),
+    "sparse-beside-quantized": (SPARSE_AND_INT8, (r"quantized or sparse layers, not both in one model \(encoder\."
+                                                 r"layer\.0\.attention\.self\.query: sparse_linear")),
+}
 
 
 @pytest.mark.parametrize("case", REFUSALS)
