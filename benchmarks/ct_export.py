@@ -4,7 +4,8 @@ For each model and quantization recipe (round to nearest: the export reuses the 
 matter): compress, export both ways (wall time in this process), then load each directory in a fresh process,
 the way its users would (compresscli.load(OUT); transformers.AutoModel.from_pretrained(DIR) with compresscli
 unimportable), run one forward on the same token ids and record the load wall time, the process's peak RSS
-after the forward (ru_maxrss: everything the load and the first forward held, libraries included) and the
+after the forward (VmHWM: everything the load and the first forward held, libraries included; not ru_maxrss,
+which Linux carries over from the parent across exec) and the
 output's relative error against compresscli's.
 
     flock /tmp/timing.lock python benchmarks/ct_export.py --out benchmarks/results/ct_export.md
@@ -35,7 +36,7 @@ RECIPES = {
 MODELS = {"minilm": "ref:minilm", "llama-1b": "/work/scratch/llama-1b"}  # float32 / bfloat16 at the trained scale
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 job = json.loads(sys.argv[1])
 if job["loader"] != "compresscli":
     sys.modules["compresscli"] = None  # as a user without compresscli
@@ -52,7 +53,8 @@ ids = torch.arange(16).remainder(90).add(5).unsqueeze(0)
 with torch.no_grad():
     out = model.eval()(input_ids=ids).last_hidden_state.float()
 torch.save(out, job["result"])
-print(json.dumps({"load_s": load_s, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]  # this image's own peak
+print(json.dumps({"load_s": load_s, "peak_mib": int(hwm.split()[1]) / 1024}))
 """
 
 

@@ -114,9 +114,12 @@ def test_real_minilm_quantized_loads_in_plain_transformers(tmp_path, minilm_dir,
         block = json.loads((to / "config.json").read_text())["quantization_config"]
         (group,) = block["config_groups"].values()
         assert group["format"] == "pack-quantized" and group["weights"]["num_bits"] == bits and len(group["targets"]) == 12
-        assert "encoder.layer.0.attention.self.query" in block["ignore"] and "pooler.dense" in block["ignore"]
+        ignored = [name for name in ("encoder.layer.0.attention.self.query", "pooler.dense", "encoder.layer.0.output.dense")
+                   if any(re.match(pattern[3:], name) for pattern in block["ignore"])]
+        assert ignored == ["encoder.layer.0.attention.self.query", "pooler.dense"]
         assert block["quantization_status"] == "compressed"
-        _check_bytes(out, to, group["targets"], bits)
+        _check_bytes(out, to, [f"encoder.layer.{i}.{m}.dense" for i in range(6) for m in ("intermediate", "output")],
+                     bits)
         ids = transformers.AutoTokenizer.from_pretrained(out)(text, return_tensors="pt")["input_ids"]
         inputs = {"input_ids": ids, "text": text}
         expected[case] = _output(compresscli.load(out), inputs)
@@ -153,7 +156,21 @@ TINY_GRIDS = ("stages:\n  - method: quantize\n    targets: [mlp]\n"
               "  - method: quantize\n    targets: [attention]\n    params: {bits: 3, group_size: null, solver: rtn}\n")
 
 
-def test_several_grids_load_in_plain_transformers(tmp_path, tiny_hf_dirs):
+def _bfloat16_copy(source, to):
+    """A bfloat16 checkpoint of the same model (the dtype large checkpoints are stored in)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, to)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(to / "model.safetensors").items()}
+    save_file(tensors, str(to / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((to / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    return to
+
+
+def test_several_grids_and_bfloat16_load_in_plain_transformers(tmp_path, tiny_hf_dirs):
     out = _compress(tiny_hf_dirs["bert"], TINY_GRIDS, tmp_path / "out")
     result = export(out, tmp_path / "ct", "compressed-tensors")
     block = json.loads((result.to / "config.json").read_text())["quantization_config"]
@@ -162,12 +179,22 @@ def test_several_grids_load_in_plain_transformers(tmp_path, tiny_hf_dirs):
     assert grids == [(3, "channel", True, 8), (4, "group", True, 4)]
     header, _ = read_header(result.to / "model.safetensors")
     assert header["encoder.layer.0.attention.self.query.weight_packed"]["shape"] == [32, 32 * 3 // 32]
+    llama = _compress(_bfloat16_copy(tiny_hf_dirs["llama"], tmp_path / "llama-bf16"),
+                      TINY_GRIDS.split("  - method: quantize\n    targets: [attention]")[0], tmp_path / "llama-out")
+    llama_ct = export(llama, tmp_path / "llama-ct", "compressed-tensors").to
+    header, _ = read_header(llama_ct / "model.safetensors")
+    assert header["model.layers.0.mlp.down_proj.weight_scale"] == {**header["model.layers.0.mlp.down_proj.weight_scale"],
+                                                                   "dtype": "BF16", "shape": [32, 48 // 16]}
     inputs = {"input_ids": torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))}
-    expected = _output(compresscli.load(out), inputs)
-    job = _job(tmp_path, "bert", result.to, "hf-auto", inputs)
-    _load_elsewhere(tmp_path, [job])
-    (got,) = torch.load(job["result"])
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+    (mlp,) = json.loads((llama_ct / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    for name in ("model.layers.1.mlp.up_proj", "layers.1.mlp.up_proj"):  # as LlamaForCausalLM / AutoModel name it
+        assert sum(bool(re.match(pattern[3:], name)) for pattern in mlp["targets"]) == 1
+    jobs = [_job(tmp_path, "bert", result.to, "hf-auto", inputs), _job(tmp_path, "llama", llama_ct, "hf-class", inputs)]
+    _load_elsewhere(tmp_path, jobs)
+    for job, source, tolerance in zip(jobs, (out, llama), (1e-3, 1e-2)):
+        (got,) = torch.load(job["result"])
+        want = _output(compresscli.load(source), inputs)
+        assert got.dtype == want.dtype and (got - want).float().norm() <= tolerance * want.float().norm(), source
 
 
 SPARSE_INT8 = ("stages:\n  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5}\n"

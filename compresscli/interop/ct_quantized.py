@@ -12,10 +12,14 @@ Dequantized there as code * scale, exactly compresscli's grid. Asymmetric grids 
 writes their zero points packed along the rows, but transformers 5.25 with compressed-tensors 0.20.1 expects them
 unpacked when it loads (a size mismatch, measured), so no zero-point layout loads there. Every layer with the same grid (bits,
 group size, symmetry) is one config group whose targets name its modules; every other Linear is listed in
-`ignore` (vLLM refuses a Linear that neither targets nor ignore name).
+`ignore` (vLLM refuses a Linear that neither targets nor ignore name). Names are written as `re:` patterns with
+the base model's prefix optional, as transformers adds or strips it (`AutoModel` on a `...ForCausalLM`
+checkpoint names `model.layers.0.mlp.up_proj` as `layers.0.mlp.up_proj`) and compressed-tensors matches them
+against the loaded model's names.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +73,12 @@ def encode(stored: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, i
             "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
 
 
+def module_pattern(name: str, prefix: str) -> str:
+    """A compressed-tensors target matching module `name` with or without the base model's `prefix`."""
+    rest = name.removeprefix(f"{prefix}.") if prefix else name
+    return f"re:^({re.escape(prefix)}\\.)?{re.escape(rest)}$" if prefix else f"re:^{re.escape(rest)}$"
+
+
 def weights_args(spec: QuantSpec) -> dict[str, Any]:
     """The `weights` QuantizationArgs of one grid (strategy channel: one scale per row)."""
     return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
@@ -79,11 +89,13 @@ def weights_args(spec: QuantSpec) -> dict[str, Any]:
 @dataclass
 class QuantizationBlock:
     """The `quantization_config` of a model whose quantized layers are `layers` (unit -> params) and whose other
-    Linears are `plain`. `encode` is the export's per-layer hook (export._write_dense)."""
+    Linears are `plain`; `prefix` is the architecture's base_model_prefix. `encode` is the export's per-layer hook
+    (export._write_dense)."""
 
     layers: dict[str, dict[str, Any]]
     plain: list[str]
     read: Any  # names -> tensors, the checkpoint's TensorIndex.read
+    prefix: str = ""
     written: list[str] = field(default_factory=list)
 
     def encode(self, unit: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,11 +116,12 @@ class QuantizationBlock:
         """The config.json block: one config group per grid, `format` in each (the loader reads it there)."""
         groups: dict[QuantSpec, list[str]] = {}
         for unit in self.written:
-            groups.setdefault(QuantSpec.from_params(self.layers[unit]["quant"]), []).append(unit)
+            groups.setdefault(QuantSpec.from_params(self.layers[unit]["quant"]), []).append(
+                module_pattern(unit, self.prefix))
         config_groups = {f"group_{i}": {"targets": targets, "weights": weights_args(spec), "input_activations": None,
                                         "output_activations": None, "format": PACKED}
                          for i, (spec, targets) in enumerate(groups.items())}
         return {"quant_method": "compressed-tensors", "format": PACKED, "quantization_status": "compressed",
-                "config_groups": config_groups, "ignore": sorted(set(self.plain)), "kv_cache_scheme": None,
+                "config_groups": config_groups, "ignore": [module_pattern(name, self.prefix) for name in dict.fromkeys(self.plain)], "kv_cache_scheme": None,
                 "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
                 "version": FORMAT_VERSION}

@@ -144,7 +144,7 @@ def _plan_compressed_tensors(source: Source, progress: Progress) -> compressed_t
     plain = [name for name, module in model.named_modules()
              if name not in quantized and type(module).__name__ in ("Linear", "Conv1D")]
     return ct_quantized.QuantizationBlock({unit: meta["params"] for unit, meta in quantized.items()}, plain,
-                                          source.index.read)
+                                          source.index.read, getattr(model, "base_model_prefix", ""))
 
 
 def _plan_sparsity(source: Source, layers: dict[str, Any], model: nn.Module, transposed: set[str],
