@@ -9,7 +9,8 @@ which Linux carries over from the parent across exec) and the
 output's relative error against compresscli's.
 
     flock /tmp/timing.lock python benchmarks/ct_export.py --out benchmarks/results/ct_export.md
-    flock /tmp/timing.lock python benchmarks/ct_export.py --models llama-1b --out benchmarks/results/ct_export_llama1b.md
+    flock /tmp/timing.lock python benchmarks/ct_export.py --models llama-1b --recipes "rtn int4 g128" \
+        --out benchmarks/results/ct_export_llama1b.md
 """
 from __future__ import annotations
 
@@ -70,9 +71,10 @@ def load_elsewhere(directory: Path, loader: str, result: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def rows_for(model: str, source: str, root: Path) -> list[list[str]]:
+def rows_for(model: str, source: str, root: Path, recipes: list[str]) -> list[list[str]]:
     rows = []
-    for name, params in RECIPES.items():
+    for name in recipes:
+        params = RECIPES[name]
         recipe = parse_recipe(f"stages:\n  - method: quantize\n    targets: [mlp]\n    params: {params}\n", "<bench>")
         out = root / f"{model}-{name.replace(' ', '-')}"
         run_recipe(load_checkpoint(source), recipe, out, RunOptions(evaluate=False))
@@ -99,13 +101,14 @@ def rows_for(model: str, source: str, root: Path) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["minilm"], choices=list(MODELS))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     header = ["model", "recipe", "directory", "weights MiB", "export s", "load s", "peak RSS MiB", "rel err vs OUT"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            rows += rows_for(model, MODELS[model], Path(tmp))
+            rows += rows_for(model, MODELS[model], Path(tmp), args.recipes)
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(row) + " |" for row in rows])
     text = (f"# compressed-tensors export of quantized models\n\n`{' '.join(sys.argv)}` (torch {torch.__version__}, "
