@@ -2,8 +2,8 @@
 
 For each model and quantization recipe (round to nearest: the export reuses the stored codes, so the solver does not
 matter): compress, export both ways (wall time in this process), then load each directory in a fresh process,
-the way its users would (compresscli.load(OUT); transformers.AutoModel.from_pretrained(DIR) with compresscli
-unimportable), run one forward on the same token ids and record the load wall time, the process's peak RSS
+the way its users would (compresscli.load(OUT); from_pretrained(DIR) of the config's architecture class with
+compresscli unimportable), run one forward on the same token ids and record the load wall time, the process's peak RSS
 after the forward (VmHWM: everything the load and the first forward held, libraries included; not ru_maxrss,
 which Linux carries over from the parent across exec) and the
 output's relative error against compresscli's.
@@ -48,11 +48,13 @@ if job["loader"] == "compresscli":
     model = compresscli.load(job["dir"])
 else:
     import transformers
-    model = transformers.AutoModel.from_pretrained(job["dir"])
+    architecture = transformers.AutoConfig.from_pretrained(job["dir"]).architectures[0]
+    model = getattr(transformers, architecture).from_pretrained(job["dir"])  # the class compresscli.load builds
 load_s = time.perf_counter() - start
 ids = torch.arange(16).remainder(90).add(5).unsqueeze(0)
 with torch.no_grad():
-    out = model.eval()(input_ids=ids).last_hidden_state.float()
+    out = model.eval()(input_ids=ids)
+    out = (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 torch.save(out, job["result"])
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]  # this image's own peak
 print(json.dumps({"load_s": load_s, "peak_mib": int(hwm.split()[1]) / 1024}))
