@@ -33,7 +33,8 @@ def test_every_codec_decodes_to_the_dense_layer_it_computes(codec):
         torch.manual_seed(0)
         layer, dense = sample.make()
         params = json.loads(json.dumps(layer.codec_params()))
-        shared = {k: nn.Parameter(v.detach().clone()) for k, v in layer.shared_tensors().items()}
+        shared = {k: nn.Parameter(v.detach().clone(), requires_grad=v.is_floating_point())  # codes: integers
+                  for k, v in layer.shared_tensors().items()}
         decoded = codec_for(codec).from_tensors(layer.to_tensors(), params, shared).eval()
         dense.load_state_dict(decoded.dense_tensors())  # strict: exactly the dense layer's keys and shapes
         x = sample.input()

@@ -7,11 +7,13 @@ stored once as the original stores them. Layers are decoded one at a time and st
 ShardWriter, so the export holds one layer's dense weights (plus the tensors layers share and the
 kept half of a tie), never a second copy of the model.
 
-`compressed-tensors` writes the same directory with the sparse layers (magnitude-style `sparse_linear`,
-and `condensed_linear` where it is 2:4) in compressed-tensors' sparse formats (see ct_sparse) and the
-`quantization_config` block that names them in config.json. A first pass decodes each sparse layer
-once to refuse what has no such format and to choose between `sparse-24-bitmask` (every layer 2:4)
-and `sparse-bitmask`; the second writes, as `dense` does.
+`compressed-tensors` writes the same directory with the compressed layers in compressed-tensors' formats
+and the `quantization_config` block that names them in config.json: quantized dense Linears
+(`quantized_linear`) as `pack-quantized` (ct_quantized: what transformers 5 loads), or sparse layers
+(magnitude-style `sparse_linear`, and `condensed_linear` where it is 2:4) in its legacy sparse formats
+(compressed_tensors). A first pass refuses what has no such format (reading only the layer metadata for
+quantized models; decoding each sparse layer once to choose between `sparse-24-bitmask` (every layer 2:4)
+and `sparse-bitmask`); the second writes, as `dense` does.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from compresscli.interop import compressed_tensors
+from compresscli.interop import compressed_tensors, ct_quantized
 from compresscli.core.errors import CheckpointError, CompressError
 from compresscli.io.native import SHARED_PREFIX, read_format, tensors_to_model
 from compresscli.codecs.base import replace_module
@@ -57,6 +59,7 @@ class ExportResult:
     copied: list[str] = field(default_factory=list)  # other files copied from OUT
     untied: list[str] = field(default_factory=list)  # tied in the architecture, no longer equal: stored apart
     sparse_format: str | None = None  # compressed-tensors: the sparsity format the compressed layers are in
+    quant_format: str | None = None  # compressed-tensors: the format the quantized layers are in
     notes: list[str] = field(default_factory=list)  # what the user must know to load it
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,28 +81,29 @@ def export(out: str | Path, to: str | Path, fmt: str = "dense", force: bool = Fa
     replace = _check_target(source.directory, to, force)
     kind = source.model_kind
     progress = progress or SilentProgress()
-    sparsity = _plan_sparsity(source, progress) if fmt == "compressed-tensors" else None
+    block = _plan_compressed_tensors(source, progress) if fmt == "compressed-tensors" else None
     with atomic_directory(to, force=replace) as tmp:
         writer = ShardWriter(tmp, shard_bytes if kind == "hf" else sys.maxsize, HF_METADATA)
-        decoded, untied = _write_dense(source, writer, progress, sparsity.encode if sparsity else None)
+        decoded, untied = _write_dense(source, writer, progress, block.encode if block else None)
         files = writer.close()
         config = _plain_config(source, untied)
-        if sparsity:
-            config["quantization_config"] = sparsity.quantization_config()
+        if block:
+            config["quantization_config"] = block.quantization_config()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copied = _copy_side_files(source.directory, tmp)
+    sparse = isinstance(block, compressed_tensors.SparsityBlock)
     return ExportResult(to, fmt, kind, source.model_class, [f.name for f in files], len(writer.names),
-                        writer.total_bytes, decoded, copied, untied, sparsity.format if sparsity else None,
-                        _loading_notes(fmt))
+                        writer.total_bytes, decoded, copied, untied, block.format if sparse else None,
+                        ct_quantized.PACKED if block and not sparse else None, _loading_notes(sparse))
 
 
-def _loading_notes(fmt: str) -> list[str]:
+def _loading_notes(sparse: bool) -> list[str]:
     """A compressed-tensors sparse export that the installed transformers would load wrong, said out loud:
     transformers 5 keeps no sparsity_config and leaves those layers randomly initialised (only its load
     report lists them), and compressed-tensors >= 0.15 has no sparse decompressor any more."""
     import transformers
 
-    if fmt != "compressed-tensors" or int(transformers.__version__.split(".")[0]) < 5:
+    if not sparse or int(transformers.__version__.split(".")[0]) < 5:
         return []
     return [f"transformers {transformers.__version__} cannot load sparse compressed-tensors checkpoints (it leaves "
             "the sparse layers randomly initialised): decompress with compressed-tensors <= 0.14 "
@@ -118,16 +122,37 @@ def _check_target(out: Path, to: Path, force: bool) -> bool:
     return to.exists()
 
 
-def _plan_sparsity(source: Source, progress: Progress) -> compressed_tensors.SparsityBlock:
-    """Refuse a checkpoint compressed-tensors cannot hold (a timm model, a layer with no sparse format)
-    and choose its one sparsity format, decoding each compressed layer once."""
+def _plan_compressed_tensors(source: Source, progress: Progress) -> compressed_tensors.SparsityBlock | \
+        ct_quantized.QuantizationBlock:
+    """Refuse a checkpoint compressed-tensors cannot hold (a timm model, a layer with no format there, sparse
+    and quantized layers in one model) and plan its one block: pack-quantized when any layer is quantized."""
     if source.model_kind != "hf":
         raise CompressError("compressed-tensors is a Hugging Face transformers format, this is a timm model",
                             "use --format dense, which timm loads")
     layers, _ = read_format(source.index, source.name)
+    model, transposed = _skeleton(source)
+    quantized = {unit: meta for unit, meta in layers.items()
+                 if any(meta["params"].get(k) for k in CompressedModule.QUANT_PARAMS)}
+    for unit, meta in quantized.items():
+        ct_quantized.refuse_layer(unit, meta["codec"], meta["params"], type(model.get_submodule(unit)).__name__)
+    if not quantized:
+        return _plan_sparsity(source, layers, model, transposed, progress)
+    sparse = next((unit for unit in layers if unit not in quantized), None)
+    if sparse:
+        raise CompressError(f"compressed-tensors holds quantized or sparse layers, not both in one model ({sparse}: "
+                            f"{layers[sparse]['codec']}, {next(iter(quantized))}: quantized)", ct_quantized.FIX)
+    plain = [name for name, module in model.named_modules()
+             if name not in quantized and type(module).__name__ in ("Linear", "Conv1D")]
+    return ct_quantized.QuantizationBlock({unit: meta["params"] for unit, meta in quantized.items()}, plain,
+                                          source.index.read, getattr(model, "base_model_prefix", ""))
+
+
+def _plan_sparsity(source: Source, layers: dict[str, Any], model: nn.Module, transposed: set[str],
+                   progress: Progress) -> compressed_tensors.SparsityBlock:
+    """Refuse a layer with no sparse format and choose the model's one sparsity format, decoding each
+    compressed layer once."""
     for unit, meta in layers.items():
         compressed_tensors.refuse_codec(unit, meta["codec"])
-    model, transposed = _skeleton(source)
     conv1d_to_linear(model)
     shared: dict[str, nn.Parameter] = {}
     all_24 = bool(layers)
