@@ -2,6 +2,7 @@
 by the row-sparse kernels; U @ V is never formed."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -11,6 +12,25 @@ from torch import nn
 from compresscli.codecs.base import register_inference_form
 from compresscli.codecs.fips.codec import ORIENTATIONS, _FipsCodec
 from compresscli.codecs.sparse.matrix import CompactSparse
+
+
+_projections: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (id(x), id(U)) -> (x's version, x @ U)
+
+
+def project_once(x: torch.Tensor, x2d: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """x2d @ U, computed once for the "in" layers that read the same input `x` (the same tensor, unchanged)
+    with the same U: an MLP's gate and up projections read U once per token, not twice. The result lives as
+    long as `x` does."""
+    key = (id(x), id(base))
+    last = _projections.get(key)
+    if last is not None and last[0] == x._version:
+        return last[1]
+    projected = x2d @ base  # (N, d) @ (d, r) -> (N, r)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        if last is None:
+            weakref.finalize(x, _projections.pop, key, None)
+        _projections[key] = (x._version, projected)
+    return projected
 
 
 @register_inference_form
@@ -54,7 +74,7 @@ class CompactFipsLinear(_FipsCodec):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
         if self.orientation == "in":  # (N, d) @ U -> (N, r), then V: (N, r) -> (N, h)
-            y, path = self.matrix.mm(x2d @ self.base, self.bias)
+            y, path = self.matrix.mm(project_once(x, x2d, self.base), self.bias)
         else:  # V: (N, h) -> (N, r), then U^T: (N, r) -> (N, d)
             z, path = self.matrix.mm(x2d)
             y = F.linear(z, self.base, self.bias)
