@@ -27,7 +27,7 @@ except ImportError:  # not POSIX: no build lock, so no build (the pure-PyTorch p
     fcntl = None
 
 from compresscli.core.cache import cache_dir
-from compresscli.core.cpu_isa import cpu_flags
+from compresscli.core.cpu_isa import amx_runs, cpu_flags
 from compresscli.kernels.cpu_source import SOURCE
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,10 @@ def _compiler() -> str | None:
 
 
 ISA_ENV = "COMPRESSCLI_CPU_ISA"
-"""Caps the instruction sets the kernels are built for: "avx512-bf16" (the default where the CPU has them),
-"avx512", "avx2" or "scalar". How the tests reach every code path on one machine."""
-ISAS = ("scalar", "avx2", "avx512", "avx512-bf16")
+"""Caps the instruction sets the kernels are built for: "amx" (the default where the CPU has them; used only
+where AMX is seen to run), "avx512-bf16", "avx512", "avx2" or "scalar". How the tests reach every code path
+on one machine."""
+ISAS = ("scalar", "avx2", "avx512", "avx512-bf16", "amx")
 
 
 def isa() -> str:
@@ -58,7 +59,7 @@ def isa() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     best = {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "scalar")
     if best == "avx512" and {"avx512_bf16", "avx512_vbmi2"} <= cpu_flags():
-        best = "avx512-bf16"
+        best = "amx" if {"amx_tile", "amx_bf16"} <= cpu_flags() else "avx512-bf16"
     cap = os.environ.get(ISA_ENV) or best
     if cap not in ISAS:
         raise ValueError(f"${ISA_ENV}={cap!r} is not one of {', '.join(ISAS)}")
@@ -75,6 +76,8 @@ def _flags() -> list[str]:
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
     if level >= ISAS.index("avx512-bf16"):
         flags += ["-mavx512bf16", "-mavx512vbmi2"]
+    if level >= ISAS.index("amx"):
+        flags += ["-mamx-tile", "-mamx-bf16"]
     return flags
 
 
@@ -132,6 +135,8 @@ def library() -> ctypes.CDLL | None:
                        "rps_mm": [int_, ptr, ptr, f32, ptr, i64, ptr, ptr, int_]}.items():
         getattr(lib, name).restype = int_
         getattr(lib, name).argtypes = args
+    if isa() == "amx":  # the build has AMX code: let it run only where a bf16 matmul on AMX was seen to
+        lib.compresscli_allow_amx(int(amx_runs()))
     return lib
 
 

@@ -46,6 +46,11 @@ SOURCE = r"""
 #if defined(CCLI_AVX512) && defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
 #define CCLI_BF16_DOT 1
 #endif
+#if defined(CCLI_BF16_DOT) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define CCLI_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -397,10 +402,110 @@ inline void bits_group(const typename V::T* v, const uint64_t* words, int64_t wp
   bits_row<V, NR>(v, words, wpr, xf, C, out, v_end);
 }
 
+
+#if defined(CCLI_AMX)
+// ---------------------------------------------------------------- bitmask rows on AMX, 2-32 input rows
+// bfloat16 only. A block of 16 weight rows x 32 columns is expanded (vpexpandw, as one row above) into a
+// 1 KiB buffer that one tile load reads; x is laid out once per call as the tile B wants it (pairs of
+// columns interleaved per input row, "VNNI"), and one TDPBF16PS multiplies the block by up to 16 input
+// rows (two for up to 32). The expansion is the cost, as at one row: the tile unit does the rest.
+
+int amx_allowed = 0;  // set from Python once AMX has been seen to run here (core/cpu_isa.py's probe)
+
+inline bool amx_usable() {
+  // Linux hands out the tile state only on request (once per process; oneDNN asks the same way).
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return amx_allowed && granted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// x (N x C bfloat16) -> xv[kb][p][n][2] = x[n][32 kb + 2 p + {0, 1}], zero past C; np = N padded (16 or 32).
+// Pairs of columns move as one 32-bit word.
+inline void x_to_vnni(const uint16_t* x, int64_t N, int64_t C, int64_t np, uint16_t* xv) {
+  const int64_t blocks = (C + 31) / 32, pairs = C / 2;
+  std::memset(xv, 0, sizeof(uint16_t) * blocks * 32 * np);
+  uint32_t* out = reinterpret_cast<uint32_t*>(xv);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* row = x + n * C;
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, row + 2 * p, 4);
+      out[(p / 16) * 16 * np + (p % 16) * np + n] = pair;
+    }
+    if (C & 1) out[(pairs / 16) * 16 * np + (pairs % 16) * np + n] = row[C - 1];
+  }
+}
+
+void run_bits_amx(const uint16_t* values, const int64_t* row_ptr, const uint64_t* words, int64_t wpr,
+                  const uint16_t* x, int64_t N, int64_t C, const uint16_t* bias, uint16_t* y, int64_t R, int threads) {
+  const int64_t np = N <= 16 ? 16 : 32, blocks = (C + 31) / 32, row_blocks = (R + 15) / 16;
+  Scratch<uint16_t, kPackedX> xv(static_cast<size_t>(blocks) * 32 * np);
+  x_to_vnni(x, N, C, np, xv.data);
+  const uint16_t* v_end = values + row_ptr[R];
+  const bool two = N > 16;
+  TileConfig cfg{};
+  cfg.palette = 1;
+  cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = cfg.rows[4] = 16;
+  cfg.colsb[0] = cfg.colsb[3] = static_cast<uint16_t>(4 * (N < 16 ? N : 16));
+  cfg.colsb[1] = cfg.colsb[4] = static_cast<uint16_t>(two ? 4 * (N - 16) : 4);
+  cfg.colsb[2] = 64;
+  const int parts = threads > 1 ? threads : 1;
+  const int64_t share = (row_blocks + parts - 1) / parts;
+  for_range(parts, threads, [&](int64_t part) {
+    _tile_loadconfig(&cfg);
+    alignas(64) uint16_t a[2][16][32];
+    alignas(64) float out[16][32];
+    const uint16_t* vp[16];
+    for (int64_t blk = part * share; blk < (part + 1) * share && blk < row_blocks; ++blk) {
+      const int64_t r0 = 16 * blk, rows = (R - r0) < 16 ? (R - r0) : 16;
+      for (int i = 0; i < 16; ++i) vp[i] = i < rows ? values + row_ptr[r0 + i] : nullptr;
+      _tile_zero(0);
+      if (two) _tile_zero(1);
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        uint16_t (*buf)[32] = a[kb & 1];
+        for (int i = 0; i < 16; ++i) {
+          if (i >= rows) { _mm512_store_si512(buf[i], _mm512_setzero_si512()); continue; }
+          const __mmask32 m = static_cast<__mmask32>(words[(r0 + i) * wpr + kb / 2] >> (32 * (kb & 1)));
+          _mm512_store_si512(buf[i], _mm512_maskz_expand_epi16(m, values32(vp[i], v_end, m)));
+          vp[i] += __builtin_popcount(static_cast<unsigned>(m));
+        }
+        _tile_loadd(2, buf, 64);
+        _tile_loadd(3, xv.data + kb * 32 * np, np * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        if (two) {
+          _tile_loadd(4, xv.data + kb * 32 * np + 32, np * 4);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+      }
+      _tile_stored(0, out, 128);
+      if (two) _tile_stored(1, &out[0][16], 128);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float b = bias ? BF16::load(bias + r0 + i) : 0.f;
+        for (int64_t n = 0; n < N; ++n) BF16::store(y + n * R + r0 + i, out[i][n] + b);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 template <typename V>
 void run_bits(const typename V::T* values, const int64_t* row_ptr, const uint64_t* words, int64_t wpr,
               const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias, typename V::T* y, int64_t R,
               int threads) {
+#if defined(CCLI_AMX)
+  if constexpr (std::is_same<V, BF16>::value) {
+    if (N >= 2 && N <= 32 && amx_usable()) {
+      run_bits_amx(values, row_ptr, words, wpr, x, N, C, bias, y, R, threads);
+      return;
+    }
+  }
+#endif
 #if defined(CCLI_BF16_DOT)
   constexpr bool raw_x = std::is_same<V, BF16>::value;
 #else
@@ -986,9 +1091,22 @@ int rps_mm(int dtype, const void* memory, const int64_t* spec, float scale, cons
   }) ? 0 : 1;
 }
 
-// What the build can run: 1 AVX2, 2 AVX-512, 3 AVX-512 with vdpbf16ps / vpexpandw; 0 neither (scalar).
+// Lets the bfloat16 bitmask kernel use AMX (once Python has seen AMX run here); returns whether it will.
+int compresscli_allow_amx(int allowed) {
+#if defined(CCLI_AMX)
+  amx_allowed = allowed;
+  return amx_usable() ? 1 : 0;
+#else
+  (void)allowed;
+  return 0;
+#endif
+}
+
+// What the build can run: 1 AVX2, 2 AVX-512, 3 AVX-512 with vdpbf16ps / vpexpandw, 4 and AMX; 0 scalar.
 int compresscli_isa() {
-#if defined(CCLI_BF16_DOT)
+#if defined(CCLI_AMX)
+  return 4;
+#elif defined(CCLI_BF16_DOT)
   return 3;
 #elif defined(CCLI_AVX512)
   return 2;
