@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned: it comes from local disk; a plain PyPI torchvision beside another torch breaks timm.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all fuzz gpu-check bench clean
+.PHONY: install demo test test-all fuzz gpu-check gpu-check-prepare gpu-check-dry bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,9 +32,16 @@ FUZZ_EXAMPLES ?= 20000
 fuzz: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
-# Every gpu-marked test and the GPU benchmarks, results under benchmarks/results/gpu/ (on CPU: says what it skipped).
-gpu-check: install
-	$(PY) benchmarks/gpu_check.py
+# The GPU check (README, "The GPU check"): with the machine's own python3 and torch, nothing installed;
+# `make gpu-check-prepare` writes the models it reads (.gpu-check/), `make gpu-check-dry` runs it on the CPU.
+gpu-check:
+	python3 benchmarks/gpu_check.py --out benchmarks/results/gpu
+
+gpu-check-prepare: install
+	$(PY) benchmarks/gpu_check.py --prepare
+
+gpu-check-dry: gpu-check-prepare
+	$(PY) benchmarks/gpu_check.py --dry-run --out out/gpu-check-dry
 
 bench: install
 	$(PY) benchmarks/magnitude_recovery.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from compresscli.core.cpu_isa import avoid_unusable_amx
@@ -27,22 +28,28 @@ from compresscli.methods.wanda import WandaConfig
 avoid_unusable_amx()  # before any matmul: oneDNN reads its ISA cap once
 
 
-def load(path: str | Path, trainable: bool = False, cache: str | None = None) -> nn.Module:
+def load(path: str | Path, trainable: bool = False, cache: str | None = None,
+         device: str | torch.device | None = None) -> nn.Module:
     """A ready nn.Module (eval mode) from a compressed output directory or any supported source.
 
     Compressed layers come in their inference form: what the file holds and no more, run by the
     kernels, nothing trainable. `trainable=True` gives the training form instead (dense weights and masks,
-    trainable memories: for fine-tuning or compressing further). `cache="weights"` keeps the weights RPS
-    layers compute on every call, trading the dense layers' bytes for speed."""
+    trainable memories: for fine-tuning or compressing further). `device` moves the model there (default:
+    the CPU). `cache="weights"` keeps the weights RPS layers compute on every call, trading the dense
+    layers' bytes for speed: the default on CUDA (`cache="none"` declines), where they are computed here."""
     from compresscli.io.checkpoint import load_checkpoint
 
-    if cache not in (None, "weights"):
-        raise CompressError(f"unknown cache {cache!r}", 'use cache="weights" or leave it out')
+    if cache not in (None, "weights", "none"):
+        raise CompressError(f"unknown cache {cache!r}", 'use cache="weights", cache="none" or leave it out')
     model = load_checkpoint(path, trainable=trainable).model
-    if cache == "weights" and not trainable:
+    if device is not None:
+        model.to(device)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if not trainable and (cache is not None or on_gpu):
+        keep = (cache or "weights") == "weights"
         for module in model.modules():
             if hasattr(module, "cache_weights_"):
-                module.cache_weights_()
+                module.cache_weights_(keep)
     return model
 
 

@@ -97,18 +97,31 @@ def explain_out_of_memory(what: str, fix: str) -> Iterator[None]:
 
 
 class PeakMemory:
-    """The process's peak resident set from now on (Linux's VmHWM, reset at start where the kernel allows)."""
+    """The process's peak resident set from now on (Linux's VmHWM, reset at start where the kernel allows),
+    and on a CUDA `device` its peak of allocated GPU memory, reset at start too: several runs in one
+    process (a sweep, the tests) each report their own peak, not the largest so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.since_start = True
         except OSError:
             self.since_start = False  # then the peak includes what ran before
+        self.device = torch.device(device) if device is not None else None
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
 
     def peak(self) -> int:
         return peak_rss()
+
+    def gpu_peak(self) -> int | None:
+        """Peak bytes allocated on the GPU since this object was made; None off CUDA."""
+        return torch.cuda.max_memory_allocated(self.device) if self.on_gpu else None
 
 
 def available_memory() -> int:

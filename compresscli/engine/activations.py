@@ -2,7 +2,9 @@
 
 Kept in memory, in the model's dtype, while they fit the budget; beyond it, a state is written to a
 file in a temporary directory and read back (memory-mapped) when asked for, so calibration sets
-larger than the memory left for them still run, at the cost of disk traffic.
+larger than the memory left for them still run, at the cost of disk traffic. With `pin` (a run on a
+GPU) the states kept in memory are in pinned host memory, so their copies to and from the GPU are DMA
+transfers that need no staging buffer, and a copy to the GPU can be asynchronous.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from safetensors.torch import save_file
 
 
 class ActivationStore:
-    def __init__(self, budget_bytes: int, spill_parent: Path | None = None):
+    def __init__(self, budget_bytes: int, spill_parent: Path | None = None, pin: bool = False):
         self.budget = budget_bytes
         self.spill_parent = spill_parent
+        self.pin = pin
         self._memory: dict[Hashable, torch.Tensor] = {}
         self._files: dict[Hashable, Path] = {}
         self._dir: Path | None = None
@@ -28,16 +31,18 @@ class ActivationStore:
 
     def put(self, key: Hashable, tensor: torch.Tensor) -> None:
         self.drop(key)
-        tensor = tensor.detach().to("cpu")
+        tensor = tensor.detach()
         size = tensor.numel() * tensor.element_size()
         if self.resident_bytes + size <= self.budget:
-            self._memory[key] = tensor
+            if self.pin and not tensor.is_pinned():
+                tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+            self._memory[key] = tensor.to("cpu")
             self.resident_bytes += size
             return
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="compresscli-activations-", dir=self.spill_parent))
         path = self._dir / f"{len(self._files)}-{abs(hash(key))}.safetensors"
-        save_file({"t": tensor.contiguous()}, str(path))
+        save_file({"t": tensor.to("cpu").contiguous()}, str(path))
         self._files[key] = path
         self.spilled_bytes += size
 

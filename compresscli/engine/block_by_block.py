@@ -99,8 +99,8 @@ def run_recipe_sequential(source: Source, recipe: Recipe, targets: list[list[str
                           prediction: MemoryPrediction | None = None, peak: PeakMemory | None = None) -> RunResult:
     """Block by block, written atomically; the reload check streams OUT again."""
     progress = progress or SilentProgress()
-    started, peak = time.time(), peak or PeakMemory()
     device = distributed.pick_device(options.device)
+    started, peak = time.time(), peak or PeakMemory(device)
     torch.manual_seed(options.seed)
     world = distributed.world()
     if options.dry_run or out is None or not world.is_main:  # the other ranks compute, rank 0 writes
@@ -163,7 +163,8 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
         named["eval_o"] = eval_batches
     aliases = {"eval_c": "eval_o"} if evaluate else {}
 
-    store = ActivationStore(options.activation_bytes(), spill_parent=out_dir)
+    store = ActivationStore(options.activation_bytes(), spill_parent=out_dir,
+                            pin=streamed.read_ahead is not None and streamed.read_ahead.pin)
     streamer = streamed.streamer()
     records = [StageRecord(i, s.method, names) for i, (s, names) in enumerate(zip(recipe.stages, targets))]
     writer = ShardWriter(out_dir, options.shard_bytes, FORMAT_METADATA) if out_dir is not None else None
@@ -179,9 +180,9 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
         else:
             streams = {}
         with progress.task("compressing block by block", total=len(blocks)) as bar:
-            for unit in units:
+            for u, unit in enumerate(units):
                 _run_unit(unit, streamed, streamer, store, streams, recipe, targets, records, options, progress,
-                          compressed_mode)
+                          compressed_mode, next_unit=units[u + 1] if u + 1 < len(units) else [])
                 if writer is not None:
                     names = tuple(blocks[i].name + "." for i in unit)
                     write_model(model, writer, include=lambda n: (n + ".").startswith(names))
@@ -206,19 +207,21 @@ def run_sequential(source: Source, recipe: Recipe, targets: list[list[str]], out
         return records, result
     finally:
         store.close()
+        streamed.close()
 
 
 def _run_unit(unit: list[int], streamed: StreamedModel, streamer: BlockStreamer, store: ActivationStore,
               streams: dict[str, Stream], recipe: Recipe, targets: list[list[str]], records: list[StageRecord],
-              options: RunOptions, progress: Progress, compressed_mode: bool) -> None:
-    """Read the unit's blocks, compute what its stages need from the originals, run the stages, and
-    carry every stream through the compressed (or original) unit."""
+              options: RunOptions, progress: Progress, compressed_mode: bool, next_unit: list[int]) -> None:
+    """Read the unit's blocks (and start reading the next unit's, on a GPU), compute what its stages need
+    from the originals, run the stages, and carry every stream through the compressed (or original) unit."""
     model, blocks = streamed.model, streamed.blocks
     names_in_unit = tuple(blocks[i].name + "." for i in unit)
     stage_names = [[n for n in names if (n + ".").startswith(names_in_unit)] for names in targets]
     active = [(s, n, r) for s, n, r in zip(recipe.stages, stage_names, records) if n]
     wants_targets = any(s.config.needs_original() for s, _, _ in active) and not options.dry_run
     loaded = {i: streamed.load_block(i) for i in unit}
+    streamed.prefetch(next_unit)
 
     # The original unit: block inputs (the unit's first block reads the carried stream, the others the
     # original outputs before them), the original outputs where stages need them, and the original

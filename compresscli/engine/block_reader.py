@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compresscli.engine.activations import ActivationStore
+from compresscli.engine.read_ahead import ReadAhead
 from compresscli.model.architecture import Block, detect
 from compresscli.engine.skeleton_forward import BlockStreamer, ChunkCalls
 from compresscli.io.checkpoint import Checkpoint
@@ -31,8 +32,15 @@ class StreamedModel:
     and `load_block(i)` / `free_block(i)` for the blocks (plain or compressed sources alike; compressed
     layers in their inference form, or with `trainable` their training form, to compress further)."""
 
-    def __init__(self, source: Source, dtype: torch.dtype | None, device: torch.device, trainable: bool = False):
+    def __init__(self, source: Source, dtype: torch.dtype | None, device: torch.device, trainable: bool = False,
+                 read_ahead: bool | None = None):
         self.source, self.dtype, self.device, self.trainable = source, dtype, device, trainable
+        # On a GPU the next blocks are read from disk into pinned host memory while the current one computes
+        # (read_ahead.py); on the CPU both would compete for the same cores and memory, so blocks are read when asked.
+        cuda = device.type == "cuda"
+        self.read_ahead = ReadAhead(source.index, pin=cuda and torch.cuda.is_available()) \
+            if (cuda if read_ahead is None else read_ahead) else None
+        self.index = self.read_ahead or source.index
         self.model = skeleton_of(source)
         self.arch = detect(self.model)
         blocks = self.arch.blocks
@@ -58,11 +66,11 @@ class StreamedModel:
 
     def _load_outer(self) -> None:
         if self.key_map is None:
-            tensors_to_model(self.model, self.source.index, self.source.name, self.dtype,
+            tensors_to_model(self.model, self.index, self.source.name, self.dtype,
                              include=self.outside_blocks, shared_cache=self.shared, trainable=self.trainable)
         else:
             keys = [k for k in self.key_map if self.outside_blocks(k)]
-            read = self.source.index.read([self.key_map[k] for k in keys], self.dtype)
+            read = self.index.read([self.key_map[k] for k in keys], self.dtype)
             assign_tensors(self.model, {k: read[self.key_map[k]] for k in keys})
             conv1d_to_linear(self.model, exclude=self.prefixes)
         for module_name, module in self.model.named_modules():
@@ -78,18 +86,33 @@ class StreamedModel:
         name = self.blocks[i].name
         self.container[i] = copy.deepcopy(self.skeletons[i])
         if self.key_map is None:
-            tensors_to_model(self.model, self.source.index, self.source.name, self.dtype,
+            tensors_to_model(self.model, self.index, self.source.name, self.dtype,
                              include=lambda n: (n + ".").startswith(name + "."), shared_cache=self.shared,
                              trainable=self.trainable)
         else:
             keys = [k for k in self.key_map if k.startswith(name + ".")]
-            read = self.source.index.read([self.key_map[k] for k in keys], self.dtype)
+            read = self.index.read([self.key_map[k] for k in keys], self.dtype)
             assign_tensors(self.container[i], {k[len(name) + 1:]: read[self.key_map[k]] for k in keys})
             conv1d_to_linear(self.container[i])
         return self.container[i].to(self.device).eval()
 
     def free_block(self, i: int) -> None:
         self.container[i] = self.skeletons[i]
+
+    def prefetch(self, blocks: list[int]) -> None:
+        """Start reading `blocks` in the background (when reading ahead; else nothing happens)."""
+        if self.read_ahead is None:
+            return
+        prefixes = tuple(self.blocks[i].name + "." for i in blocks if 0 <= i < len(self.blocks))
+        if self.key_map is None:
+            names = [n for n in self.source.index.names() if n.startswith(prefixes)]
+        else:
+            names = [self.key_map[k] for k in self.key_map if k.startswith(prefixes)]
+        self.read_ahead.start(names, self.dtype)
+
+    def close(self) -> None:
+        if self.read_ahead is not None:
+            self.read_ahead.close()
 
     def streamer(self) -> BlockStreamer:
         return BlockStreamer(self.model, self.container, [b.name for b in self.blocks], self.task.outputs, self.device)
@@ -146,7 +169,7 @@ def stream_outputs(source: Source, batches: list[dict[str, torch.Tensor]], dtype
     device = torch.device(device)
     streamed = StreamedModel(source, dtype, device)
     streamer = streamed.streamer()
-    store = ActivationStore(budget_bytes=2**62)
+    store = ActivationStore(budget_bytes=2**62, pin=streamed.read_ahead is not None and streamed.read_ahead.pin)
     try:
         if visit is not None:
             visit(streamed.model, streamed.outside_blocks)
@@ -155,6 +178,7 @@ def stream_outputs(source: Source, batches: list[dict[str, torch.Tensor]], dtype
         stream = capture_streams(streamer, store, {"s": batches}, {})["s"]
         for i in range(len(streamed.blocks)):
             block = streamed.load_block(i)
+            streamed.prefetch([i + 1])
             if visit is not None:
                 prefix = streamed.blocks[i].name + "."
                 visit(streamed.model, lambda n, prefix=prefix: (n + ".").startswith(prefix))
@@ -163,3 +187,4 @@ def stream_outputs(source: Source, batches: list[dict[str, torch.Tensor]], dtype
         return [streamer.finish(batch, store.get(("s", c))).float().cpu() for c, batch in enumerate(batches)]
     finally:
         store.close()
+        streamed.close()

@@ -14,7 +14,13 @@ largest of the phases each execution mode goes through:
   AdamW moments only; the model itself is counted whole, as it is between stages.
 - sequential: what lies outside the blocks; the largest unit, read and compressed, with its stages'
   working memory; one batch's forward; the activations carried between blocks (in the model's dtype,
-  up to the in-memory budget, the rest spills to disk).
+  up to the in-memory budget, the rest spills to disk). On a GPU the host also holds the next unit, read
+  ahead while the current one computes (engine/read_ahead.py).
+
+On CUDA the GPU's peak is predicted too (everything the model computes with lives there; the data, the
+activations carried between blocks and the unit read ahead stay on the host), and the mode must fit both
+the host's budget and the GPU's free memory: a model that fits the host but not the GPU runs block by
+block on the GPU, one unit resident.
 """
 from __future__ import annotations
 
@@ -179,6 +185,8 @@ def predict_memory(source, skeleton: nn.Module, recipe: Recipe, targets: list[li
         seq = {"outside blocks": model_bytes - sum(block_bytes), "unit": unit_bytes + max(0, unit_resident),
                "stages": working(unit_targets, unit_bytes, len(heaviest)), "forward": forward,
                "activations": min(carried, options.activation_bytes())}
+        if options.resolved_device.startswith("cuda"):
+            seq["next unit"] = unit_bytes
         phases["sequential"] = seq
         sequential_peak = int(baseline + SAFETY * sum(seq.values()))
     gpu = None
@@ -209,35 +217,62 @@ def shard_wanted(options: RunOptions, mode: str, prediction: MemoryPrediction) -
     if options.shard is not None or size == 1 or mode != "whole-model" or prediction.sharded is None:
         return bool(options.shard)
     if prediction.gpu:
-        free, _ = torch.cuda.mem_get_info(torch.device(options.resolved_device))
+        free = gpu_free_bytes(options.resolved_device)
         return prediction.gpu["whole-model"] > free >= prediction.gpu["sharded"]
     budget = options.memory_budget() // int(os.environ.get("LOCAL_WORLD_SIZE", size))
     return prediction.whole_model > budget >= prediction.sharded
 
 
+def gpu_free_bytes(device: str) -> int:
+    """Free memory of the CUDA `device` now, as the driver reports it (other processes' use excluded)."""
+    return torch.cuda.mem_get_info(torch.device(device))[0]
+
+
+def _gpu_need(prediction: MemoryPrediction, options: RunOptions, mode: str) -> int:
+    """The GPU memory `mode` is predicted to need (0 off CUDA); a whole-model run under torchrun that may
+    shard its recovery needs the sharded figure (shard_wanted then shards it)."""
+    gpu = prediction.gpu or {}
+    need = gpu.get(mode, 0)
+    if mode == "whole-model" and "sharded" in gpu and options.shard is not False:
+        need = min(need, gpu["sharded"])
+    return need
+
+
 def choose_mode(prediction: MemoryPrediction, options: RunOptions, recipe: Recipe) -> str:
     """"whole-model" or "sequential": as asked, else whichever fits the budget (whole-model first,
-    unless a stage prefers block by block and the recipe can run so); a run that fits neither is
-    refused with what to lower."""
+    unless a stage prefers block by block and the recipe can run so) and, on CUDA, the GPU's free
+    memory; a run that fits neither is refused with what to lower."""
     budget = options.memory_budget()
     if options.sequential is False:
         return "whole-model"
+    free = gpu_free_bytes(options.resolved_device) if prediction.gpu else None
+    whole_fits = prediction.whole_model <= budget and \
+        (free is None or _gpu_need(prediction, options, "whole-model") <= free)
+    sequential_fits = prediction.sequential is not None and prediction.sequential <= budget and \
+        (free is None or _gpu_need(prediction, options, "sequential") <= free)
     prefers = any(stage.config.prefers_block_by_block for stage in recipe.stages)
-    if prefers and options.sequential is None and prediction.sequential is not None \
-            and prediction.sequential <= budget:
+    if prefers and options.sequential is None and sequential_fits:
         return "sequential"
-    if options.sequential or prediction.whole_model > budget:
+    if options.sequential or not whole_fits:
+        where = f"{gib(budget)} of host memory" + (f" and {gib(free)} free on the GPU" if free is not None else "")
         if prediction.sequential is None:
-            raise CompressError(f"the whole-model run needs about {gib(prediction.whole_model)} but "
-                                f"{gib(budget)} is available, and it cannot run block by block "
+            raise CompressError(f"the whole-model run needs about {_needs(prediction, options, 'whole-model')} but "
+                                f"{where} is available, and it cannot run block by block "
                                 f"({prediction.sequential_problem})", "free memory, raise --max-memory, or "
                                 "change the recipe")
-        if prediction.sequential > budget:
-            raise CompressError(f"even block by block the run needs about {gib(prediction.sequential)} but "
-                                f"{gib(budget)} is available", "lower --calibration-examples, --max-length or "
-                                "--batch-size, or raise --max-memory")
+        if not sequential_fits:
+            raise CompressError(f"even block by block the run needs about {_needs(prediction, options, 'sequential')} "
+                                f"but {where} is available", "lower --calibration-examples, --max-length or "
+                                "--batch-size, or raise --max-memory" + (" (or use a larger GPU)" if free else ""))
         return "sequential"
     return "whole-model"
+
+
+def _needs(prediction: MemoryPrediction, options: RunOptions, mode: str) -> str:
+    host = prediction.whole_model if mode == "whole-model" else prediction.sequential
+    if not prediction.gpu:
+        return gib(host)
+    return f"{gib(host)} of host memory and {gib(_gpu_need(prediction, options, mode))} on the GPU"
 
 
 def gib(n: float) -> str:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from compresscli.core.resources import PeakMemory
@@ -77,8 +76,8 @@ def execution(mode: str, peak: PeakMemory, prediction: MemoryPrediction | None, 
         record["predicted_peak_bytes"] = (prediction.sequential if mode == "sequential" else
                                           prediction.sharded if options.shard else prediction.whole_model)
         record["prediction"] = prediction.to_dict()
-    if torch.cuda.is_available() and options.resolved_device.startswith("cuda"):
-        record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    if peak.gpu_peak() is not None:
+        record["gpu_peak_bytes"] = peak.gpu_peak()
         if prediction is not None and prediction.gpu:
             record["predicted_gpu_peak_bytes"] = prediction.gpu.get("sharded" if options.shard else mode)
     return record

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+from compresscli.core.precision import tf32_on
 from compresscli.core.progress import Progress, SilentProgress
 from compresscli.core.resources import PeakMemory, explain_out_of_memory
 from compresscli.engine.block_by_block import run_recipe_sequential
@@ -41,17 +42,18 @@ def compress_source(source: Source, recipe: Recipe, out: Path | None, options: R
     lives for the call, and only rank 0 locks and writes OUT."""
     check_out(out, options, force, source.directory)
     writes = out is not None and not options.dry_run
-    with distributed.process_group(distributed.pick_device(options.device)) as world:
+    device = distributed.pick_device(options.device)
+    with distributed.process_group(device) as world:
         if not world.is_main:
             progress = SilentProgress()
         with output_lock(Path(out)) if writes and world.is_main else nullcontext(), \
-                explain_out_of_memory("the run", OUT_OF_MEMORY_FIX):
+                explain_out_of_memory("the run", OUT_OF_MEMORY_FIX), tf32_on(device):
             return _compress_source(source, recipe, out, options, progress or SilentProgress(), force)
 
 
 def _compress_source(source: Source, recipe: Recipe, out: Path | None, options: RunOptions, progress: Progress,
                      force: bool) -> RunResult:
-    peak = PeakMemory()
+    peak = PeakMemory(distributed.pick_device(options.device))
     skeleton = skeleton_of(source)
     targets = resolve_targets(recipe, skeleton)
     if options.sequential:

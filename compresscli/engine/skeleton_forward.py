@@ -50,8 +50,10 @@ class BlockCall:
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Tensors in `obj` moved to `device`; to a GPU asynchronously (a no-op wait from pageable memory, a DMA
+    transfer overlapping the host's work from the pinned memory the activation store keeps on CUDA runs)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, non_blocking=torch.device(device).type == "cuda")
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
@@ -203,5 +205,5 @@ class BlockStreamer:
                   grad: bool = False) -> torch.Tensor:
         """Block `index` on `hidden` with the inputs recorded for this chunk; the output hidden state."""
         with torch.set_grad_enabled(grad):
-            args, kwargs = chunk.calls[index].inputs(hidden.to(self.device), self.device)
+            args, kwargs = chunk.calls[index].inputs(to_device(hidden, self.device), self.device)
             return first_tensor(block(*args, **kwargs))

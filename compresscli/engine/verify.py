@@ -28,6 +28,7 @@ from compresscli.io.native import SHARED_PREFIX
 from compresscli.codecs.base import compressed_layers
 from compresscli.codecs import CompressedModule, codec_for
 from compresscli.io.safetensors import checksum
+from compresscli.core.precision import matmul_eps
 
 BUG_FIX = "this is a bug in a codec; please report it with --debug output"
 FLOAT32_TOLERANCE = 1e-4  # relative: float32 sums in another order differ by ~1e-6 per layer; this is slack
@@ -40,7 +41,7 @@ def output_tolerance(dtype: torch.dtype, depth: int) -> float:
     a `depth`-block model in `dtype` may show from rounding alone. Each layer rounds its outputs to the dtype
     (half an ulp, eps / 2), and independent roundings add up like a random walk over the blocks and the
     layers outside them (embeddings, head: one more)."""
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    eps = matmul_eps(dtype)  # float32 on CUDA computes in TF32 during a run (core/precision.py)
     return max(FLOAT32_TOLERANCE, ROUNDING_ULPS * eps * math.sqrt(max(1, depth) + 1))
 
 

@@ -51,8 +51,8 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
     become None), so verification and evaluation never hold it beside its reloaded copy. `peak`
     measures from where the caller started (default: from here)."""
     progress = progress or SilentProgress()
-    started, peak = time.time(), peak or PeakMemory()
     device = distributed.pick_device(options.device)
+    started, peak = time.time(), peak or PeakMemory(device)
     torch.manual_seed(options.seed)
     model, task = ckpt.model, ckpt.task()
     check_out(out, options, force, ckpt.source.directory if ckpt.source is not None else None)

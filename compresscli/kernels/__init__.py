@@ -1,6 +1,6 @@
 """Fast products for the compressed layers: compiled CPU kernels (condensed, CSR and bitmask rows, RPS
-weights), Triton kernels for condensed layers on CUDA, the pure-PyTorch reference and dense fallbacks, and
-the dispatch between them (see dispatch.py).
+weights), Triton kernels for the condensed and row-sparse layers on CUDA, the pure-PyTorch reference and dense
+fallbacks, and the dispatch between them (see dispatch.py; on CUDA, cuda_paths.py's table).
 
 Triton is imported only when a CUDA path is first considered; the CPU kernel is compiled on first use.
 """

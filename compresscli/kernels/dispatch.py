@@ -10,12 +10,12 @@ Paths (all compute y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] + bias[r]
                 inference, many input rows.
   triton_gemv   Triton, few input rows (CUDA).
   triton_tiled  Triton, batch-tiled (CUDA).
+  triton_decode the dense weight written by a Triton kernel, then cuBLAS (CUDA).
 
 On the CPU the choice between `cpu` and `decoded` is measured, not guessed: benchmarks/kernel_thresholds.py
 times both per structure, dtype, density and shape on the machine and writes kernels/cpu_thresholds.py,
-the table `cpu_kernel_max_rows` reads. The CUDA thresholds are the kernels' design points and have NOT been
-measured (no GPU was available when they were written): re-derive them from
-`benchmarks/condensed_layers.py --device cuda` on the target GPU.
+the table `cpu_kernel_max_rows` reads. The CUDA side, for condensed and row-sparse layers alike, reads
+cuda_paths.py's table (design points, NOT measured, until benchmarks/gpu_check.py measures them on a GPU).
 
 `force_path(name)` (or $COMPRESSCLI_CONDENSED_PATH) overrides the choice, for tests and benchmarks.
 """
@@ -31,22 +31,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from compresscli.kernels import cpu, cpu_thresholds, reference
+from compresscli.kernels import cpu, cpu_thresholds, cuda_paths, reference
 from compresscli.kernels.decoded import decoded_mm
 
 log = logging.getLogger(__name__)
 
-PATHS = ("dense", "gather", "cpu", "decoded", "triton_gemv", "triton_tiled")
+PATHS = ("dense", "gather", "cpu", "decoded", "triton_gemv", "triton_tiled", "triton_decode")
 PATH_ENV = "COMPRESSCLI_CONDENSED_PATH"
 _forced: ContextVar[str | None] = ContextVar("condensed_forced_path", default=None)
-
-# CUDA (unmeasured design points): gemv up to GEMV_MAX_ROWS rows while the kept fraction is at most
-# GEMV_MAX_DENSITY (bf16 values + int16 indices read 2 * density of the dense bytes: 0.6x at 0.3, nothing
-# saved at 0.5), tiled up to TILED_MAX_ROWS at low density.
-GEMV_MAX_ROWS = 4
-GEMV_MAX_DENSITY = 0.3
-TILED_MAX_ROWS = 64
-TILED_MAX_DENSITY = 0.2
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +59,7 @@ def available_paths(device: torch.device, dtype: torch.dtype | None) -> list[str
     if device.type == "cpu" and dtype in cpu.DTYPES and cpu.available():
         paths += ["cpu", "decoded"]
     if device.type == "cuda" and triton_available():
-        paths += ["triton_gemv", "triton_tiled"]
+        paths += ["triton_gemv", "triton_tiled", "triton_decode"]
     return paths
 
 
@@ -117,10 +109,7 @@ def choose_path(device: torch.device, dtype: torch.dtype | None, n: int, in_feat
             return _cpu_choice("condensed", dtype, n, density, rows * in_features)
         return "dense"
     if device.type == "cuda" and triton_available():
-        if n <= GEMV_MAX_ROWS and density <= GEMV_MAX_DENSITY:
-            return "triton_gemv"
-        if n <= TILED_MAX_ROWS and density <= TILED_MAX_DENSITY:
-            return "triton_tiled"
+        return cuda_paths.choose("condensed", n, density)
     return "dense"
 
 
@@ -145,6 +134,8 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, b
         decode = lambda r0, r1, out: cpu.sparse_to_dense(values, indices, None, values.shape[0], in_features, r0, r1,  # noqa: E731
                                                          out)
         return decoded_mm(x.contiguous(), decode, values.shape[0], in_features, bias, values.dtype), path
+    if path == "triton_decode":
+        return cuda_paths.condensed_decode_mm(x, values, indices, bias, in_features), path
     from compresscli.kernels import triton_kernels
 
     return triton_kernels.condensed_mm(x, values, indices, bias, tiled=path == "triton_tiled"), path
@@ -160,6 +151,10 @@ def sparse_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor
     """The dense weight of a row-sparse structure, by the compiled decoder where it applies."""
     if values.device.type == "cpu" and values.dtype in cpu.DTYPES and cpu.available():
         return cpu.sparse_to_dense(values, cols, row_ptr, rows, columns)
+    if values.device.type == "cuda" and triton_available():  # no host sync, no index built
+        from compresscli.kernels import triton_sparse
+
+        return triton_sparse.row_sparse_dense(values, cols, row_ptr, rows, columns)
     return reference.row_sparse_dense(values, cols, row_ptr, rows, columns)
 
 
@@ -192,6 +187,9 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr
     returns (y, path name). The decoded paths decode W for this call only; it is never kept."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     same = values.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    if x.device.type == "cuda" and same and not needs_grad and triton_available():
+        return cuda_paths.row_sparse_mm(x, values, cols, row_ptr, bias, rows, columns,
+                                        _forced.get() or os.environ.get(PATH_ENV) or None)
     structure = "bitmask" if cols.dtype == torch.int64 else "csr"
     path = choose_sparse_path(x.device, x.dtype if same else None, x.shape[0],
                               values.numel() / max(1, rows * columns), needs_grad, structure, rows * columns)

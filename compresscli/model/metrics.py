@@ -39,7 +39,9 @@ def compare(original: nn.Module | None, compressed: nn.Module, task: Task, batch
 
 
 def compare_outputs(task: Task, triples: Iterable[Triple]) -> dict[str, Any]:
-    """Metrics from per-batch outputs of the original (None when absent) and the compressed model."""
+    """Metrics from per-batch outputs of the original (None when absent) and the compressed model; each
+    batch is moved to its outputs' device (the block-by-block runner keeps its batches on the host)."""
+    triples = (({k: v.to(out_c.device) for k, v in batch.items()}, out_o, out_c) for batch, out_o, out_c in triples)
     if task.name == "image-classification":
         return _classification(task, triples)
     if task.name == "text-encoder":

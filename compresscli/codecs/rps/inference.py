@@ -4,7 +4,9 @@ No map is kept: a forward computes the weight it needs from the memory and the p
 by the compiled CPU kernel (the hash is a few integer operations per weight, see kernels/cpu_source.py)
 or by Placement.locate_rows in PyTorch elsewhere, and drops it when the call returns. Large layers are
 computed ROW_CHUNK weights at a time. `cache_weights_()` keeps the computed weight instead (what
-`compresscli.load(DIR, cache="weights")` asks for): faster, at the dense layer's bytes.
+`compresscli.load(DIR, cache="weights")` asks for): faster, at the dense layer's bytes. On CUDA that is the
+default: a layer computes its weight at its first call there and keeps it (rehashing every weight per call
+would cost the GPU more than the bytes it saves; `cache_weights_(False)` declines).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ ROW_CHUNK = 1 << 22  # weights computed at once in a forward (16 MiB in float32)
 
 class _CompactShared(_SharedWeightCodec):
     cached_weight: torch.Tensor | None
+    cache_on_gpu = True  # cache_weights_(False) turns it off for this layer
 
     def _init_weight(self, shape: tuple[int, ...], memory: nn.Parameter, memory_name: str, placement: Any,
                       scale: float, scale_gradients: bool, bias: torch.Tensor | None, counted: bool = True) -> None:
@@ -47,6 +50,11 @@ class _CompactShared(_SharedWeightCodec):
             return self.cached_weight
         return self.weight_rows(0, self.weight_shape[0])
 
+    def _prepare(self) -> None:
+        """Before a call: on CUDA, compute the weight once and keep it (see the module docstring)."""
+        if self.cached_weight is None and self.cache_on_gpu and self.memory.is_cuda:
+            self.cache_weights_()
+
     @property
     def weight(self) -> torch.Tensor:
         """The weight, computed on demand for code that reads `.weight` (kept only when cached)."""
@@ -55,6 +63,7 @@ class _CompactShared(_SharedWeightCodec):
     def cache_weights_(self, on: bool = True) -> "_CompactShared":
         """Keep the computed weight (trading the dense layer's bytes for speed), or drop it."""
         self.cached_weight = None
+        self.__dict__["cache_on_gpu"] = on
         if on:
             self.cached_weight = self.dense_weight()
         return self
@@ -65,6 +74,7 @@ class CompactRPSLinear(_LinearLayout, _CompactShared):
     last_path: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare()
         if self.cached_weight is not None:
             self.__dict__["last_path"] = "cached"
             return F.linear(x, self.cached_weight, self.bias)  # (..., in) -> (..., out)
@@ -74,7 +84,7 @@ class CompactRPSLinear(_LinearLayout, _CompactShared):
         if done is not None:  # the compiled kernels, by their measured thresholds
             self.__dict__["last_path"] = done[1]
             return done[0].view(*lead, self.out_features)
-        self.__dict__["last_path"] = "dense"
+        self.__dict__["last_path"] = "rps"
         step = max(1, ROW_CHUNK // self.in_features)
         if step >= self.out_features:
             return F.linear(x, self.dense_weight(), self.bias)
@@ -87,6 +97,7 @@ class CompactRPSLinear(_LinearLayout, _CompactShared):
 @register_inference_form
 class CompactRPSConv2d(_ConvLayout, _CompactShared):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare()
         # (B, C, H, W) -> (B, O, H', W')
         return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -96,6 +107,7 @@ class CompactRPSEmbedding(_EmbeddingLayout, _CompactShared):
     """Computes only the rows it looks up: (...) ids -> (..., dim), never the whole table."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self._prepare()
         if self.cached_weight is not None:
             return F.embedding(ids, self.cached_weight)
         index, sign = self.placement.locate_rows(self.weight_shape, ids.to(self.memory.device))

@@ -63,9 +63,9 @@ def encode(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -> tuple
     if fmt == "bitmask":
         return fmt, {"values": values, "mask": pack_bits(mask2d)}
     if fmt == "csr":
-        row_counts = mask2d.sum(1)
-        row_ptr = torch.zeros(rows + 1, dtype=torch.int32)
-        row_ptr[1:] = torch.cumsum(row_counts.cpu(), 0).to(torch.int32)
+        # on the values' device: a GPU decode reads both
+        row_ptr = torch.zeros(rows + 1, dtype=torch.int32, device=mask2d.device)
+        row_ptr[1:] = torch.cumsum(mask2d.sum(1), 0)
         col_idx = mask2d.nonzero()[:, 1].to(index_dtype(cols)).contiguous()
         return fmt, {"values": values, "col_idx": col_idx, "row_ptr": row_ptr}
     raise ValueError(f"unknown sparse format {fmt!r}")

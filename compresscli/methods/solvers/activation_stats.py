@@ -16,6 +16,7 @@ from torch import nn
 
 from compresscli.methods.calibration import Calibrator
 from compresscli.core.errors import StageError
+from compresscli.core.precision import exact_float32
 
 
 @dataclass
@@ -33,7 +34,8 @@ class InputStats:
         self.squares = squares if self.squares is None else self.squares + squares
         if keep_gram:
             xf = x.float()
-            gram = xf.t() @ xf
+            with exact_float32():  # the solver's Hessian: never TF32
+                gram = xf.t() @ xf
             self.gram = gram if self.gram is None else self.gram.add_(gram)
 
     def norms(self) -> torch.Tensor:

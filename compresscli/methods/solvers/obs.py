@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from compresscli.core.errors import StageError
+from compresscli.core.precision import exact_float32
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def _fan_in_counts(cols: int, blocksize: int, pruned: int) -> list[int]:
 
 
 @torch.no_grad()
+@exact_float32()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = None,
               blocksize: int = 128, percdamp: float = 0.01, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned and updated weight in float32, keep mask), for `weight` (rows x cols) and H (cols x cols)."""
@@ -98,7 +100,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep:
                     mask1.scatter_(1, torch.topk(cost, drop, dim=1, largest=False).indices, True)
             else:
                 drop = int(cost.numel() * spec.sparsity)
-                mask1 = torch.zeros(cost.numel(), dtype=torch.bool)
+                mask1 = torch.zeros(cost.numel(), dtype=torch.bool, device=cost.device)
                 if drop:
                     mask1[torch.topk(cost.flatten(), drop, largest=False).indices] = True
                 mask1 = mask1.view_as(cost)

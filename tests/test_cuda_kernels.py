@@ -1,0 +1,131 @@
+"""The compressed layers on CUDA: every Triton kernel against the reference (in Triton's interpreter on the
+CPU, and on a real GPU), the dispatch table, and the inference forms' forward on a GPU (simulated on the
+CPU): no host sync and no index built per call."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compresscli.codecs import INFERENCE_FORMS
+from compresscli.codecs.forms import to_inference_
+from compresscli.kernels import cuda_paths, dispatch
+from conftest import codec_samples
+from simulated_cuda import SimulatedCuda
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_triton_kernel_matches_the_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_check.py"), "cpu"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_every_triton_kernel_on_the_gpu():
+    import triton_check
+
+    assert triton_check.main("cuda") > 0
+
+
+# ----------------------------------------------------------------------------- the table
+
+@pytest.mark.parametrize("layout", sorted(cuda_paths.LAYOUTS))
+def test_the_path_is_the_first_table_row_that_admits_the_call(layout):
+    rows = cuda_paths.DESIGN_TABLE[layout]
+    for max_rows, max_density, path in rows:
+        n = max_rows or 10**6
+        expected = next(p for r, d, p in rows if (r is None or n <= r) and max_density <= d)
+        assert cuda_paths.choose(layout, n, max_density) == expected
+    assert cuda_paths.choose(layout, 10**6, 1.0) == rows[-1][2]
+    assert cuda_paths.choose(layout, 1, 0.1, forced="dense") == "dense"
+
+
+def test_a_measured_table_replaces_the_design_points(tmp_path, monkeypatch):
+    measured = {"measured_on": "a GPU", "row_sparse": [[8, 0.4, "triton_gemv"], [None, 1.0, "triton_decode"]],
+                "condensed": [[None, 1.0, "triton_decode"]]}
+    (tmp_path / "table.json").write_text(json.dumps(measured))
+    monkeypatch.setenv(cuda_paths.TABLE_ENV, str(tmp_path / "table.json"))
+    cuda_paths.table.cache_clear()
+    try:
+        assert cuda_paths.choose("row_sparse", 8, 0.4) == "triton_gemv"
+        assert cuda_paths.choose("row_sparse", 9, 0.4) == "triton_decode"
+        (tmp_path / "table.json").write_text(json.dumps({**measured, "condensed": [[4, 1.0, "triton_gemv"]]}))
+        cuda_paths.table.cache_clear()
+        with pytest.raises(ValueError, match="the last with null rows"):
+            cuda_paths.table()
+    finally:
+        cuda_paths.table.cache_clear()
+
+
+# ----------------------------------------------------------------------------- the forms on a GPU
+
+LINEAR_FORMS = [c for c in sorted(INFERENCE_FORMS.names()) if c.endswith("_linear")]
+
+
+@pytest.mark.parametrize("codec", LINEAR_FORMS)
+def test_inference_forms_on_cuda_neither_sync_nor_build_indices_per_call(codec, monkeypatch):
+    """The kernels are replaced by stand-ins that only shape their output (the interpreter test checks
+    their arithmetic): what is checked is everything around them."""
+    from compresscli.kernels import triton_kernels, triton_sparse
+
+    launched = []
+
+    def gemv(x, values, cols, row_ptr, bias, rows, columns, k_fixed=0):
+        launched.append("gemv")
+        return x.new_empty(x.shape[0], rows)
+
+    def decode(values, cols, row_ptr, rows, columns, k_fixed=0):
+        launched.append("decode")
+        return values.new_empty(rows, columns)
+
+    def condensed(x, values, indices, bias, tiled):
+        launched.append("condensed")
+        return x.new_empty(x.shape[0], values.shape[0])
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(triton_sparse, "row_sparse_mm", gemv)
+    monkeypatch.setattr(triton_sparse, "row_sparse_dense", decode)
+    monkeypatch.setattr(triton_kernels, "condensed_mm", condensed)
+    for sample in codec_samples(codec):
+        layer, _ = sample.make()
+        holder = to_inference_(torch.nn.Sequential(layer))
+        with SimulatedCuda() as cuda, torch.no_grad():
+            holder.to("cuda")
+            x = sample.input().to("cuda")
+            holder(x)  # the first call may prepare what the layer needs on this device (RPS caches its weight)
+            cuda.syncs, made = 0, cuda.count_made()
+            for n in (1, 64):
+                holder(x[:1].expand(n, -1).contiguous())
+            assert cuda.syncs == 0, f"{codec}: {cuda.syncs} host syncs in two calls"
+            assert not made.integer_tensors(larger_than=layer.out_features), f"{codec}: {made.integer_tensors()}"
+    assert launched or codec.startswith("rps")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("codec", LINEAR_FORMS)
+def test_inference_forms_on_the_gpu_compute_what_they_do_on_the_cpu_without_syncing(codec, dtype):
+    for sample in codec_samples(codec):
+        layer, _ = sample.make()
+        holder = to_inference_(torch.nn.Sequential(layer)).to(dtype)
+        x = sample.input(dtype)
+        with torch.no_grad():
+            expected = holder(x).float()
+            holder.cuda()
+            holder(x.cuda())  # the first call may prepare (RPS caches its weight)
+            torch.cuda.set_sync_debug_mode("error")  # any host sync inside the calls below raises
+            try:
+                got = [holder(x[:1].expand(n, -1).contiguous().cuda()) for n in (1, 64)] + [holder(x.cuda())]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert torch.allclose(got[-1].float().cpu(), expected, atol=tol, rtol=tol), codec

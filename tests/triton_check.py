@@ -1,0 +1,75 @@
+"""Every Triton kernel against the PyTorch reference, in float32 and bfloat16, on one device: run on the CPU
+under TRITON_INTERPRET=1 by tests/test_cuda_kernels.py (a fresh interpreter: the variable is read when
+triton is imported), and on a real GPU by the gpu-marked test there and by benchmarks/gpu_check.py."""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from compresscli.codecs.sparse.matrix import CompactSparse
+from compresscli.kernels import reference, triton_kernels, triton_sparse
+
+DTYPES = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative tolerance of the float32-accumulated result
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    scale = expected.abs().max().item() + 1.0
+    error = (got.float().cpu() - expected.float().cpu()).abs().max().item()
+    assert got.dtype == dtype and error <= DTYPES[dtype] * scale, f"{what}: max error {error:.3g} (scale {scale:.3g})"
+
+
+def check_row_sparse(device: str) -> int:
+    """Bitmask and CSR layers: the GEMV and the decode, empty rows and an all-empty layer included."""
+    checked = 0
+    g = torch.Generator().manual_seed(0)
+    for dtype in DTYPES:
+        for rows, cols, density, n in [(33, 70, 0.3, 1), (40, 300, 0.5, 3), (17, 129, 0.1, 16), (8, 64, 0.0, 2),
+                                       (5, 1100, 0.9, 7)]:
+            weight = torch.randn(rows, cols, generator=g).to(dtype)
+            mask = torch.rand(rows, cols, generator=g) < density
+            mask[min(3, rows - 1)] = False
+            x, bias = torch.randn(n, cols, generator=g).to(dtype), torch.randn(rows, generator=g).to(dtype)
+            expected = F.linear(x.float(), (weight * mask).float(), bias.float())
+            for fmt in ("bitmask", "csr"):
+                m = CompactSparse.from_masked(weight, mask, fmt).to(device)
+                what = f"{fmt} {rows}x{cols} density {density} n={n} {dtype}"
+                for b in (bias, None):
+                    y = triton_sparse.row_sparse_mm(x.to(device), m.values, m.cols, m.row_ptr,
+                                                    None if b is None else b.to(device), rows, cols)
+                    _close(y, expected if b is not None else expected - bias.float(), dtype, what)
+                dense = triton_sparse.row_sparse_dense(m.values, m.cols, m.row_ptr, rows, cols)
+                assert torch.equal(dense.cpu(), weight * mask), f"{what}: decode"
+                checked += 3
+    return checked
+
+
+def check_condensed(device: str) -> int:
+    """Condensed layers: both launch shapes of the condensed kernel, the row-sparse GEMV and decode of
+    fixed-length rows."""
+    checked = 0
+    g = torch.Generator().manual_seed(1)
+    for dtype in DTYPES:
+        for rows, fan_in, k, n in [(33, 70, 9, 1), (40, 300, 37, 3), (40, 300, 37, 70), (20, 50, 50, 2)]:
+            idx = torch.rand(rows, fan_in, generator=g).topk(k, dim=1).indices.sort(1).values.to(torch.int16)
+            v, b = torch.randn(rows, k, generator=g).to(dtype), torch.randn(rows, generator=g).to(dtype)
+            x = torch.randn(n, fan_in, generator=g).to(dtype)
+            expected = reference.gather_mm(x.float(), v.float(), idx, b.float())
+            what = f"condensed {rows}x{fan_in} k={k} n={n} {dtype}"
+            xd, vd, idxd, bd = (t.to(device) for t in (x, v, idx, b))
+            for tiled in (False, True):
+                _close(triton_kernels.condensed_mm(xd, vd, idxd, bd, tiled), expected, dtype, f"{what} tiled={tiled}")
+            _close(triton_sparse.row_sparse_mm(xd, vd, idxd, None, bd, rows, fan_in, k), expected, dtype, what)
+            dense = triton_sparse.row_sparse_dense(vd, idxd, None, rows, fan_in, k)
+            assert torch.equal(dense.cpu(), reference.scatter_dense(v, idx, fan_in)), f"{what}: decode"
+            checked += 4
+    return checked
+
+
+def main(device: str) -> int:
+    return check_row_sparse(device) + check_condensed(device)
+
+
+if __name__ == "__main__":
+    print(f"ok {main(sys.argv[1] if len(sys.argv) > 1 else 'cpu')}")
