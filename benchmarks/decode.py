@@ -128,7 +128,7 @@ def compress_once(source: Path, form: str, work: Path, sequential: bool) -> Path
         return out
     description, stages = RECIPES[form]
     recipe = work / f"{form}.yaml"
-    recipe.write_text(f"description: {description}\nstages:\n{stages}")
+    recipe.write_text(f"description: {json.dumps(description)}\nstages:\n{stages}")
     command = [sys.executable, "-m", "compresscli", "run", str(source), "--recipe", str(recipe), "--out", str(out),
                "--no-eval", "--calibration-examples", "8", "--max-length", "64"]
     command += ["--sequential"] if sequential else []
@@ -151,7 +151,7 @@ def measure_model(source: Path, forms: list[str], work: Path, sequential: bool, 
         done = subprocess.run(["flock", LOCK, *command], capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"bench failed for {form}: {done.stderr.strip()[-800:]}")
-        result = {**json.loads(done.stdout), "form": form, "recipe": RECIPES[form][0],
+        result = {**json.loads(done.stdout), "tag": tag, "form": form, "recipe": RECIPES[form][0],
                   "command": " ".join(command[1:])}
         (RAW / f"model-{tag}-{form}.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result["speedup"]), flush=True)

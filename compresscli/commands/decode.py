@@ -87,6 +87,13 @@ class ReadCounter:
                 self._seen.add(key)
             self.bytes += tensor.numel() * tensor.element_size()
 
+    def remove(self) -> None:
+        """Stop counting: the hooks come off the model."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
 def kernel_paths(model: nn.Module) -> dict[str, str]:
     """Layer name -> the product its last forward ran (compressed layers record it; see compresscli.kernels)."""
     return {name: m.last_path for name, m in model.named_modules() if getattr(m, "last_path", None)}

@@ -76,15 +76,34 @@ def force_path(path: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
+UNMEASURED_MAX_ROWS = 8
+"""The kernel's row limit for a structure and dtype the table has no entry for (a table generated for
+fewer dtypes, or a new structure): at up to 8 rows every kernel measured so far beat decode + GEMM
+(benchmarks/results/kernel_thresholds.md: the lowest crossover is 16 rows), and past it decode + GEMM is
+never much slower than the kernel. Logged once per structure and dtype so that a gap is seen, not hidden."""
+
+
+@lru_cache(maxsize=None)
+def _unmeasured(structure: str, dtype: str) -> int:
+    log.warning("no measured CPU threshold for %s %s (kernels/cpu_thresholds.py): the kernel runs up to %d "
+                "rows; rerun benchmarks/kernel_thresholds.py to measure it", structure, dtype, UNMEASURED_MAX_ROWS)
+    return UNMEASURED_MAX_ROWS
+
+
 def cpu_kernel_max_rows(structure: str, dtype: torch.dtype, density: float, weights: int) -> int:
     """The most input rows for which the compiled kernel beat decoding + GEMM when measured on this machine
     (kernels/cpu_thresholds.py): for the measured density nearest above `density` (the kernel's cost grows
-    with it) and the shape class of a (rows x columns = `weights`) layer."""
-    table = cpu_thresholds.KERNEL_MAX_ROWS[structure][str(dtype).removeprefix("torch.")]
+    with it) and the shape class of a (rows x columns = `weights`) layer, the other class where only one
+    was measured; UNMEASURED_MAX_ROWS where the table has no entry for the structure and dtype."""
+    name = str(dtype).removeprefix("torch.")
+    table = cpu_thresholds.KERNEL_MAX_ROWS.get(structure, {}).get(name)
+    if not table:
+        return _unmeasured(structure, name)
     measured = sorted(table)
     above = [d for d in measured if d >= density - 1e-9]
     by_size = table[above[0] if above else measured[-1]]
-    return by_size["small" if weights <= cpu_thresholds.SMALL_WEIGHTS else "large"]
+    size = "small" if weights <= cpu_thresholds.SMALL_WEIGHTS else "large"
+    return by_size.get(size, min(by_size.values()))
 
 
 def _cpu_choice(structure: str, dtype: torch.dtype, n: int, density: float, weights: int) -> str:
