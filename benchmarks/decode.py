@@ -90,7 +90,8 @@ def _time_round_robin(layers: list[nn.Module], x: torch.Tensor, sweeps: int) -> 
     return statistics.median(times)
 
 
-def measure_layers(dtypes: list[str], forms: list[str], threads: int, cache_bytes: float) -> list[dict]:
+def measure_layers(dtypes: list[str], forms: list[str], threads: int, cache_bytes: float, save) -> list[dict]:
+    """Every form at every shape and dtype; `save(entry)` is called after each (so a run cut short keeps its rows)."""
     from compresscli.commands.decode import ReadCounter, read_bandwidth, tensor_bytes
 
     torch.set_num_threads(threads)
@@ -115,6 +116,7 @@ def measure_layers(dtypes: list[str], forms: list[str], threads: int, cache_byte
                     entry[f"rows_{n}"] = {"us": _time_round_robin(layers if n <= 8 else layers[:2], x, sweeps) * 1e6,
                                           "bytes_read": counter.bytes, "path": getattr(layer, "last_path", "dense")}
                 rows.append(entry)
+                save(entry)
                 print(json.dumps({k: v for k, v in entry.items() if k != "bandwidth"}), flush=True)
                 del layers, layer
     return rows
@@ -179,10 +181,13 @@ def main() -> None:
         RAW.mkdir(parents=True, exist_ok=True)
         path = RAW / "layers.json"
         rows = json.loads(path.read_text()) if path.is_file() else []
-        new = measure_layers(args.dtypes.split(","), args.forms.split(","), args.threads, args.cache_bytes)
-        keys = {(r["shape"][0], r["shape"][1], r["dtype"], r["form"]) for r in new}
-        rows = [r for r in rows if (r["shape"][0], r["shape"][1], r["dtype"], r["form"]) not in keys] + new
-        path.write_text(json.dumps(rows, indent=1))
+
+        def save(entry: dict) -> None:
+            key = (entry["shape"][0], entry["shape"][1], entry["dtype"], entry["form"])
+            rows[:] = [r for r in rows if (r["shape"][0], r["shape"][1], r["dtype"], r["form"]) != key] + [entry]
+            path.write_text(json.dumps(rows, indent=1))
+
+        measure_layers(args.dtypes.split(","), args.forms.split(","), args.threads, args.cache_bytes, save)
     elif args.what == "model":
         args.work.mkdir(parents=True, exist_ok=True)
         measure_model(args.source, args.forms.split(","), args.work, args.sequential, args.threads, args.steps,
