@@ -51,6 +51,33 @@ def check_row_sparse_products() -> None:
                         assert error <= TOLERANCE[dtype] * scale, (dtype, rows, cols, n, fmt, forced, error)
 
 
+def check_condensed_and_rps_products() -> None:
+    """Constant fan-in rows (int16 indices, no row pointer) and RPS products, on both compiled paths."""
+    from compresscli.kernels import dispatch
+
+    torch.manual_seed(0)
+    rows, cols, k = 70, 300, 40
+    placement = Placement(2000, "randomfold", 7, 0, 0, "linear", 8, 16, 12)
+    spec = torch.tensor(placement.kernel_spec((rows, cols)), dtype=torch.int64)
+    for dtype in cpu.DTYPES:
+        indices = torch.rand(rows, cols).topk(k, dim=1).indices.sort(1).values.to(torch.int16)
+        values, bias = (torch.randn(rows, k) / k ** 0.5).to(dtype), torch.randn(rows).to(dtype)
+        dense = torch.zeros(rows, cols).scatter(1, indices.long(), values.float())
+        memory = (torch.randn(2000) / cols ** 0.5).to(dtype)
+        rps_dense = cpu.rps_weight(memory, spec, 0.5, 0, rows, cols).float()
+        for n in (1, 2, 8, 24, 300):
+            x = torch.randn(n, cols).to(dtype)
+            for forced in ("cpu", "decoded"):
+                with kernels.force_path(forced), torch.no_grad():
+                    products = {"condensed": (dispatch.condensed_mm(x, values, indices, bias, cols), dense),
+                                "rps": (dispatch.rps_mm(x, memory, spec, 0.5, bias, rows, cols), rps_dense)}
+                for name, ((got, path), weight) in products.items():
+                    expected = F.linear(x.float(), weight, bias.float())
+                    error = (got.float() - expected).abs().max().item()
+                    assert path == forced and got.dtype == dtype
+                    assert error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), (name, dtype, n, forced)
+
+
 def check_rps_weights() -> None:
     torch.manual_seed(0)
     for dtype in cpu.DTYPES:
@@ -77,6 +104,11 @@ def test_row_sparse_products_match_pytorch():
 
 
 @needs_kernel
+def test_condensed_and_rps_products_match_pytorch():
+    check_condensed_and_rps_products()
+
+
+@needs_kernel
 def test_rps_kernel_gives_the_training_forms_weights():
     check_rps_weights()
 
@@ -88,7 +120,8 @@ def test_builds_below_the_best_isa_too(isa):
     vdpbf16ps / vpexpandw, and without AMX), each in a process of its own."""
     if cpu.ISAS.index(isa) >= cpu.ISAS.index(cpu.isa()):
         pytest.skip(f"the default build here is {cpu.isa()}: test_row_sparse_products_match_pytorch covers it")
-    code = "from test_sparse_kernels import *; check_row_sparse_products(); check_rps_weights()"
+    code = ("from test_sparse_kernels import *; check_row_sparse_products(); check_condensed_and_rps_products(); "
+            "check_rps_weights()")
     env = {**os.environ, cpu.ISA_ENV: isa}
     done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
                           text=True, timeout=600)
