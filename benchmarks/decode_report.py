@@ -22,6 +22,13 @@ def _layer_tables(rows: list[dict]) -> list[str]:
            "limit of a product is the bytes it reads at batch 1 / that bandwidth; share = limit / measured time.",
            "Layers timed round robin over copies exceeding 1 GB (no cache reuse between calls), median of sweeps.",
            "",
+           "Reading the table: a FiPS layer here holds its own U (in a model 12 matrices share one, so the model's "
+           "bytes are far lower: see the model table); RPS reads one memory slot per weight from a memory 10x "
+           "smaller that stays in cache, so its limit is the hash and the multiply, not the bytes (its `bytes "
+           "limit` column is the dense layer's, for scale). `cpu` is the compiled kernel, `decoded` the weight "
+           "decoded tile by tile for torch's GEMM; the choice is kernels/cpu_thresholds.py's (kernel vs decode + "
+           "GEMM, not vs dense). A share above 100% means the layer read faster than the 1 GiB sum measured.",
+           "",
            "| shape (out x in) | dtype | form | resident MB | batch 1 us (path) | vs dense | bytes limit us | "
            "share of limit | batch 8 us | vs dense | 512 rows ms (path) | vs dense |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
