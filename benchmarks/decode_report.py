@@ -85,7 +85,7 @@ def _model_tables(results: list[dict]) -> list[str]:
             phases = [f"batch {d['batch']}: " + ", ".join(f"{p} x{n}" for p, n in sorted(d["paths"].items()))
                       for d in paths["decode"]]
             phases.append("prefill: " + ", ".join(f"{p} x{n}" for p, n in sorted(paths["prefill"]["paths"].items())))
-            out.append(f"- {r['form']} ({r['recipe']}) kernels: " + "; ".join(phases) + f". Command: `{r['command']}`")
+            out.append(f"- {r['form']} ({r['recipe']}) kernels: " + "; ".join(phases) + f". Command: `flock /tmp/timing.lock python {r['command'].removeprefix('python ')}`")
         out.append("")
     return out
 
