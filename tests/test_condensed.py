@@ -410,6 +410,7 @@ def test_bench_command_times_a_compressed_dir_against_its_recorded_source(tmp_pa
     result = json.loads(stdout)
     assert result["baseline"] == str(tmp_path / "ckpt") and [r["batch"] for r in result["batches"]] == [1, 3]
     assert all(sum(r["kernels"].values()) == 4 for r in result["batches"])  # the 4 condensed MLP layers ran
+    assert all(len(r["layer_paths"]) == 4 for r in result["batches"])  # and each names its path
     code, _, stderr = run_cli(capsys, "bench", str(tmp_path / "ckpt"))
     assert code == 1 and "records no original" in stderr and "--baseline" in stderr
     code, _, stderr = run_cli(capsys, "bench", str(out), "--batch-sizes", "1,x")

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compresscli.commands.bench import layer_paths
+
 PROMPT_TOKENS = 16
 
 
@@ -94,11 +96,6 @@ class ReadCounter:
         self._hooks.clear()
 
 
-def kernel_paths(model: nn.Module) -> dict[str, str]:
-    """Layer name -> the product its last forward ran (compressed layers record it; see compresscli.kernels)."""
-    return {name: m.last_path for name, m in model.named_modules() if getattr(m, "last_path", None)}
-
-
 def _prompt(model: nn.Module, batch: int, tokens: int) -> torch.Tensor:
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -125,7 +122,7 @@ def decode_speed(model: nn.Module, batch: int, steps: int, warmup: int = 2) -> d
     step()
     counter.remove()
     step_s = statistics.median(step() for _ in range(steps))
-    paths = kernel_paths(model)
+    paths = layer_paths(model)
     return {"batch": batch, "steps": steps, "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
             "bytes_read_per_step": counter.bytes, "paths": dict(Counter(paths.values())), "layer_paths": paths}
 
@@ -136,4 +133,4 @@ def prefill_time(model: nn.Module, tokens: int, repeats: int = 3) -> dict[str, A
     ids = _prompt(model, 1, tokens)
     model(input_ids=ids, use_cache=True)
     seconds = statistics.median(_seconds(lambda: model(input_ids=ids, use_cache=True)) for _ in range(repeats))
-    return {"tokens": tokens, "ms": seconds * 1e3, "paths": dict(Counter(kernel_paths(model).values()))}
+    return {"tokens": tokens, "ms": seconds * 1e3, "paths": dict(Counter(layer_paths(model).values()))}
