@@ -195,12 +195,15 @@ def eval_(checkpoint: CheckpointArg,
 def bench(checkpoint: CheckpointArg,
           baseline: Annotated[Optional[str], typer.Option("--baseline", help="The original (default: the source a compresscli output records).")] = None,
           weights: WeightsOpt = None,
-          batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes to time.")] = "1,32",
+          batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes to time (default 1,32; with --decode 1,8).")] = None,
           seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per sequence for text models.")] = 32,
           threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: torch's).")] = None,
           warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
           repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed forwards per model and batch size.")] = 20,
           cpu_time: Annotated[bool, typer.Option("--cpu-time", help="Time this thread's CPU time, not the wall clock (with --threads 1; for busy machines).")] = False,
+          decode: Annotated[bool, typer.Option("--decode", help="Time token-by-token generation of a causal LM (KV cache, 16-token prompt) and a prefill, against the bytes limit.")] = False,
+          steps: Annotated[int, typer.Option("--steps", min=1, help="With --decode: timed generation steps per batch size.")] = 16,
+          prefill_tokens: Annotated[int, typer.Option("--prefill-tokens", min=1, help="With --decode: prompt length of the timed prefill.")] = 512,
           device: DeviceOpt = "auto", as_json: JsonOpt = False) -> None:
     """End-to-end latency of CHECKPOINT against its original (median of alternating repeats), and the kernels that ran."""
     from compresscli.io.checkpoint import load_checkpoint
@@ -208,11 +211,14 @@ def bench(checkpoint: CheckpointArg,
     from compresscli.commands.bench import compare_checkpoints, render_markdown
 
     try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
+        sizes = tuple(int(b) for b in (batch_sizes or ("1,8" if decode else "1,32")).split(","))
         if min(sizes) < 1:
             raise ValueError
     except ValueError:
         raise CompressError(f"--batch-sizes {batch_sizes!r} is not a list of positive integers", "write e.g. --batch-sizes 1,32") from None
+    if decode:
+        _bench_decode(checkpoint, baseline, weights, sizes, threads, steps, prefill_tokens, device, as_json)
+        return
     dev = pick_device(device)
     if cpu_time and (threads != 1 or dev.type != "cpu"):
         raise CompressError("--cpu-time measures one thread's CPU time", "add --threads 1 (and --device cpu)")
@@ -227,6 +233,29 @@ def bench(checkpoint: CheckpointArg,
         _emit_json(result)
     else:
         out_console.print(render_markdown(result), markup=False, soft_wrap=True)
+
+
+def _bench_decode(checkpoint: str, baseline: str | None, weights: str | None, sizes: tuple[int, ...],
+                  threads: int | None, steps: int, prefill_tokens: int, device: str, as_json: bool) -> None:
+    """`compress bench --decode`: each model in a fresh process on the CPU, one after the other."""
+    from compresscli.commands.decode_compare import compare_decode, render_decode_markdown
+    from compresscli.io.source import open_source
+
+    if weights:
+        raise CompressError("--decode reads Hugging Face causal LMs", "leave out --weights")
+    if device not in ("auto", "cpu"):
+        raise CompressError("--decode measures the CPU kernels", "leave out --device or pass --device cpu")
+    if baseline is None:
+        baseline = (open_source(checkpoint).compression or {}).get("source")
+        if baseline is None:
+            raise CompressError(f"{checkpoint} records no original to compare with", "pass --baseline ORIGINAL")
+    with RichProgress(enabled=not as_json).task("timing generation (a fresh process per model)"):
+        result = compare_decode(checkpoint, baseline, threads=threads, batches=sizes, steps=steps,
+                                prefill_tokens=prefill_tokens)
+    if as_json:
+        _emit_json(result)
+    else:
+        out_console.print(render_decode_markdown(result), markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -290,16 +290,19 @@ def test_dispatch_uses_dense_for_training_and_the_kernel_for_inference():
         layer(torch.randn(1, 64))
 
 
-def test_choice_follows_the_measured_cpu_thresholds():
+@pytest.mark.parametrize("dtype", list(cpu.DTYPES))
+def test_choice_follows_the_measured_cpu_thresholds(dtype):
+    """Every dtype takes the compiled kernel up to the measured row limit and decodes + GEMMs past it."""
     cpu_dev = torch.device("cpu")
-    for rows, limit in dispatch.CPU_MAX_DENSITY:
-        n = rows or 4096
-        k_in, k_out = int(limit * 1000), int(limit * 1000) + 20  # just inside / just outside the limit
-        expected = "cpu" if "cpu" in CPU_PATHS else "dense"
-        assert dispatch.choose_path(cpu_dev, torch.float32, n, 1000, k_in, needs_grad=False) == expected
-        assert dispatch.choose_path(cpu_dev, torch.float32, n, 1000, k_out, needs_grad=False) == "dense"
-        assert dispatch.choose_path(cpu_dev, torch.float32, n, 1000, k_in, needs_grad=True) == "dense"
-        assert dispatch.choose_path(cpu_dev, torch.bfloat16, n, 1000, k_in, needs_grad=False) == "dense"
+    if "cpu" not in available_paths(cpu_dev, dtype):
+        pytest.skip("no C++ compiler: the CPU kernels cannot be built")
+    for in_features, k in ((384, 38), (2048, 205), (5632, 2816)):
+        limit = dispatch.cpu_kernel_max_rows("condensed", dtype, k / in_features, 2048 * in_features)
+        assert limit >= 1
+        assert dispatch.choose_path(cpu_dev, dtype, limit, in_features, k, needs_grad=False, rows=2048) == "cpu"
+        assert dispatch.choose_path(cpu_dev, dtype, limit + 1, in_features, k, needs_grad=False,
+                                    rows=2048) == "decoded"
+        assert dispatch.choose_path(cpu_dev, dtype, 1, in_features, k, needs_grad=True, rows=2048) == "dense"
 
 
 def test_cuda_choice_follows_the_table_and_is_dense_with_gradients():
@@ -407,6 +410,7 @@ def test_bench_command_times_a_compressed_dir_against_its_recorded_source(tmp_pa
     result = json.loads(stdout)
     assert result["baseline"] == str(tmp_path / "ckpt") and [r["batch"] for r in result["batches"]] == [1, 3]
     assert all(sum(r["kernels"].values()) == 4 for r in result["batches"])  # the 4 condensed MLP layers ran
+    assert all(len(r["layer_paths"]) == 4 for r in result["batches"])  # and each names its path
     code, _, stderr = run_cli(capsys, "bench", str(tmp_path / "ckpt"))
     assert code == 1 and "records no original" in stderr and "--baseline" in stderr
     code, _, stderr = run_cli(capsys, "bench", str(out), "--batch-sizes", "1,x")

@@ -30,9 +30,14 @@ from compresscli.model.tasks import Batch, Task
 log = logging.getLogger(__name__)
 
 
+def layer_paths(model: nn.Module) -> dict[str, str]:
+    """Layer name -> the product its last forward ran (compressed layers record it; see compresscli.kernels)."""
+    return {name: m.last_path for name, m in model.named_modules() if getattr(m, "last_path", None)}
+
+
 def kernel_counts(model: nn.Module) -> dict[str, int]:
-    """How many layers ran each condensed path in the last forward."""
-    return dict(Counter(m.last_path for m in model.modules() if getattr(m, "last_path", None)))
+    """How many layers ran each path in the last forward."""
+    return dict(Counter(layer_paths(model).values()))
 
 
 def _sync(device: torch.device) -> None:
@@ -100,7 +105,7 @@ def measure_speed(original: nn.Module, compressed: nn.Module, task: Task,
             stats = {name: _spread(t) for name, t in times.items()}
             rows.append({"batch": n, "original_ms": stats["original"], "compressed_ms": stats["compressed"],
                          "speedup": stats["original"]["median"] / stats["compressed"]["median"],
-                         "kernels": kernel_counts(compressed)})
+                         "kernels": kernel_counts(compressed), "layer_paths": layer_paths(compressed)})
     finally:
         torch.set_num_threads(previous_threads)
     return {"device": str(device), "device_name": device_name(device),

@@ -38,6 +38,11 @@ def _cpu() -> tuple[str, set[str]]:
     return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty off Linux): what a kernel build may use."""
+    return _cpu()[1]
+
+
 def amx_runs() -> bool:
     """Whether a bf16 matmul on AMX survives here: probed once per CPU model and kernel, then cached."""
     model, _ = _cpu()

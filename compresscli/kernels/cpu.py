@@ -27,6 +27,7 @@ except ImportError:  # not POSIX: no build lock, so no build (the pure-PyTorch p
     fcntl = None
 
 from compresscli.core.cache import cache_dir
+from compresscli.core.cpu_isa import amx_runs, cpu_flags
 from compresscli.kernels.cpu_source import SOURCE
 
 log = logging.getLogger(__name__)
@@ -46,17 +47,37 @@ def _compiler() -> str | None:
     return None
 
 
-NO_AVX512_ENV = "COMPRESSCLI_NO_AVX512"  # build without AVX-512 (how the tests reach the AVX2 code on any machine)
+ISA_ENV = "COMPRESSCLI_CPU_ISA"
+"""Caps the instruction sets the kernels are built for: "amx" (the default where the CPU has them; used only
+where AMX is seen to run), "avx512-bf16", "avx512", "avx2" or "scalar". How the tests reach every code path
+on one machine."""
+ISAS = ("scalar", "avx2", "avx512", "avx512-bf16", "amx")
+
+
+def isa() -> str:
+    """The instruction sets this build uses: the best this CPU runs, capped by $COMPRESSCLI_CPU_ISA."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    best = {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "scalar")
+    if best == "avx512" and {"avx512_bf16", "avx512_vbmi2"} <= cpu_flags():
+        best = "amx" if {"amx_tile", "amx_bf16"} <= cpu_flags() else "avx512-bf16"
+    cap = os.environ.get(ISA_ENV) or best
+    if cap not in ISAS:
+        raise ValueError(f"${ISA_ENV}={cap!r} is not one of {', '.join(ISAS)}")
+    return ISAS[min(ISAS.index(cap), ISAS.index(best))]
 
 
 def _flags() -> list[str]:
-    """The compiler flags, by what torch found this CPU can run (so each kind of machine gets its own build)."""
+    """The compiler flags for `isa()` (so each kind of machine, and each cap, gets its own build)."""
     flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    if capability == "AVX512" and not os.environ.get(NO_AVX512_ENV):
+    level = ISAS.index(isa())
+    if level >= ISAS.index("avx2"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    if level >= ISAS.index("avx512"):
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if level >= ISAS.index("avx512-bf16"):
+        flags += ["-mavx512bf16", "-mavx512vbmi2"]
+    if level >= ISAS.index("amx"):
+        flags += ["-mamx-tile", "-mamx-bf16"]
     return flags
 
 
@@ -107,11 +128,15 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         log.warning("could not build the CPU kernels (%s): using the pure-PyTorch paths", err)
         return None
-    lib.sparse_mm.restype = lib.sparse_to_dense.restype = lib.rps_weight.restype = ctypes.c_int
-    ptr, i64, int_ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.sparse_mm.argtypes = [int_, ptr, i64, i64, ptr, ptr, i64, int_, ptr, i64, ptr, ptr, i64, int_]
-    lib.sparse_to_dense.argtypes = [int_, ptr, ptr, i64, int_, ptr, i64, ptr, i64, i64, int_]
-    lib.rps_weight.argtypes = [int_, ptr, ptr, ctypes.c_float, i64, i64, ptr, int_]
+    ptr, i64, int_, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    for name, args in {"sparse_mm": [int_, ptr, i64, i64, ptr, ptr, i64, int_, ptr, i64, ptr, ptr, i64, int_],
+                       "sparse_to_dense": [int_, ptr, ptr, i64, int_, ptr, i64, ptr, i64, i64, i64, i64, int_],
+                       "rps_weight": [int_, ptr, ptr, f32, i64, i64, ptr, int_],
+                       "rps_mm": [int_, ptr, ptr, f32, ptr, i64, ptr, ptr, int_]}.items():
+        getattr(lib, name).restype = int_
+        getattr(lib, name).argtypes = args
+    if isa() == "amx":  # the build has AMX code: let it run only where a bf16 matmul on AMX was seen to
+        lib.compresscli_allow_amx(int(amx_runs()))
     return lib
 
 
@@ -119,7 +144,7 @@ def available() -> bool:
     return library() is not None
 
 
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 """The value dtypes the kernels take (x, values, bias and the output share one)."""
 KINDS = {torch.int16: 0, torch.int32: 1, torch.int64: 2}
 """Column structure by its tensor's dtype: int16 / int32 indices, or int64 bitmask words (one row each)."""
@@ -162,25 +187,44 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
 
 
 def sparse_to_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor | None, rows: int,
-                    columns: int) -> torch.Tensor:
-    """The dense (rows, columns) matrix of a row-sparse structure (as `sparse_mm` takes it), zeros elsewhere."""
-    out = torch.empty(rows, columns, dtype=values.dtype)
+                    columns: int, row0: int = 0, row1: int | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [row0, row1) of the dense (rows, columns) matrix of a row-sparse structure (as `sparse_mm` takes
+    it), zeros elsewhere; into `out` (contiguous, (row1 - row0) x columns, the values' dtype) when given."""
+    row1 = rows if row1 is None else row1
+    if out is None:
+        out = torch.empty(row1 - row0, columns, dtype=values.dtype)
     k = values.shape[1] if row_ptr is None else 0
     wpr = cols.shape[1] if cols.dtype == torch.int64 else 0
     status = library().sparse_to_dense(DTYPES[values.dtype], values.data_ptr(), _ptr(row_ptr), k, KINDS[cols.dtype],
-                                       cols.data_ptr(), wpr, out.data_ptr(), rows, columns,
-                                       threads_for(rows * columns // 4))
+                                       cols.data_ptr(), wpr, out.data_ptr(), row0, row1, rows, columns,
+                                       threads_for((row1 - row0) * columns))
     if status != 0:
         raise RuntimeError(f"sparse CPU kernel rejected dtype {values.dtype} or columns {cols.dtype}")
     return out
 
 
-def rps_weight(memory: torch.Tensor, spec: torch.Tensor, scale: float, row0: int, row1: int, cols: int) -> torch.Tensor:
+def rps_weight(memory: torch.Tensor, spec: torch.Tensor, scale: float, row0: int, row1: int, cols: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [row0, row1) of an RPS weight, computed from the memory and `spec`, the RpsSpec integers
-    (cpu_source.py) as a contiguous int64 CPU tensor."""
-    out = torch.empty(row1 - row0, cols, dtype=memory.dtype)
+    (cpu_source.py) as a contiguous int64 CPU tensor; into `out` ((row1 - row0) x cols) when given."""
+    if out is None:
+        out = torch.empty(row1 - row0, cols, dtype=memory.dtype)
     status = library().rps_weight(DTYPES[memory.dtype], memory.data_ptr(), spec.data_ptr(), scale, row0, row1,
-                                  out.data_ptr(), threads_for((row1 - row0) * cols * 4))  # a weight's hash ~ 4 multiply-adds
+                                  out.data_ptr(), threads_for((row1 - row0) * cols))
     if status != 0:
         raise RuntimeError(f"RPS CPU kernel rejected dtype {memory.dtype} or its hash parameters {spec}")
     return out
+
+
+def rps_mm(x: torch.Tensor, memory: torch.Tensor, spec: torch.Tensor, scale: float, bias: torch.Tensor | None,
+           rows: int) -> torch.Tensor:
+    """y (N, rows) = x (N, cols) @ W^T (+ bias) for the RPS weight `spec` describes, each row of W computed
+    into a buffer and used at once (never held whole). x, memory and bias share one dtype in DTYPES."""
+    n = x.shape[0]
+    y = torch.empty(n, rows, dtype=x.dtype)
+    status = library().rps_mm(DTYPES[x.dtype], memory.data_ptr(), spec.data_ptr(), scale, x.data_ptr(), n, _ptr(bias),
+                              y.data_ptr(), threads_for(rows * x.shape[1]))
+    if status != 0:
+        raise RuntimeError(f"RPS CPU kernel rejected dtype {x.dtype} or its hash parameters {spec}")
+    return y

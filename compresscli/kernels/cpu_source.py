@@ -2,26 +2,33 @@
 
 Kept as a string (not a .cpp file) so that it ships inside the wheel with no package-data rule. It
 includes no torch header: it compiles in a few seconds, exports a C ABI and is called through ctypes
-with raw pointers; OpenMP resolves to the libgomp torch already loaded, so it shares torch's thread
-pool instead of adding a second one. Below two threads' worth of work a call never enters an OpenMP
-region (entering one costs microseconds, most of a small layer's time).
+with raw pointers (benchmarks/kernel_thresholds.py measures that call against a torch custom op); OpenMP
+resolves to the libgomp torch already loaded, so it shares torch's thread pool instead of adding a second
+one. Below two threads' worth of work a call never enters an OpenMP region.
 
 One row-sparse product serves every sparse inference form: y (N, R) = x (N, C) @ W^T + bias, where row
 r of W holds the values [begin(r), end(r)) of `values` at columns given either by an index array
 (int16/int32: condensed rows of constant fan-in k, or CSR with a row pointer) or by a bitmask (64-bit
-words per row, bit j of word w = column 64 w + j, the values of the set bits in order; a bitmask's
-columns are extracted into indices for the call first). Values, x, bias and y share one dtype, float32
-or bfloat16 (converted to float32 on load; float32 accumulation).
-- one input row (batch 1, memory-bound): per output row a dot product over its non-zeros, four
-  accumulators, x read directly (it stays in L1/L2);
-- several rows: x is packed into tiles of W <= 32 rows stored input-major (C x W), so the W inputs that
-  one column selects are contiguous; each non-zero is then a broadcast-FMA over W lanes, with four (W <=
-  16) or two accumulator sets so that the FMA latency is hidden, in 512-bit registers where the build has
-  AVX-512. Blocks of 32 output rows keep their values and columns in L2 while every tile streams past
-  them; with many tiles, the other way round.
-`sparse_to_dense` decodes the same structures into a dense (R, C) matrix (the fallback for shapes where
-a dense GEMM wins), and `rps_weight` computes rows of a randomized-parameter-sharing weight from its
-shared memory and hash parameters (the integer arithmetic of codecs/rps/hashing.py, bit for bit).
+words per row, bit j of word w = column 64 w + j, the values of the set bits in order). Values, x, bias
+and y share one dtype: float32, bfloat16 or float16; products accumulate in float32.
+
+Decoding (batch 1-8, memory-bound: the kernels must read each stored byte once and keep up with memory):
+- bitmask rows: the mask is the instruction. With AVX-512, each 16 (32) columns' mask bits expand the
+  next popcount values into their lanes in one instruction (vexpandps, or vpexpandw for 16-bit values
+  with VBMI2), and the same mask loads the matching x lanes; bfloat16 multiplies in pairs with vdpbf16ps
+  (AVX512_BF16) on x as it is. Nothing is extracted, no index is built, no lane is gathered. AVX2: an
+  8-column permutation table does the expansion. Up to 8 input rows share each expanded vector; more rows
+  run in groups of 8 while the row's values stay in L1.
+- index rows (CSR, condensed): one input row gathers x (converted to float32 once per call) 16 indices at
+  a time; several rows pack x input-major (C x W, W <= 32) so that each non-zero is a broadcast FMA over W
+  lanes.
+- many input rows (prefill): `sparse_to_dense` decodes rows [r0, r1) into a dense tile (the same
+  expansion, stored) for a GEMM; the dispatcher picks by measured thresholds.
+`rps_weight` computes rows of a randomized-parameter-sharing weight from its shared memory and hash
+parameters (codecs/rps/hashing.py, bit for bit), and `rps_mm` multiplies by them without keeping them:
+each row is computed into an L1 buffer and used at once. The sign hash is a cubic polynomial mod 2^31 - 1
+of the weight's position, so along consecutive positions it is stepped by forward differences: three
+modular additions per 16 weights instead of three 64-bit multiplications per 8.
 """
 
 SOURCE = r"""
@@ -33,31 +40,84 @@ SOURCE = r"""
 #include <immintrin.h>
 #define CCLI_AVX2 1
 #endif
+#if defined(CCLI_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CCLI_AVX512 1
+#endif
+#if defined(CCLI_AVX512) && defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+#define CCLI_BF16_DOT 1
+#endif
+#if defined(CCLI_BF16_DOT) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define CCLI_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
 // ------------------------------------------------------------------------------------------- dtypes
 
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
 struct F32 {
   using T = float;
+  static constexpr int code = 0;
   static inline float load(const float* p) { return *p; }
   static inline void store(float* p, float v) { *p = v; }
 };
 
 struct BF16 {
   using T = uint16_t;
-  static inline float load(const uint16_t* p) {
-    const uint32_t u = static_cast<uint32_t>(*p) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  static constexpr int code = 1;
+  static inline float load(const uint16_t* p) { return bits_to_float(static_cast<uint32_t>(*p) << 16); }
   static inline void store(uint16_t* p, float f) {  // round to nearest even, as torch does; NaN stays NaN
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
+    uint32_t u = float_to_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) { *p = static_cast<uint16_t>((u >> 16) | 0x40u); return; }
     u += 0x7fffu + ((u >> 16) & 1u);
     *p = static_cast<uint16_t>(u >> 16);
+  }
+};
+
+struct F16 {  // IEEE half; F16C where the build has it, else the exact bit manipulation (F. Giesen's)
+  using T = uint16_t;
+  static constexpr int code = 2;
+  static inline float load(const uint16_t* p) {
+#if defined(__F16C__)
+    return _cvtsh_ss(*p);
+#else
+    const uint32_t h = *p, shifted_exp = 0x7c00u << 13;
+    uint32_t o = (h & 0x7fffu) << 13;
+    const uint32_t exp = shifted_exp & o;
+    o += (127u - 15u) << 23;
+    if (exp == shifted_exp) {
+      o += (128u - 16u) << 23;
+    } else if (exp == 0) {
+      o += 1u << 23;
+      o = float_to_bits(bits_to_float(o) - bits_to_float(113u << 23));
+    }
+    return bits_to_float(o | ((h & 0x8000u) << 16));
+#endif
+  }
+  static inline void store(uint16_t* p, float f) {
+#if defined(__F16C__)
+    *p = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t u = float_to_bits(f);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint32_t o;
+    if (u >= (127u + 16u) << 23) {
+      o = u > (255u << 23) ? 0x7e00u : 0x7c00u;
+    } else if (u < (113u << 23)) {
+      o = float_to_bits(bits_to_float(u) + 0.5f) - float_to_bits(0.5f);
+    } else {
+      const uint32_t odd = (u >> 13) & 1u;
+      u += ((15u - 127u) << 23) + 0xfffu;
+      u += odd;
+      o = u >> 13;
+    }
+    *p = static_cast<uint16_t>(o | (sign >> 16));
+#endif
   }
 };
 
@@ -72,6 +132,75 @@ inline void for_range(int64_t n, int threads, const F& body) {
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 
+// Scratch memory for one call: reused across calls on this thread while small (a fresh allocation of a few
+// MB per call would be page-faulted in again every time), allocated for the call and freed after when
+// large, so that a big call leaves nothing resident behind.
+constexpr size_t kKeptScratchBytes = 4u << 20;
+
+enum ScratchUse { kPackedX = 0, kRowBuffer = 1 };  // one kept buffer per use and thread
+
+template <typename T, int Use>
+struct Scratch {
+  std::vector<T> own;
+  T* data;
+  explicit Scratch(size_t n) {
+    thread_local std::vector<unsigned char> kept;
+    if (n * sizeof(T) + 64 <= kKeptScratchBytes) {
+      if (kept.size() < n * sizeof(T) + 64) kept.resize(n * sizeof(T) + 64);
+      data = reinterpret_cast<T*>(kept.data());
+    } else {
+      own.resize(n + 16);
+      data = own.data();
+    }
+  }
+};
+
+// x as float32 (N x C): itself for float32, else converted into `buf` once per call.
+template <typename V>
+inline const float* x_as_float(const typename V::T* x, int64_t N, int64_t C, Scratch<float, kPackedX>& buf) {
+  if (std::is_same<V, F32>::value) return reinterpret_cast<const float*>(x);
+  for (int64_t i = 0; i < N * C; ++i) buf.data[i] = V::load(x + i);
+  return buf.data;
+}
+
+// ------------------------------------------------------------------------------- vectors of 16 lanes
+
+#ifdef CCLI_AVX512
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1u); }
+template <typename V> struct Vec;
+template <> struct Vec<F32> {
+  static inline __m512 load_n(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static inline __m512 expand(__mmask16 m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
+  static inline void store_n(__mmask16 m, float* p, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+template <> struct Vec<BF16> {
+  static inline __m512 load_n(__mmask16 m, const uint16_t* p) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
+  static inline __m512 expand(__mmask16 m, const uint16_t* p) {
+    const __mmask16 first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u);
+    return _mm512_maskz_expand_ps(m, load_n(first, p));
+  }
+  static inline void store_n(__mmask16 m, uint16_t* p, __m512 v) {  // round to nearest even; NaN stays NaN
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+  }
+};
+template <> struct Vec<F16> {
+  static inline __m512 load_n(__mmask16 m, const uint16_t* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+  static inline __m512 expand(__mmask16 m, const uint16_t* p) {
+    const __mmask16 first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u);
+    return _mm512_maskz_expand_ps(m, load_n(first, p));
+  }
+  static inline void store_n(__mmask16 m, uint16_t* p, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+#endif
+
 // ------------------------------------------------------------------------------- sparse structure
 
 enum ColKind { kIdx16 = 0, kIdx32 = 1, kBits = 2 };
@@ -83,10 +212,354 @@ struct Rows {
   int64_t end(int64_t r) const { return row_ptr ? row_ptr[r + 1] : (r + 1) * k; }
 };
 
-// ---------------------------------------------------------------------------------- one input row
+// ------------------------------------------------------------------ bitmask rows, 1-8 input rows
+// out[n] = sum over the set bits j of the row of value_j * x[n][j], for n < NR; x rows C apart.
+
+// x's 32 (16) lanes from column `col` of a row of C: a plain load inside the row. Lanes the row's mask
+// leaves out multiply a zero value, as in the masked dense layer; past the row's end they are not read.
+#if defined(CCLI_AVX512)
+inline __m512i x_lanes32(const uint16_t* x, int64_t col, int64_t C, __mmask32 m) {
+  return col + 32 <= C ? _mm512_loadu_si512(x + col) : _mm512_maskz_loadu_epi16(m, x + col);
+}
+inline __m512 x_lanes16(const float* x, int64_t col, int64_t C, __mmask16 m) {
+  return col + 16 <= C ? _mm512_loadu_ps(x + col) : _mm512_maskz_loadu_ps(m, x + col);
+}
+#endif
+
+#if defined(CCLI_BF16_DOT)
+// The next 32 values from v (a plain load, but masked to the popcount near the end of all values).
+inline __m512i values32(const uint16_t* v, const uint16_t* v_end, __mmask32 m) {
+  if (v + 32 <= v_end) return _mm512_loadu_si512(v);
+  const int n = __builtin_popcount(static_cast<unsigned>(m));
+  return _mm512_maskz_loadu_epi16(n >= 32 ? ~0u : static_cast<__mmask32>((1u << n) - 1u), v);
+}
+
+// 16-bit values, 32 columns per step: vpexpandw puts the next popcount values in their lanes. bfloat16
+// multiplies in pairs with x as stored (vdpbf16ps); float16 widens to float32 against float32 x.
+template <int NR>
+inline void bits_row_bf16(const uint16_t* v, const uint64_t* words, int64_t wpr, const uint16_t* x, int64_t C,
+                          float* out, const uint16_t* v_end) {
+  __m512 acc[2][NR];
+  for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < wpr; ++w) {
+    const uint64_t m64 = words[w];
+    if (!m64) continue;
+    for (int h = 0; h < 2; ++h) {
+      const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
+      const __m512i wv = _mm512_maskz_expand_epi16(m, values32(v, v_end, m));
+      v += __builtin_popcount(static_cast<unsigned>(m));
+      const int64_t col = 64 * w + 32 * h;
+      for (int n = 0; n < NR; ++n)
+        acc[h][n] = _mm512_dpbf16_ps(acc[h][n], (__m512bh)wv, (__m512bh)x_lanes32(x + n * C, col, C, m));
+    }
+  }
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
+}
+
+template <int NR>
+inline void bits_row_f16(const uint16_t* v, const uint64_t* words, int64_t wpr, const float* x, int64_t C,
+                          float* out, const uint16_t* v_end) {
+  __m512 acc[2][NR];
+  for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < wpr; ++w) {
+    const uint64_t m64 = words[w];
+    if (!m64) continue;
+    for (int h = 0; h < 2; ++h) {
+      const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
+      const __m512i wv = _mm512_maskz_expand_epi16(m, values32(v, v_end, m));
+      v += __builtin_popcount(static_cast<unsigned>(m));
+      const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(wv));
+      const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(wv, 1));
+      const int64_t col = 64 * w + 32 * h;
+      for (int n = 0; n < NR; ++n) {
+        acc[0][n] = _mm512_fmadd_ps(lo, x_lanes16(x + n * C, col, C, static_cast<__mmask16>(m)), acc[0][n]);
+        acc[1][n] = _mm512_fmadd_ps(hi, x_lanes16(x + n * C, col + 16, C, static_cast<__mmask16>(m >> 16)), acc[1][n]);
+      }
+    }
+  }
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n]));
+}
+#endif
+
+#ifdef CCLI_AVX512
+// Any dtype: 16 columns per step, values expanded into float32 lanes, x as float32.
+template <typename V, int NR>
+inline void bits_row(const typename V::T* v, const uint64_t* words, int64_t wpr, const float* x, int64_t C,
+                     float* out, const typename V::T*) {
+  constexpr int S = NR == 1 ? 4 : 2;  // independent accumulator sets: hide the FMA latency
+  __m512 acc[S][NR];
+  for (int s = 0; s < S; ++s) for (int n = 0; n < NR; ++n) acc[s][n] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < wpr; ++w) {
+    const uint64_t m64 = words[w];
+    if (!m64) continue;
+    for (int q = 0; q < 4; ++q) {
+      const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
+      const __m512 wv = Vec<V>::expand(m, v);
+      v += __builtin_popcount(static_cast<unsigned>(m));
+      const int64_t col = 64 * w + 16 * q;
+      for (int n = 0; n < NR; ++n)
+        acc[q % S][n] = _mm512_fmadd_ps(wv, x_lanes16(x + n * C, col, C, m), acc[q % S][n]);
+    }
+  }
+  for (int n = 0; n < NR; ++n) {
+    __m512 sum = acc[0][n];
+    for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][n]);
+    out[n] = _mm512_reduce_add_ps(sum);
+  }
+}
+#elif defined(CCLI_AVX2)
+struct ExpandTable {  // for each byte: lane i takes loaded value perm[b][i] (its rank among the set bits)
+  int32_t perm[256][8];
+  int32_t lanes[256][8];  // -1 where bit i is set
+  ExpandTable() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int i = 0; i < 8; ++i) {
+        const bool set = b >> i & 1;
+        perm[b][i] = set ? n : 0;
+        lanes[b][i] = set ? -1 : 0;
+        n += set;
+      }
+    }
+  }
+};
+const ExpandTable kExpand;
+
+template <typename V>
+inline __m256 load8(const typename V::T* p) {
+  if (std::is_same<V, F32>::value) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (std::is_same<V, BF16>::value) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+// AVX2: 8 columns per step by a permutation table. A vector load of 8 values may only start 8 before the
+// end of all values (`v_end`); closer to it the step is done one value at a time.
+template <typename V, int NR>
+inline void bits_row(const typename V::T* v, const uint64_t* words, int64_t wpr, const float* x, int64_t C,
+                     float* out, const typename V::T* v_end) {
+  __m256 acc[2][NR];
+  for (int s = 0; s < 2; ++s) for (int n = 0; n < NR; ++n) acc[s][n] = _mm256_setzero_ps();
+  float tail[NR] = {};
+  for (int64_t w = 0; w < wpr; ++w) {
+    const uint64_t m64 = words[w];
+    if (!m64) continue;
+    for (int q = 0; q < 8; ++q) {
+      const unsigned b = static_cast<unsigned>(m64 >> (8 * q)) & 0xffu;
+      const int64_t col = 64 * w + 8 * q;
+      if (v + 8 <= v_end) {
+        const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.lanes[b]));
+        const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand.perm[b]));
+        const __m256 wv = _mm256_and_ps(_mm256_permutevar8x32_ps(load8<V>(v), perm), _mm256_castsi256_ps(lanes));
+        for (int n = 0; n < NR; ++n)
+          acc[q & 1][n] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + n * C + col, lanes), acc[q & 1][n]);
+        v += __builtin_popcount(b);
+      } else {
+        for (unsigned m = b; m; m &= m - 1) {
+          const float wv = V::load(v++);
+          for (int n = 0; n < NR; ++n) tail[n] += wv * x[n * C + col + __builtin_ctz(m)];
+        }
+      }
+    }
+  }
+  for (int n = 0; n < NR; ++n) {
+    alignas(32) float lane[8];
+    _mm256_store_ps(lane, _mm256_add_ps(acc[0][n], acc[1][n]));
+    out[n] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail[n];
+  }
+}
+#else
+template <typename V, int NR>
+inline void bits_row(const typename V::T* v, const uint64_t* words, int64_t wpr, const float* x, int64_t C,
+                     float* out, const typename V::T*) {
+  for (int n = 0; n < NR; ++n) out[n] = 0.f;
+  for (int64_t w = 0; w < wpr; ++w)
+    for (uint64_t m = words[w]; m; m &= m - 1) {
+      const float wv = V::load(v++);
+      const int64_t col = 64 * w + __builtin_ctzll(m);
+      for (int n = 0; n < NR; ++n) out[n] += wv * x[n * C + col];
+    }
+}
+#endif
+
+// y[n][r] for every row r and input row n: the rows split between the threads; within a row, the input
+// rows in groups of 8 (the row's values and mask stay in L1 from one group to the next).
+template <typename V, int NR>
+inline void bits_group(const typename V::T* v, const uint64_t* words, int64_t wpr, const typename V::T* x,
+                       const float* xf, int64_t C, float* out, const typename V::T* v_end) {
+#if defined(CCLI_BF16_DOT)
+  if constexpr (std::is_same<V, BF16>::value) {  // vdpbf16ps reads bfloat16 x as it is
+    (void)xf;
+    bits_row_bf16<NR>(v, words, wpr, x, C, out, v_end);
+    return;
+  }
+  if constexpr (std::is_same<V, F16>::value) {
+    bits_row_f16<NR>(v, words, wpr, xf, C, out, v_end);
+    return;
+  }
+#endif
+  (void)x;
+  bits_row<V, NR>(v, words, wpr, xf, C, out, v_end);
+}
+
+
+#if defined(CCLI_AMX)
+// ---------------------------------------------------------------- bitmask rows on AMX, 2-32 input rows
+// bfloat16 only. A block of 16 weight rows x 32 columns is expanded (vpexpandw, as one row above) into a
+// 1 KiB buffer that one tile load reads; x is laid out once per call as the tile B wants it (pairs of
+// columns interleaved per input row, "VNNI"), and one TDPBF16PS multiplies the block by up to 16 input
+// rows (two for up to 32). The expansion is the cost, as at one row: the tile unit does the rest.
+
+int amx_allowed = 0;  // set from Python once AMX has been seen to run here (core/cpu_isa.py's probe)
+
+inline bool amx_usable() {
+  // Linux hands out the tile state only on request (once per process; oneDNN asks the same way).
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return amx_allowed && granted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// x (N x C bfloat16) -> xv[kb][p][n][2] = x[n][32 kb + 2 p + {0, 1}], zero past C; np = N padded (16 or 32).
+// Pairs of columns move as one 32-bit word.
+inline void x_to_vnni(const uint16_t* x, int64_t N, int64_t C, int64_t np, uint16_t* xv) {
+  const int64_t blocks = (C + 31) / 32, pairs = C / 2;
+  std::memset(xv, 0, sizeof(uint16_t) * blocks * 32 * np);
+  uint32_t* out = reinterpret_cast<uint32_t*>(xv);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* row = x + n * C;
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, row + 2 * p, 4);
+      out[(p / 16) * 16 * np + (p % 16) * np + n] = pair;
+    }
+    if (C & 1) out[(pairs / 16) * 16 * np + (pairs % 16) * np + n] = row[C - 1];
+  }
+}
+
+void run_bits_amx(const uint16_t* values, const int64_t* row_ptr, const uint64_t* words, int64_t wpr,
+                  const uint16_t* x, int64_t N, int64_t C, const uint16_t* bias, uint16_t* y, int64_t R, int threads) {
+  const int64_t np = N <= 16 ? 16 : 32, blocks = (C + 31) / 32, row_blocks = (R + 15) / 16;
+  Scratch<uint16_t, kPackedX> xv(static_cast<size_t>(blocks) * 32 * np);
+  x_to_vnni(x, N, C, np, xv.data);
+  const uint16_t* v_end = values + row_ptr[R];
+  const bool two = N > 16;
+  TileConfig cfg{};
+  cfg.palette = 1;
+  cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = cfg.rows[4] = 16;
+  cfg.colsb[0] = cfg.colsb[3] = static_cast<uint16_t>(4 * (N < 16 ? N : 16));
+  cfg.colsb[1] = cfg.colsb[4] = static_cast<uint16_t>(two ? 4 * (N - 16) : 4);
+  cfg.colsb[2] = 64;
+  const int parts = threads > 1 ? threads : 1;
+  const int64_t share = (row_blocks + parts - 1) / parts;
+  for_range(parts, threads, [&](int64_t part) {
+    _tile_loadconfig(&cfg);
+    alignas(64) uint16_t a[2][16][32];
+    alignas(64) float out[16][32];
+    const uint16_t* vp[16];
+    for (int64_t blk = part * share; blk < (part + 1) * share && blk < row_blocks; ++blk) {
+      const int64_t r0 = 16 * blk, rows = (R - r0) < 16 ? (R - r0) : 16;
+      for (int i = 0; i < 16; ++i) vp[i] = i < rows ? values + row_ptr[r0 + i] : nullptr;
+      _tile_zero(0);
+      if (two) _tile_zero(1);
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        uint16_t (*buf)[32] = a[kb & 1];
+        for (int i = 0; i < 16; ++i) {
+          if (i >= rows) { _mm512_store_si512(buf[i], _mm512_setzero_si512()); continue; }
+          const __mmask32 m = static_cast<__mmask32>(words[(r0 + i) * wpr + kb / 2] >> (32 * (kb & 1)));
+          _mm512_store_si512(buf[i], _mm512_maskz_expand_epi16(m, values32(vp[i], v_end, m)));
+          vp[i] += __builtin_popcount(static_cast<unsigned>(m));
+        }
+        _tile_loadd(2, buf, 64);
+        _tile_loadd(3, xv.data + kb * 32 * np, np * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        if (two) {
+          _tile_loadd(4, xv.data + kb * 32 * np + 32, np * 4);
+          _tile_dpbf16ps(1, 2, 4);
+        }
+      }
+      _tile_stored(0, out, 128);
+      if (two) _tile_stored(1, &out[0][16], 128);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float b = bias ? BF16::load(bias + r0 + i) : 0.f;
+        for (int64_t n = 0; n < N; ++n) BF16::store(y + n * R + r0 + i, out[i][n] + b);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+template <typename V>
+void run_bits(const typename V::T* values, const int64_t* row_ptr, const uint64_t* words, int64_t wpr,
+              const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias, typename V::T* y, int64_t R,
+              int threads) {
+#if defined(CCLI_AMX)
+  if constexpr (std::is_same<V, BF16>::value) {
+    if (N >= 2 && N <= 32 && amx_usable()) {
+      run_bits_amx(values, row_ptr, words, wpr, x, N, C, bias, y, R, threads);
+      return;
+    }
+  }
+#endif
+#if defined(CCLI_BF16_DOT)
+  constexpr bool raw_x = std::is_same<V, BF16>::value;
+#else
+  constexpr bool raw_x = false;
+#endif
+  Scratch<float, kPackedX> buf(std::is_same<V, F32>::value || raw_x ? 0 : N * C);
+  const float* xf = raw_x ? nullptr : x_as_float<V>(x, N, C, buf);
+  const typename V::T* v_end = values + row_ptr[R];
+  for_range(R, threads, [&](int64_t r) {
+    const typename V::T* v = values + row_ptr[r];
+    const uint64_t* wr = words + r * wpr;
+    const float b = bias ? V::load(bias + r) : 0.f;
+    float out[8];
+    for (int64_t n0 = 0; n0 < N; n0 += 8) {
+      const typename V::T* xr = x + n0 * C;
+      const float* xfr = xf ? xf + n0 * C : nullptr;
+      const int64_t nr = (N - n0) < 8 ? (N - n0) : 8;
+      switch (nr) {
+        case 1: bits_group<V, 1>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+        case 2: bits_group<V, 2>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+        case 3: bits_group<V, 3>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+        case 4: bits_group<V, 4>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+        case 5: bits_group<V, 5>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+        case 6: bits_group<V, 6>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+        case 7: bits_group<V, 7>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+        default: bits_group<V, 8>(v, wr, wpr, xr, xfr, C, out, v_end); break;
+      }
+      for (int64_t i = 0; i < nr; ++i) V::store(y + (n0 + i) * R + r, out[i] + b);
+    }
+  });
+}
+
+// ------------------------------------------------------------------- index rows, one input row
 
 template <typename V, typename I>
 inline float idx_dot(const float* x, const typename V::T* v, const I* idx, int64_t n) {
+#ifdef CCLI_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  auto lanes = [&](__mmask16 m, const I* p) {
+    if (sizeof(I) == 2) return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_maskz_loadu_epi32(m, p);
+  };
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    a0 = _mm512_fmadd_ps(Vec<V>::load_n(0xffff, v + j), _mm512_i32gather_ps(lanes(0xffff, idx + j), x, 4), a0);
+    a1 = _mm512_fmadd_ps(Vec<V>::load_n(0xffff, v + j + 16), _mm512_i32gather_ps(lanes(0xffff, idx + j + 16), x, 4), a1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 m = first_lanes(n - j);
+    const __m512 xg = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, lanes(m, idx + j), x, 4);
+    a0 = _mm512_fmadd_ps(Vec<V>::load_n(m, v + j), xg, a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
   float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
@@ -97,109 +570,8 @@ inline float idx_dot(const float* x, const typename V::T* v, const I* idx, int64
   }
   for (; j < n; ++j) s0 += V::load(v + j) * x[idx[j]];
   return (s0 + s1) + (s2 + s3);
-}
-
-// ------------------------------------------------------------------- bitmask rows -> column indices
-// A row's set bits as column indices, `out` needing 16 entries of slack. With AVX-512 16 columns per
-// compress instruction; else with AVX2 8 columns per table lookup; else one set bit at a time. The cost is per 16 (or 8) columns, not per non-zero, and there is no data-dependent branch
-// but skipping empty words.
-
-#ifdef CCLI_AVX2
-struct ByteTable {  // for each byte value: the positions of its set bits, and how many
-  uint8_t pos[256][8];
-  uint8_t count[256];
-  ByteTable() {
-    for (int b = 0; b < 256; ++b) {
-      int n = 0;
-      for (int j = 0; j < 8; ++j) if (b >> j & 1) pos[b][n++] = static_cast<uint8_t>(j);
-      for (int j = n; j < 8; ++j) pos[b][j] = 0;
-      count[b] = static_cast<uint8_t>(n);
-    }
-  }
-};
-const ByteTable kBytes;
-
-template <typename I>
-int64_t extract_avx2(const uint64_t* words, int64_t wpr, I* out) {
-  int64_t n = 0;
-  for (int64_t w = 0; w < wpr; ++w) {
-    const uint64_t m = words[w];
-    if (!m) continue;
-    for (int q = 0; q < 8; ++q) {
-      const unsigned b = static_cast<unsigned>(m >> (8 * q)) & 0xffu;
-      const __m128i pos = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kBytes.pos[b]));
-      const int base = static_cast<int>(w * 64 + 8 * q);
-      if (sizeof(I) == 2) {
-        const __m128i v = _mm_add_epi16(_mm_cvtepu8_epi16(pos), _mm_set1_epi16(static_cast<short>(base)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + n), v);
-      } else {
-        const __m256i v = _mm256_add_epi32(_mm256_cvtepu8_epi32(pos), _mm256_set1_epi32(base));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n), v);
-      }
-      n += kBytes.count[b];
-    }
-  }
-  return n;
-}
-
-#ifdef __AVX512F__
-template <typename I>
-int64_t extract_avx512(const uint64_t* words, int64_t wpr, I* out) {
-  int64_t n = 0;
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t w = 0; w < wpr; ++w) {
-    const uint64_t m = words[w];
-    if (!m) continue;
-    for (int q = 0; q < 4; ++q) {
-      const __mmask16 k = static_cast<__mmask16>(m >> (16 * q));
-      const __m512i base = _mm512_set1_epi32(static_cast<int>(w * 64 + 16 * q));
-      const __m512i c = _mm512_maskz_compress_epi32(k, _mm512_add_epi32(lanes, base));
-      if (sizeof(I) == 2) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n), _mm512_cvtepi32_epi16(c));
-      else _mm512_storeu_si512(out + n, c);
-      n += __builtin_popcount(static_cast<unsigned>(k));
-    }
-  }
-  return n;
-}
-#endif
-#endif
-
-template <typename I>
-inline int64_t row_columns(const uint64_t* words, int64_t wpr, I* out) {
-#if defined(__AVX512F__)
-  return extract_avx512(words, wpr, out);
-#elif defined(CCLI_AVX2)
-  return extract_avx2(words, wpr, out);
-#else
-  int64_t n = 0;
-  for (int64_t w = 0; w < wpr; ++w)
-    for (uint64_t m = words[w]; m; m &= m - 1) out[n++] = static_cast<I>(w * 64 + __builtin_ctzll(m));
-  return n;
 #endif
 }
-
-// Scratch memory for one call: reused across calls on this thread while small (a fresh allocation of a few
-// MB per call would be page-faulted in again every time), allocated for the call and freed after when
-// large, so that a big layer leaves nothing resident behind.
-constexpr size_t kKeptScratchBytes = 4u << 20;
-
-enum ScratchUse { kPackedX = 0, kRowColumns = 1, kAllColumns = 2 };  // one kept buffer per use and thread
-
-template <typename T, int Use>
-struct Scratch {
-  std::vector<T> own;
-  T* data;
-  explicit Scratch(size_t n) {
-    thread_local std::vector<unsigned char> kept;
-    if (n * sizeof(T) <= kKeptScratchBytes) {
-      if (kept.size() < n * sizeof(T)) kept.resize(n * sizeof(T));
-      data = reinterpret_cast<T*>(kept.data());
-    } else {
-      own.resize(n);
-      data = own.data();
-    }
-  }
-};
 
 // --------------------------------------------------------------------------- a tile of input rows
 // out[t] = sum over the row's non-zeros (col c, value v) of v * xt[c * W + t], W = 8 * L.
@@ -238,7 +610,7 @@ struct Acc {
 };
 #endif
 
-#ifdef __AVX512F__
+#ifdef CCLI_AVX512
 // Even tile widths (16, 32) in 512-bit registers: one load and one FMA per non-zero and 16 lanes.
 template <int L>
 struct Acc512 {
@@ -267,19 +639,14 @@ using AccFor = Acc<L>;
 #endif
 
 template <int L, typename V, typename I>
-inline void idx_accumulate(AccFor<L>& acc, const float* xt, const typename V::T* v, const I* idx, int64_t n) {
+inline void idx_tile(const float* xt, const typename V::T* v, const I* idx, int64_t n, float* out) {
   constexpr int W = 8 * L, S = kSets<L>;
+  AccFor<L> acc;
+  acc.zero();
   int64_t j = 0;
   for (; j + S <= n; j += S)
     for (int s = 0; s < S; ++s) acc.add(s, V::load(v + j + s), xt + static_cast<int64_t>(idx[j + s]) * W);
   for (; j < n; ++j) acc.add(0, V::load(v + j), xt + static_cast<int64_t>(idx[j]) * W);
-}
-
-template <int L, typename V, typename I>
-inline void idx_tile(const float* xt, const typename V::T* v, const I* idx, int64_t n, float* out) {
-  AccFor<L> acc;
-  acc.zero();
-  idx_accumulate<L, V>(acc, xt, v, idx, n);
   acc.store(out);
 }
 
@@ -321,16 +688,11 @@ constexpr int64_t kRowBlock = 32;
 constexpr int64_t kTilesRowsOuter = 2;
 
 template <typename V>
-void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias,
-         typename V::T* y, int64_t R, int threads) {
-  using T = typename V::T;
+void run_idx(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias,
+             typename V::T* y, int64_t R, int threads) {
   if (N == 1) {
-    Scratch<float, kPackedX> buf(sizeof(T) == sizeof(float) ? 0 : C);  // bfloat16 x, as float32
-    const float* xf = reinterpret_cast<const float*>(x);
-    if (sizeof(T) != sizeof(float)) {
-      for (int64_t c = 0; c < C; ++c) buf.data[c] = V::load(x + c);
-      xf = buf.data;
-    }
+    Scratch<float, kPackedX> buf(std::is_same<V, F32>::value ? 0 : C);
+    const float* xf = x_as_float<V>(x, 1, C, buf);
     for_range(R, threads, [&](int64_t r) { V::store(y + r, p.dot(xf, r) + (bias ? V::load(bias + r) : 0.f)); });
     return;
   }
@@ -372,63 +734,70 @@ void run(const Product<V>& p, const typename V::T* x, int64_t N, int64_t C, cons
   }
 }
 
-// A bitmask matrix (wpr words per row) computed as explicit columns: the whole matrix's columns are
-// extracted first (int16 where they fit; a few cycles per 16 columns, freed after the call when large), then
-// the index product runs, every tile of x reusing them.
+// ------------------------------------------------------------------------------ decoding to dense
+
 template <typename V>
-void run_bits(const typename V::T* values, const int64_t* row_ptr, const uint64_t* words, int64_t wpr,
-              const typename V::T* x, int64_t N, int64_t C, const typename V::T* bias, typename V::T* y, int64_t R,
-              int threads) {
-  const Rows rows{row_ptr, 0};
-  auto all_columns = [&](auto* out) {  // each thread a contiguous share of the rows, one row buffer each
-    using I = typename std::remove_pointer<decltype(out)>::type;
-    const int parts = threads > 1 ? threads : 1;
-    const int64_t share = (R + parts - 1) / parts;
-    for_range(parts, threads, [&](int64_t part) {
-      // The extraction writes up to 16 entries past a row's end: straight into `out` while they land in
-      // rows of this share that are extracted later (and overwrite them), else through a row buffer.
-      const int64_t begin = part * share, end = (part + 1) * share < R ? (part + 1) * share : R;
-      Scratch<I, kRowColumns> row(C + 16);
-      for (int64_t r = begin; r < end; ++r) {
-        if (row_ptr[end] - row_ptr[r + 1] >= 16) {
-          row_columns(words + r * wpr, wpr, out + row_ptr[r]);
-        } else {
-          const int64_t n = row_columns(words + r * wpr, wpr, row.data);
-          std::memcpy(out + row_ptr[r], row.data, sizeof(I) * n);
-        }
+inline void bits_to_dense_row(const typename V::T* v, const uint64_t* words, int64_t wpr, typename V::T* row,
+                              int64_t C, const typename V::T* v_end) {
+  using T = typename V::T;
+#if defined(CCLI_AVX512)
+  for (int64_t w = 0; w < wpr; ++w) {
+    const uint64_t m64 = words[w];
+#if defined(CCLI_BF16_DOT)
+    if constexpr (sizeof(T) == 2) {  // 32 columns per vpexpandw
+      for (int h = 0; h < 2; ++h) {
+        const int64_t col = 64 * w + 32 * h;
+        if (col >= C) return;
+        const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
+        const __mmask32 inside = C - col >= 32 ? ~0u : static_cast<__mmask32>((1u << (C - col)) - 1u);
+        _mm512_mask_storeu_epi16(row + col, inside, _mm512_maskz_expand_epi16(m, values32(v, v_end, m)));
+        v += __builtin_popcount(static_cast<unsigned>(m));
       }
-    });
-  };
-  const size_t nnz = static_cast<size_t>(row_ptr[R]);
-  if (C <= 32767) {
-    Scratch<int16_t, kAllColumns> cols(nnz);
-    all_columns(cols.data);
-    run(Product<V>{values, rows, kIdx16, cols.data}, x, N, C, bias, y, R, threads);
-  } else {
-    Scratch<int32_t, kAllColumns> cols(nnz);
-    all_columns(cols.data);
-    run(Product<V>{values, rows, kIdx32, cols.data}, x, N, C, bias, y, R, threads);
+      continue;
+    }
+#endif
+    for (int q = 0; q < 4; ++q) {
+      const int64_t col = 64 * w + 16 * q;
+      if (col >= C) return;
+      const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
+      const __mmask16 inside = first_lanes(C - col);
+      if constexpr (sizeof(T) == 4) {
+        _mm512_mask_storeu_ps(row + col, inside, _mm512_maskz_expandloadu_ps(m, v));
+      } else {
+        const __m256i packed = _mm256_maskz_loadu_epi16(first_lanes(__builtin_popcount(m)), v);
+        const __m512i wide = _mm512_maskz_expand_epi32(m, _mm512_cvtepu16_epi32(packed));
+        _mm256_mask_storeu_epi16(row + col, inside, _mm512_cvtepi32_epi16(wide));
+      }
+      v += __builtin_popcount(static_cast<unsigned>(m));
+    }
   }
+#else
+  (void)v_end;
+  std::memset(row, 0, sizeof(T) * C);
+  for (int64_t w = 0; w < wpr; ++w)
+    for (uint64_t m = words[w]; m; m &= m - 1) row[w * 64 + __builtin_ctzll(m)] = *v++;
+#endif
 }
 
-template <typename T>
-void to_dense(const T* values, Rows rows, int kind, const void* cols, int64_t wpr, T* out, int64_t R, int64_t C,
-              int threads) {
-  for_range(R, threads, [&](int64_t r) {
-    T* row = out + r * C;
-    std::memset(row, 0, sizeof(T) * C);
+template <typename V>
+void to_dense(const typename V::T* values, Rows rows, int kind, const void* cols, int64_t wpr, typename V::T* out,
+              int64_t r0, int64_t r1, int64_t R, int64_t C, int threads) {
+  using T = typename V::T;
+  for_range(r1 - r0, threads, [&](int64_t i) {
+    const int64_t r = r0 + i;
+    T* row = out + i * C;
     const int64_t b = rows.begin(r), e = rows.end(r);
+    if (kind == kBits) {
+      bits_to_dense_row<V>(values + b, static_cast<const uint64_t*>(cols) + r * wpr, wpr, row, C, values + rows.end(R - 1));
+      return;
+    }
+    std::memset(row, 0, sizeof(T) * C);
     if (kind == kIdx16) {
       const int16_t* idx = static_cast<const int16_t*>(cols);
       for (int64_t j = b; j < e; ++j) row[idx[j]] = values[j];
-    } else if (kind == kIdx32) {
+    } else {
       const int32_t* idx = static_cast<const int32_t*>(cols);
       for (int64_t j = b; j < e; ++j) row[idx[j]] = values[j];
-    } else {
-      const uint64_t* words = static_cast<const uint64_t*>(cols) + r * wpr;
-      const T* v = values + b;
-      for (int64_t w = 0; w < wpr; ++w)
-        for (uint64_t m = words[w]; m; m &= m - 1) row[w * 64 + __builtin_ctzll(m)] = *v++;
     }
   });
 }
@@ -455,13 +824,13 @@ struct RpsSpec {  // the int64 array cpu.py passes, in this order
   int64_t sign[4], chunk[2], tile[3];
 };
 
-inline float sign_of(uint64_t p, const RpsSpec& s) {
+inline uint32_t sign_hash(uint64_t p, const RpsSpec& s) {  // c0 x^3 + c1 x^2 + c2 x + c3 mod P, x = p mod P
   const uint64_t x = mod_prime(p);
   uint64_t h = static_cast<uint64_t>(s.sign[0]);
   h = mod_prime(mul31(h, x) + static_cast<uint64_t>(s.sign[1]));
   h = mod_prime(mul31(h, x) + static_cast<uint64_t>(s.sign[2]));
   h = mod_prime(mul31(h, x) + static_cast<uint64_t>(s.sign[3]));
-  return (h & 1) ? -1.f : 1.f;
+  return static_cast<uint32_t>(h);
 }
 
 inline int64_t tile_location(int64_t x, int64_t y, const RpsSpec& s) {
@@ -471,64 +840,93 @@ inline int64_t tile_location(int64_t x, int64_t y, const RpsSpec& s) {
   return static_cast<int64_t>((h % kPrime) % static_cast<uint64_t>(s.span));
 }
 
-// sgn[i] = sign_of(p0 + i) * scale for i < n (n <= kRun): the hash is the cost of an RPS weight, so it runs
-// 8 positions at a time where there is AVX-512 (32x32 -> 64-bit multiplies, masked negation).
-constexpr int64_t kRun = 256;
+inline uint32_t add_mod(uint32_t a, uint32_t b) { const uint32_t t = a + b; return t >= kPrime ? t - kPrime : t; }
+inline uint32_t sub_mod(uint32_t a, uint32_t b) { return a >= b ? a - b : a + static_cast<uint32_t>(kPrime) - b; }
 
-inline void scaled_signs(uint64_t p0, int64_t n, const RpsSpec& s, float scale, float* sgn) {
+// Sign bits of positions p0 .. p0 + n - 1 (bit i of bits[i / 64] set: negative). The hash is a cubic
+// polynomial in p mod P, so along p it is stepped by forward differences (f, d1, d2, d3: three modular
+// additions per position), 16 lanes at a time where there is AVX-512, each lane 16 positions apart.
+inline void sign_bits(uint64_t p0, int64_t n, const RpsSpec& s, uint64_t* bits) {
+  std::memset(bits, 0, sizeof(uint64_t) * ((n + 63) / 64));
   int64_t i = 0;
-#ifdef __AVX512F__
-  const __m512i prime = _mm512_set1_epi64(static_cast<long long>(kPrime));
-  auto fold = [&](__m512i y) {  // mod_prime, 8 lanes
-    y = _mm512_add_epi64(_mm512_and_si512(y, prime), _mm512_srli_epi64(y, 31));
-    y = _mm512_add_epi64(_mm512_and_si512(y, prime), _mm512_srli_epi64(y, 31));
-    return _mm512_mask_sub_epi64(y, _mm512_cmpge_epu64_mask(y, prime), y, prime);
-  };
-  // Lazily reduced: a value below 2^32 is a valid multiplicand (its product with x < 2^31 fits 64 bits) if
-  // congruent mod P. c0 * x + c1 < 2^62 + 2^31 is below 2^32 after one fold; h * x + c2 < 2^63 + 2^31 after
-  // two; the last is reduced fully, its parity being the sign.
-  auto fold_once = [&](__m512i y) { return _mm512_add_epi64(_mm512_and_si512(y, prime), _mm512_srli_epi64(y, 31)); };
-  const __m512i c0 = _mm512_set1_epi64(s.sign[0]), c1 = _mm512_set1_epi64(s.sign[1]);
-  const __m512i c2 = _mm512_set1_epi64(s.sign[2]), c3 = _mm512_set1_epi64(s.sign[3]);
-  const __m512i eight = _mm512_set1_epi64(8), one = _mm512_set1_epi64(1);
-  const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
-  // x = (p0 + i) mod P for 8 consecutive i, stepped by 8 (and wrapped at P) rather than folded each time
-  __m512i x = fold(_mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(p0)),
-                                    _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)));
-  for (; i + 8 <= n; i += 8) {
-    __m512i h = fold_once(_mm512_add_epi64(_mm512_mul_epu32(c0, x), c1));
-    h = fold_once(fold_once(_mm512_add_epi64(_mm512_mul_epu32(h, x), c2)));
-    h = fold(_mm512_add_epi64(_mm512_mul_epu32(h, x), c3));
-    _mm256_storeu_ps(sgn + i, _mm256_mask_blend_ps(_mm512_test_epi64_mask(h, one), plus, minus));
-    x = _mm512_add_epi64(x, eight);
-    x = _mm512_mask_sub_epi64(x, _mm512_cmpge_epu64_mask(x, prime), x, prime);
-  }
-#endif
-  for (; i < n; ++i) sgn[i] = sign_of(p0 + i, s) * scale;
-}
-
-// out[i] = mem[slot + i * stride] * sgn(p + i) for i < n: one run of weights whose slots are evenly spaced.
-template <typename V>
-inline void fill_run(const typename V::T* mem, int64_t slot, int64_t stride, uint64_t p, int64_t n, const RpsSpec& s,
-                     float scale, typename V::T* out) {
-  float sgn[kRun];
-  for (int64_t done = 0; done < n; done += kRun) {
-    const int64_t m = (n - done) < kRun ? (n - done) : kRun;
-    scaled_signs(p + done, m, s, scale, sgn);
-    const typename V::T* src = mem + slot + done * stride;
-    typename V::T* dst = out + done;
-    if (stride == 1) {
-      for (int64_t i = 0; i < m; ++i) V::store(dst + i, V::load(src + i) * sgn[i]);
-    } else {
-      for (int64_t i = 0; i < m; ++i) V::store(dst + i, V::load(src + i * stride) * sgn[i]);
+#ifdef CCLI_AVX512
+  if (n >= 64) {
+    alignas(64) uint32_t f[4][16];  // f[t][lane] = hash(p0 + lane + 16 t)
+    uint32_t h = sign_hash(p0, s), d1, d2, d3;
+    {
+      const uint32_t f1 = sign_hash(p0 + 1, s), f2 = sign_hash(p0 + 2, s), f3 = sign_hash(p0 + 3, s);
+      d1 = sub_mod(f1, h);
+      d2 = sub_mod(sub_mod(f2, f1), d1);
+      d3 = sub_mod(sub_mod(sub_mod(f3, f2), sub_mod(f2, f1)), d2);
+    }
+    for (int j = 0; j < 64; ++j) {  // the first 64 positions, stepped one at a time
+      f[j / 16][j % 16] = h;
+      h = add_mod(h, d1);
+      d1 = add_mod(d1, d2);
+      d2 = add_mod(d2, d3);
+    }
+    const __m512i P = _mm512_set1_epi32(static_cast<int>(kPrime));
+    auto add = [&](__m512i a, __m512i b) { const __m512i t = _mm512_add_epi32(a, b); return _mm512_min_epu32(t, _mm512_sub_epi32(t, P)); };
+    auto sub = [&](__m512i a, __m512i b) { const __m512i t = _mm512_sub_epi32(a, b); return _mm512_min_epu32(t, _mm512_add_epi32(t, P)); };
+    const __m512i f0 = _mm512_load_si512(f[0]), f1 = _mm512_load_si512(f[1]);
+    const __m512i f2 = _mm512_load_si512(f[2]), f3 = _mm512_load_si512(f[3]);
+    __m512i g = f0, e1 = sub(f1, f0);  // differences with step 16 per lane
+    __m512i e2 = sub(sub(f2, f1), e1);
+    const __m512i e3 = sub(sub(sub(f3, f2), sub(f2, f1)), e2);
+    const __m512i one = _mm512_set1_epi32(1);
+    uint16_t* out16 = reinterpret_cast<uint16_t*>(bits);
+    for (; i + 16 <= n; i += 16) {
+      out16[i / 16] = static_cast<uint16_t>(_mm512_test_epi32_mask(g, one));
+      g = add(g, e1);
+      e1 = add(e1, e2);
+      e2 = add(e2, e3);
     }
   }
+#endif
+  for (; i < n; ++i)
+    if (sign_hash(p0 + i, s) & 1u) bits[i / 64] |= 1ull << (i % 64);
 }
 
+// out[i] = mem[slot + i * stride] * (+-scale by bit (c + i) of `neg`) for i < n, as float (the rounding
+// to the memory's dtype is the caller's: it stores with V::store).
 template <typename V>
-void rps_row(const typename V::T* mem, const RpsSpec& s, float scale, int64_t r, typename V::T* out) {
+inline void fill_run(const typename V::T* mem, int64_t slot, int64_t stride, const uint64_t* neg, int64_t c, int64_t n,
+                     float scale, float* out) {
+  int64_t i = 0;
+#ifdef CCLI_AVX512
+  const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
+  for (; i < n; i += 16) {
+    const __mmask16 m = first_lanes(n - i);
+    const int64_t q = c + i;  // sign bits q .. q + 15, across at most two words
+    const uint64_t lo = neg[q / 64] >> (q % 64);
+    const uint64_t hi = (q % 64) > 48 ? neg[q / 64 + 1] << (64 - q % 64) : 0;
+    const __mmask16 minus_lanes = static_cast<__mmask16>(lo | hi);
+    __m512 w;
+    if (stride == 1) {
+      w = Vec<V>::load_n(m, mem + slot + i);
+    } else {  // roast's linear tiles: a strided run (tile columns apart)
+      alignas(64) float g[16];
+      for (int64_t j = 0; j < 16 && i + j < n; ++j) g[j] = V::load(mem + slot + (i + j) * stride);
+      w = _mm512_maskz_loadu_ps(m, g);
+    }
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(w, _mm512_mask_blend_ps(minus_lanes, plus, minus)));
+  }
+#else
+  for (; i < n; ++i) {
+    const int64_t q = c + i;
+    const float sg = (neg[q / 64] >> (q % 64) & 1) ? -scale : scale;
+    out[i] = V::load(mem + slot + i * stride) * sg;
+  }
+#endif
+}
+
+// Row r of the weight, as float32 (each weight exactly mem * (+-scale) in float32), into out[cols]; `neg`
+// is scratch for cols sign bits.
+template <typename V>
+void rps_row(const typename V::T* mem, const RpsSpec& s, float scale, int64_t r, float* out, uint64_t* neg) {
   const int64_t cols = s.cols, M = s.memory_size;
   const uint64_t p0 = static_cast<uint64_t>(s.offset + r * cols);
+  sign_bits(p0, cols, s, neg);
   if (s.mapper == 0) {  // randomfold: runs of consecutive slots, one rotation per chunk of M positions
     int64_t c = 0;
     while (c < cols) {
@@ -540,7 +938,7 @@ void rps_row(const typename V::T* mem, const RpsSpec& s, float scale, int64_t r,
       const int64_t in_chunk = (M - o) < (cols - c) ? (M - o) : (cols - c);
       for (int64_t done = 0; done < in_chunk;) {  // at most two contiguous runs per chunk (the slot wraps once)
         const int64_t run = (M - slot) < (in_chunk - done) ? (M - slot) : (in_chunk - done);
-        fill_run<V>(mem, slot, 1, p + done, run, s, scale, out + c + done);
+        fill_run<V>(mem, slot, 1, neg, c + done, run, scale, out + c + done);
         done += run;
         slot = 0;
       }
@@ -555,13 +953,13 @@ void rps_row(const typename V::T* mem, const RpsSpec& s, float scale, int64_t r,
     if (s.layout == 0) {  // linear: tiles of the (in, out) view; r is the output, c the input (stride block_n)
       const int64_t slot = tile_location(c / s.block_k, r / s.block_n, s) + (c % s.block_k) * s.block_n +
                            (r % s.block_n);
-      fill_run<V>(mem, slot, s.block_n, p0 + c, n, s, scale, out + c);
+      fill_run<V>(mem, slot, s.block_n, neg, c, n, scale, out + c);
     } else if (s.layout == 1) {  // conv: tiles of the (out, in * kh * kw) view
       const int64_t slot = tile_location(r / s.block_k, c / s.block_n, s) + (r % s.block_k) * s.block_n +
                            (c % s.block_n);
-      fill_run<V>(mem, slot, 1, p0 + c, n, s, scale, out + c);
+      fill_run<V>(mem, slot, 1, neg, c, n, scale, out + c);
     } else {  // embedding (ROBE-Z): row r, chunks of block_z columns
-      fill_run<V>(mem, tile_location(r, c / s.block_z, s) + c % s.block_z, 1, p0 + c, n, s, scale, out + c);
+      fill_run<V>(mem, tile_location(r, c / s.block_z, s) + c % s.block_z, 1, neg, c, n, scale, out + c);
     }
   }
 }
@@ -571,51 +969,103 @@ void rps_rows(const void* memory, const RpsSpec& s, float scale, int64_t row0, i
   using T = typename V::T;
   const T* mem = static_cast<const T*>(memory);
   T* o = static_cast<T*>(out);
-  for_range(row1 - row0, threads, [&](int64_t i) { rps_row<V>(mem, s, scale, row0 + i, o + i * s.cols); });
+  for_range(row1 - row0, threads, [&](int64_t i) {
+    Scratch<float, kRowBuffer> row(s.cols + (s.cols + 63) / 64 * 2 + 16);
+    uint64_t* neg = reinterpret_cast<uint64_t*>(row.data + ((s.cols + 15) / 16) * 16);
+    rps_row<V>(mem, s, scale, row0 + i, row.data, neg);
+    T* dst = o + i * s.cols;
+    for (int64_t c = 0; c < s.cols; ++c) V::store(dst + c, row.data[c]);
+  });
+}
+
+// y (N, rows) = x (N, cols) @ W^T (+ bias), each row of W computed into an L1 buffer and used at once.
+template <typename V>
+void rps_product(const void* memory, const RpsSpec& s, float scale, const typename V::T* x, int64_t N,
+                 const typename V::T* bias, typename V::T* y, int threads) {
+  const int64_t C = s.cols, R = s.rows;
+  Scratch<float, kPackedX> buf(std::is_same<V, F32>::value ? 0 : N * C);
+  const float* xf = x_as_float<V>(x, N, C, buf);
+  const typename V::T* mem = static_cast<const typename V::T*>(memory);
+  for_range(R, threads, [&](int64_t r) {
+    Scratch<float, kRowBuffer> row(C + (C + 63) / 64 * 2 + 16);
+    uint64_t* neg = reinterpret_cast<uint64_t*>(row.data + ((C + 15) / 16) * 16);
+    rps_row<V>(mem, s, scale, r, row.data, neg);
+    const float b = bias ? V::load(bias + r) : 0.f;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* xn = xf + n * C;
+#ifdef CCLI_AVX512
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int64_t c = 0;
+      for (; c + 32 <= C; c += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(row.data + c), _mm512_loadu_ps(xn + c), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(row.data + c + 16), _mm512_loadu_ps(xn + c + 16), a1);
+      }
+      for (; c < C; c += 16) {
+        const __mmask16 m = first_lanes(C - c);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row.data + c), _mm512_maskz_loadu_ps(m, xn + c), a0);
+      }
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+      float sum = 0.f;
+      for (int64_t c = 0; c < C; ++c) sum += row.data[c] * xn[c];
+#endif
+      V::store(y + n * R + r, sum + b);
+    }
+  });
 }
 
 }  // namespace
 
+namespace {
+// Calls f(V{}) for the dtype code (0 float32, 1 bfloat16, 2 float16); false for an unknown one.
+template <typename F>
+inline bool with_dtype(int dtype, const F& f) {
+  switch (dtype) {
+    case 0: f(F32{}); return true;
+    case 1: f(BF16{}); return true;
+    case 2: f(F16{}); return true;
+    default: return false;
+  }
+}
+}  // namespace
+
 extern "C" {
 
-// dtype: 0 float32, 1 bfloat16. row_ptr (int64, R + 1) or nullptr with k per row; kind: 0 int16 indices,
-// 1 int32 indices, 2 bitmask words (wpr uint64 per row, with row_ptr). Returns 0, or 1 for an unknown
-// dtype or kind.
+// dtype: 0 float32, 1 bfloat16, 2 float16. row_ptr (int64, R + 1) or nullptr with k per row; kind: 0 int16
+// indices, 1 int32 indices, 2 bitmask words (wpr uint64 per row, with row_ptr). Returns 0, or 1 for an
+// unknown dtype or kind.
 int sparse_mm(int dtype, const void* x, int64_t N, int64_t C, const void* values, const int64_t* row_ptr, int64_t k,
               int kind, const void* cols, int64_t wpr, const void* bias, void* y, int64_t R, int threads) {
-  if (kind < 0 || kind > 2 || dtype < 0 || dtype > 1 || (kind == kBits && !row_ptr)) return 1;
-  const Rows rows{row_ptr, k};
-  if (dtype == 0) {
-    using V = F32;
-    const auto* v = static_cast<const float*>(values);
-    if (kind == kBits) run_bits<V>(v, row_ptr, static_cast<const uint64_t*>(cols), wpr, static_cast<const float*>(x),
-                                   N, C, static_cast<const float*>(bias), static_cast<float*>(y), R, threads);
-    else run(Product<V>{v, rows, kind, cols}, static_cast<const float*>(x), N, C, static_cast<const float*>(bias),
-             static_cast<float*>(y), R, threads);
-  } else {
-    using V = BF16;
-    const auto* v = static_cast<const uint16_t*>(values);
-    if (kind == kBits) run_bits<V>(v, row_ptr, static_cast<const uint64_t*>(cols), wpr,
-                                   static_cast<const uint16_t*>(x), N, C, static_cast<const uint16_t*>(bias),
-                                   static_cast<uint16_t*>(y), R, threads);
-    else run(Product<V>{v, rows, kind, cols}, static_cast<const uint16_t*>(x), N, C,
-             static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), R, threads);
-  }
-  return 0;
-}
-
-int sparse_to_dense(int dtype, const void* values, const int64_t* row_ptr, int64_t k, int kind, const void* cols,
-                    int64_t wpr, void* out, int64_t R, int64_t C, int threads) {
   if (kind < 0 || kind > 2 || (kind == kBits && !row_ptr)) return 1;
   const Rows rows{row_ptr, k};
-  if (dtype == 0) {
-    to_dense(static_cast<const float*>(values), rows, kind, cols, wpr, static_cast<float*>(out), R, C, threads);
-  } else if (dtype == 1) {
-    to_dense(static_cast<const uint16_t*>(values), rows, kind, cols, wpr, static_cast<uint16_t*>(out), R, C, threads);
-  } else {
-    return 1;
-  }
-  return 0;
+  const bool known = with_dtype(dtype, [&](auto v) {
+    using V = decltype(v);
+    using T = typename V::T;
+    const T* xv = static_cast<const T*>(x);
+    const T* bv = static_cast<const T*>(bias);
+    T* yv = static_cast<T*>(y);
+    if (kind == kBits) run_bits<V>(static_cast<const T*>(values), row_ptr, static_cast<const uint64_t*>(cols), wpr, xv,
+                                   N, C, bv, yv, R, threads);
+    else run_idx<V>(Product<V>{static_cast<const T*>(values), rows, kind, cols}, xv, N, C, bv, yv, R, threads);
+  });
+  return known ? 0 : 1;
+}
+
+// Rows [r0, r1) of the dense R x C matrix into out ((r1 - r0) x C), zeros where nothing is stored.
+int sparse_to_dense(int dtype, const void* values, const int64_t* row_ptr, int64_t k, int kind, const void* cols,
+                    int64_t wpr, void* out, int64_t r0, int64_t r1, int64_t R, int64_t C, int threads) {
+  if (kind < 0 || kind > 2 || (kind == kBits && !row_ptr)) return 1;
+  const Rows rows{row_ptr, k};
+  const bool known = with_dtype(dtype, [&](auto v) {
+    using V = decltype(v);
+    using T = typename V::T;
+    to_dense<V>(static_cast<const T*>(values), rows, kind, cols, wpr, static_cast<T*>(out), r0, r1, R, C, threads);
+  });
+  return known ? 0 : 1;
+}
+
+static bool valid_spec(const RpsSpec& s) {
+  return s.memory_size >= 1 && s.span >= 1 && s.block_k >= 1 && s.block_n >= 1 && s.block_z >= 1 && s.cols >= 0;
 }
 
 // Rows [row0, row1) of an RPS weight into out ((row1 - row0) x cols). spec: the int64 fields of RpsSpec.
@@ -623,14 +1073,51 @@ int rps_weight(int dtype, const void* memory, const int64_t* spec, float scale, 
                int threads) {
   RpsSpec s;
   std::memcpy(&s, spec, sizeof(RpsSpec));
-  if (s.memory_size < 1 || s.span < 1 || s.block_k < 1 || s.block_n < 1 || s.block_z < 1) return 1;
-  if (dtype == 0) rps_rows<F32>(memory, s, scale, row0, row1, out, threads);
-  else if (dtype == 1) rps_rows<BF16>(memory, s, scale, row0, row1, out, threads);
-  else return 1;
-  return 0;
+  if (!valid_spec(s)) return 1;
+  return with_dtype(dtype, [&](auto v) { rps_rows<decltype(v)>(memory, s, scale, row0, row1, out, threads); }) ? 0 : 1;
 }
 
-int compresscli_abi_version() { return 2; }
+// y (N x rows) = x (N x cols) @ W^T (+ bias) for the RPS weight of `spec`, never held whole.
+int rps_mm(int dtype, const void* memory, const int64_t* spec, float scale, const void* x, int64_t N, const void* bias,
+           void* y, int threads) {
+  RpsSpec s;
+  std::memcpy(&s, spec, sizeof(RpsSpec));
+  if (!valid_spec(s)) return 1;
+  return with_dtype(dtype, [&](auto v) {
+    using V = decltype(v);
+    using T = typename V::T;
+    rps_product<V>(memory, s, scale, static_cast<const T*>(x), N, static_cast<const T*>(bias), static_cast<T*>(y),
+                   threads);
+  }) ? 0 : 1;
+}
+
+// Lets the bfloat16 bitmask kernel use AMX (once Python has seen AMX run here); returns whether it will.
+int compresscli_allow_amx(int allowed) {
+#if defined(CCLI_AMX)
+  amx_allowed = allowed;
+  return amx_usable() ? 1 : 0;
+#else
+  (void)allowed;
+  return 0;
+#endif
+}
+
+// What the build can run: 1 AVX2, 2 AVX-512, 3 AVX-512 with vdpbf16ps / vpexpandw, 4 and AMX; 0 scalar.
+int compresscli_isa() {
+#if defined(CCLI_AMX)
+  return 4;
+#elif defined(CCLI_BF16_DOT)
+  return 3;
+#elif defined(CCLI_AVX512)
+  return 2;
+#elif defined(CCLI_AVX2)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int compresscli_abi_version() { return 3; }
 
 }  // extern "C"
 """

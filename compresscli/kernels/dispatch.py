@@ -1,21 +1,21 @@
-"""Which product runs, for a device, a dtype, a batch and a layer shape: condensed layers (below) and
-the row-sparse inference forms (`sparse_mm`, at the end).
+"""Which product runs, for a device, a dtype, a batch and a layer shape: condensed layers (below), the
+row-sparse inference forms (`sparse_mm`) and RPS layers (`rps_mm`).
 
 Paths (all compute y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] + bias[r]):
-  dense         scatter to the dense weight, then F.linear. Differentiable: what training runs, and
-                the fallback wherever nothing faster applies.
+  dense         decode the dense weight in PyTorch, then F.linear. Differentiable: what training runs, and
+                the fallback where no compiled kernel can run (no compiler, another device).
   gather        the definition in PyTorch (reference; never chosen automatically).
-  cpu           the compiled C++ kernel (cpu.py): CPU, float32, inference.
+  cpu           the compiled C++ kernel (cpu.py): CPU, float32 / bfloat16 / float16, inference.
+  decoded       the compiled decoder writes the weight tile by tile for torch's GEMM (decoded.py): CPU,
+                inference, many input rows.
   triton_gemv   Triton, few input rows (CUDA).
   triton_tiled  Triton, batch-tiled (CUDA).
   triton_decode the dense weight written by a Triton kernel, then cuBLAS (CUDA).
 
-The CPU thresholds come from benchmarks/condensed_layers.py on a 2-core AMD EPYC (Zen 4), the crossover
-run in benchmarks/results/condensed_layers.md ("Crossover"): the kernel against this module's own dense
-path (which scatters the condensed weight to dense on every call, so it costs more than the original
-layer), one thread, thread CPU time, 768x3072 and 3072x768 at densities 0.2-0.75. The CUDA side, for
-condensed and row-sparse layers alike, reads cuda_paths.py's table (design points, NOT measured, until
-benchmarks/gpu_check.py measures them on a GPU).
+On the CPU the choice between `cpu` and `decoded` is measured, not guessed: benchmarks/kernel_thresholds.py
+times both per structure, dtype, density and shape on the machine and writes kernels/cpu_thresholds.py,
+the table `cpu_kernel_max_rows` reads. The CUDA side, for condensed and row-sparse layers alike, reads
+cuda_paths.py's table (design points, NOT measured, until benchmarks/gpu_check.py measures them on a GPU).
 
 `force_path(name)` (or $COMPRESSCLI_CONDENSED_PATH) overrides the choice, for tests and benchmarks.
 """
@@ -31,18 +31,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from compresscli.kernels import cpu, cuda_paths, reference
+from compresscli.kernels import cpu, cpu_thresholds, cuda_paths, reference
+from compresscli.kernels.decoded import decoded_mm
 
 log = logging.getLogger(__name__)
 
-PATHS = ("dense", "gather", "cpu", "triton_gemv", "triton_tiled", "triton_decode")
+PATHS = ("dense", "gather", "cpu", "decoded", "triton_gemv", "triton_tiled", "triton_decode")
 PATH_ENV = "COMPRESSCLI_CONDENSED_PATH"
 _forced: ContextVar[str | None] = ContextVar("condensed_forced_path", default=None)
-
-# CPU: the compiled kernel is used while the kept fraction k / C is at most this, by input rows. Measured:
-# up to 8 rows it beat the dense path at every density tried (0.75 included); at 64 rows it won or tied
-# up to 0.75; at 256 rows it lost at 0.5 and won at 0.2, tying near 0.3.
-CPU_MAX_DENSITY = ((8, 1.0), (64, 0.75), (None, 0.3))
 
 
 @lru_cache(maxsize=1)
@@ -60,8 +56,8 @@ def available_paths(device: torch.device, dtype: torch.dtype | None) -> list[str
     paths = ["dense", "gather"]
     if dtype is None:
         return paths
-    if device.type == "cpu" and dtype == torch.float32 and cpu.available():
-        paths.append("cpu")
+    if device.type == "cpu" and dtype in cpu.DTYPES and cpu.available():
+        paths += ["cpu", "decoded"]
     if device.type == "cuda" and triton_available():
         paths += ["triton_gemv", "triton_tiled", "triton_decode"]
     return paths
@@ -69,8 +65,8 @@ def available_paths(device: torch.device, dtype: torch.dtype | None) -> list[str
 
 @contextlib.contextmanager
 def force_path(path: str | None) -> Iterator[None]:
-    """Run every condensed product inside the block on `path` (None: automatic); "dense" and "cpu" also
-    force the row-sparse products."""
+    """Run every condensed product inside the block on `path` (None: automatic); "dense", "cpu" and
+    "decoded" also force the row-sparse and RPS products."""
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown condensed path {path!r}; choose one of {', '.join(PATHS)}")
     token = _forced.set(path)
@@ -80,16 +76,44 @@ def force_path(path: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
-def _cpu_limit(n: int) -> float:
-    for rows, limit in CPU_MAX_DENSITY:
-        if rows is None or n <= rows:
-            return limit
-    return 0.0
+UNMEASURED_MAX_ROWS = 8
+"""The kernel's row limit for a structure and dtype the table has no entry for (a table generated for
+fewer dtypes, or a new structure): at up to 8 rows every kernel measured so far beat decode + GEMM
+(benchmarks/results/kernel_thresholds.md: the lowest crossover is 16 rows), and past it decode + GEMM is
+never much slower than the kernel. Logged once per structure and dtype so that a gap is seen, not hidden."""
+
+
+@lru_cache(maxsize=None)
+def _unmeasured(structure: str, dtype: str) -> int:
+    log.warning("no measured CPU threshold for %s %s (kernels/cpu_thresholds.py): the kernel runs up to %d "
+                "rows; rerun benchmarks/kernel_thresholds.py to measure it", structure, dtype, UNMEASURED_MAX_ROWS)
+    return UNMEASURED_MAX_ROWS
+
+
+def cpu_kernel_max_rows(structure: str, dtype: torch.dtype, density: float, weights: int) -> int:
+    """The most input rows for which the compiled kernel beat decoding + GEMM when measured on this machine
+    (kernels/cpu_thresholds.py): for the measured density nearest above `density` (the kernel's cost grows
+    with it) and the shape class of a (rows x columns = `weights`) layer, the other class where only one
+    was measured; UNMEASURED_MAX_ROWS where the table has no entry for the structure and dtype."""
+    name = str(dtype).removeprefix("torch.")
+    table = cpu_thresholds.KERNEL_MAX_ROWS.get(structure, {}).get(name)
+    if not table:
+        return _unmeasured(structure, name)
+    measured = sorted(table)
+    above = [d for d in measured if d >= density - 1e-9]
+    by_size = table[above[0] if above else measured[-1]]
+    size = "small" if weights <= cpu_thresholds.SMALL_WEIGHTS else "large"
+    return by_size.get(size, min(by_size.values()))
+
+
+def _cpu_choice(structure: str, dtype: torch.dtype, n: int, density: float, weights: int) -> str:
+    return "cpu" if n <= cpu_kernel_max_rows(structure, dtype, density, weights) else "decoded"
 
 
 def choose_path(device: torch.device, dtype: torch.dtype | None, n: int, in_features: int, k: int,
-                needs_grad: bool) -> str:
-    """The fastest available path by the thresholds above; `dense` whenever gradients are needed."""
+                needs_grad: bool, rows: int = 1) -> str:
+    """The fastest available path by the thresholds above (a layer of `rows` kept output rows); `dense`
+    whenever gradients are needed."""
     forced = _forced.get() or os.environ.get(PATH_ENV) or None
     if forced is not None:
         if forced not in available_paths(device, dtype):
@@ -100,8 +124,8 @@ def choose_path(device: torch.device, dtype: torch.dtype | None, n: int, in_feat
         return "dense"
     density = k / max(1, in_features)
     if device.type == "cpu":
-        if dtype == torch.float32 and density <= _cpu_limit(n) and cpu.available():
-            return "cpu"
+        if dtype in cpu.DTYPES and cpu.available():
+            return _cpu_choice("condensed", dtype, n, density, rows * in_features)
         return "dense"
     if device.type == "cuda" and triton_available():
         return cuda_paths.choose("condensed", n, density)
@@ -114,7 +138,8 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, b
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
                                               or (bias is not None and bias.requires_grad))
     same = values.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-    path = choose_path(x.device, x.dtype if same else None, x.shape[0], in_features, values.shape[1], needs_grad)
+    path = choose_path(x.device, x.dtype if same else None, x.shape[0], in_features, values.shape[1], needs_grad,
+                       rows=values.shape[0])
     if path == "dense":
         return reference.dense_mm(x, values, indices, bias, in_features), path
     if path == "gather":
@@ -123,6 +148,11 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, b
         raise ValueError(f"condensed path {path!r} has no backward; run it under torch.no_grad()")
     if path == "cpu":
         return cpu.condensed_mm(x, values, indices, bias), path
+    if path == "decoded":
+        values, indices = values.contiguous(), indices.contiguous()
+        decode = lambda r0, r1, out: cpu.sparse_to_dense(values, indices, None, values.shape[0], in_features, r0, r1,  # noqa: E731
+                                                         out)
+        return decoded_mm(x.contiguous(), decode, values.shape[0], in_features, bias, values.dtype), path
     if path == "triton_decode":
         return cuda_paths.condensed_decode_mm(x, values, indices, bias, in_features), path
     from compresscli.kernels import triton_kernels
@@ -132,14 +162,7 @@ def condensed_mm(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, b
 
 # ----------------------------------------------------------------------------- row-sparse inference forms
 
-# CPU: the compiled kernel runs while the kept fraction nnz / (rows x columns) is at most this, by input
-# rows; above it the weight is decoded to dense for the call and MKL's GEMM runs. Measured on MiniLM's MLP
-# shapes (384x1536, 1536x384; one thread, idle 2-core AMD EPYC Zen 4, bitmask and CSR alike): up to 64 rows
-# the kernel beat decoding at every density (decoding a 384x1536 weight alone costs about as much as a
-# 16-row dense product); at 1024 rows it won at 0.25 (1.0-1.7x dense) and tied or lost at 0.5 (0.9-1.2x,
-# decoding then 1.1x).
-SPARSE_CPU_MAX_DENSITY = ((64, 1.0), (None, 0.35))
-SPARSE_PATHS = ("dense", "cpu")
+SPARSE_PATHS = ("dense", "cpu", "decoded")
 
 
 def sparse_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor, rows: int,
@@ -154,35 +177,66 @@ def sparse_dense(values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor
     return reference.row_sparse_dense(values, cols, row_ptr, rows, columns)
 
 
-def choose_sparse_path(device: torch.device, dtype: torch.dtype | None, n: int, density: float,
-                       needs_grad: bool) -> str:
-    runnable = device.type == "cpu" and dtype in cpu.DTYPES and cpu.available()
+def _forced_cpu_path(paths: tuple[str, ...], runnable: bool, needs_grad: bool, what: str) -> str | None:
+    """The path force_path / $COMPRESSCLI_CONDENSED_PATH names for a CPU product, if it names one of `paths`."""
     forced = _forced.get() or os.environ.get(PATH_ENV) or None
-    if forced in SPARSE_PATHS:
-        if forced == "cpu" and not (runnable and not needs_grad):
-            raise ValueError(f"the sparse CPU kernel cannot run {device.type}/{dtype}"
-                             + (" with gradients" if needs_grad else ""))
+    if forced not in paths:
+        return None
+    if forced != "dense" and not (runnable and not needs_grad):
+        raise ValueError(f"the {what} CPU kernels cannot run here" + (" with gradients" if needs_grad else ""))
+    return forced
+
+
+def choose_sparse_path(device: torch.device, dtype: torch.dtype | None, n: int, density: float, needs_grad: bool,
+                       structure: str = "bitmask", weights: int = 1) -> str:
+    """`cpu` or `decoded` by the measured thresholds for a `structure` ("bitmask" or "csr") layer of `weights`
+    dense weights; `dense` with gradients or where no compiled kernel runs."""
+    runnable = device.type == "cpu" and dtype in cpu.DTYPES and cpu.available()
+    forced = _forced_cpu_path(SPARSE_PATHS, runnable, needs_grad, "sparse")
+    if forced is not None:
         return forced
     if needs_grad or not runnable:
         return "dense"
-    for rows, limit in SPARSE_CPU_MAX_DENSITY:
-        if rows is None or n <= rows:
-            return "cpu" if density <= limit else "dense"
-    return "dense"
+    return _cpu_choice(structure, dtype, n, density, weights)
 
 
 def sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr: torch.Tensor,
               bias: torch.Tensor | None, rows: int, columns: int) -> tuple[torch.Tensor, str]:
     """y (N, rows) = x (N, columns) @ W^T (+ bias) for a row-sparse W (kernels.cpu.sparse_mm's layout);
-    returns (y, path name). The dense path decodes W for this call only; it is never kept."""
+    returns (y, path name). The decoded paths decode W for this call only; it is never kept."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     same = values.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
     if x.device.type == "cuda" and same and not needs_grad and triton_available():
         return cuda_paths.row_sparse_mm(x, values, cols, row_ptr, bias, rows, columns,
                                         _forced.get() or os.environ.get(PATH_ENV) or None)
+    structure = "bitmask" if cols.dtype == torch.int64 else "csr"
     path = choose_sparse_path(x.device, x.dtype if same else None, x.shape[0],
-                              values.numel() / max(1, rows * columns), needs_grad)
+                              values.numel() / max(1, rows * columns), needs_grad, structure, rows * columns)
     if path == "cpu":
-        x = x.contiguous()
-        return cpu.sparse_mm(x, values, cols, row_ptr, bias, rows, values.numel()), path
+        return cpu.sparse_mm(x.contiguous(), values, cols, row_ptr, bias, rows, values.numel()), path
+    if path == "decoded":
+        decode = lambda r0, r1, out: cpu.sparse_to_dense(values, cols, row_ptr, rows, columns, r0, r1, out)  # noqa: E731
+        return decoded_mm(x.contiguous(), decode, rows, columns, bias, values.dtype), path
     return F.linear(x, sparse_dense(values, cols, row_ptr, rows, columns).to(x.dtype), bias), path
+
+
+# ----------------------------------------------------------------------------- RPS layers
+
+def rps_mm(x: torch.Tensor, memory: torch.Tensor, spec: torch.Tensor, scale: float, bias: torch.Tensor | None,
+           rows: int, columns: int) -> tuple[torch.Tensor, str] | None:
+    """y (N, rows) = x (N, columns) @ W^T (+ bias) for an RPS weight computed from its memory by the compiled
+    kernels: row by row into the product (`cpu`), or tile by tile for a GEMM (`decoded`); None where they
+    cannot run (another device or dtype, gradients, no compiler): the layer then computes in PyTorch."""
+    runnable = (x.device.type == "cpu" and x.dtype in cpu.DTYPES and memory.dtype == x.dtype
+                and (bias is None or bias.dtype == x.dtype) and cpu.available())
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    path = _forced_cpu_path(("cpu", "decoded"), runnable, needs_grad, "RPS")
+    if path is None:
+        if needs_grad or not runnable:
+            return None
+        path = _cpu_choice("rps", x.dtype, x.shape[0], 1.0, rows * columns)
+    x = x.contiguous()
+    if path == "cpu":
+        return cpu.rps_mm(x, memory, spec, scale, bias, rows), path
+    decode = lambda r0, r1, out: cpu.rps_weight(memory, spec, scale, r0, r1, columns, out)  # noqa: E731
+    return decoded_mm(x, decode, rows, columns, bias, memory.dtype), path

@@ -3,7 +3,8 @@ by the row-sparse kernels; U @ V is never formed. Quantized U or V are held as t
 dequantized for each call (an "in" layer's quantized V then multiplies densely: its codes are not transposed)."""
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,26 @@ from compresscli.codecs.fips.codec import ORIENTATIONS, _FipsCodec
 from compresscli.codecs.quant.grid import QuantSpec
 from compresscli.codecs.quant.values import QuantizedValues
 from compresscli.codecs.sparse.matrix import CompactSparse
+
+
+_projections: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (id(x), id(U)) -> (x's version, x @ U)
+
+
+def project_once(x: torch.Tensor, x2d: torch.Tensor, base: torch.Tensor | nn.Module,
+                 values: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """x2d @ U (U = `values()`, the float values of the shared `base`), computed once for the "in" layers that
+    read the same input `x` (the same tensor, unchanged) with the same U: an MLP's gate and up projections read
+    U once per token, not twice. The result lives as long as `x` does."""
+    key = (id(x), id(base))
+    last = _projections.get(key)
+    if last is not None and last[0] == x._version:
+        return last[1]
+    projected = x2d @ values()  # (N, d) @ (d, r) -> (N, r)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        if last is None:
+            weakref.finalize(x, _projections.pop, key, None)
+        _projections[key] = (x._version, projected)
+    return projected
 
 
 @register_inference_form
@@ -80,15 +101,14 @@ class CompactFipsLinear(_FipsCodec):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
-        base = self._base_values()
         if self.orientation == "in" and not self.transposed:  # quantized V, dequantized: (N, d) @ U @ V
-            y, path = (x2d @ base) @ self.matrix.dense(), "dense"
+            y, path = project_once(x, x2d, self.base, self._base_values) @ self.matrix.dense(), "dense"
             y = y if self.bias is None else y + self.bias
         elif self.orientation == "in":  # (N, d) @ U -> (N, r), then V: (N, r) -> (N, h)
-            y, path = self.matrix.mm(x2d @ base, self.bias)
+            y, path = self.matrix.mm(project_once(x, x2d, self.base, self._base_values), self.bias)
         else:  # V: (N, h) -> (N, r), then U^T: (N, r) -> (N, d)
             z, path = self.matrix.mm(x2d)
-            y = F.linear(z, base, self.bias)
+            y = F.linear(z, self._base_values(), self.bias)
         self.__dict__["last_path"] = path  # past nn.Module.__setattr__: a few us per call on tiny layers
         return y.view(*lead, self.out_features)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresscli.kernels import cpu
+from compresscli.kernels import cpu, dispatch
 from compresscli.codecs.base import register_inference_form
 from compresscli.codecs.quant.grid import QuantSpec
 from compresscli.codecs.quant.values import QuantizedValues
@@ -91,10 +91,19 @@ class CompactRPSLinear(_LinearLayout, _CompactShared):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._prepare()
-        self.__dict__["last_path"] = "cached" if self.cached_weight is not None else "rps"
+        if self.cached_weight is not None:
+            self.__dict__["last_path"] = "cached"
+            return F.linear(x, self.cached_weight, self.bias)  # (..., in) -> (..., out)
+        lead = x.shape[:-1]
+        done = dispatch.rps_mm(x.reshape(-1, self.in_features), self.memory.detach(), self._spec,
+                               float(self.weight_scale), self.bias, self.out_features, self.in_features)
+        if done is not None:  # the compiled kernels, by their measured thresholds
+            self.__dict__["last_path"] = done[1]
+            return done[0].view(*lead, self.out_features)
+        self.__dict__["last_path"] = "rps"
         step = max(1, ROW_CHUNK // self.in_features)
-        if self.cached_weight is not None or step >= self.out_features:
-            return F.linear(x, self.dense_weight(), self.bias)  # (..., in) -> (..., out)
+        if step >= self.out_features:
+            return F.linear(x, self.dense_weight(), self.bias)
         parts = [F.linear(x, self.weight_rows(r, min(r + step, self.out_features)),
                           None if self.bias is None else self.bias[r:r + step])
                  for r in range(0, self.out_features, step)]
