@@ -307,7 +307,7 @@ def sweep(checkpoint: CheckpointArg,
 @app.command("export")
 def export_(out: Annotated[Path, typer.Argument(help="A compresscli output directory (written by `compress run`).")],
             to: Annotated[Path, typer.Option("--to", help="Directory to write (atomically).")],
-            format_: Annotated[str, typer.Option("--format", help="dense: a plain Hugging Face or timm directory, pruned weights as zeros. compressed-tensors: magnitude-sparse and 2:4 layers in compressed-tensors' sparse-bitmask / sparse-24-bitmask formats (Hugging Face only; other methods are refused).")] = "dense",
+            format_: Annotated[str, typer.Option("--format", help="dense: a plain Hugging Face or timm directory, pruned weights as zeros. compressed-tensors: quantized Linears as pack-quantized (plain transformers loads it), or magnitude-sparse / 2:4 layers in compressed-tensors' legacy sparse-bitmask / sparse-24-bitmask formats (Hugging Face only; other structures are refused, naming --format dense).")] = "dense",
             force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty --to.")] = False,
             shard_size: Annotated[str, typer.Option("--shard-size", help="Largest weight file before sharding (Hugging Face; timm reads one file).")] = "2GiB",
             as_json: JsonOpt = False) -> None:
@@ -324,7 +324,8 @@ def export_(out: Annotated[Path, typer.Argument(help="A compresscli output direc
     if as_json:
         _emit_json(result.to_dict())
         return
-    written = f"in {result.sparse_format}" if result.sparse_format else "dense"
+    stored = result.sparse_format or result.quant_format
+    written = f"in {stored}" if stored else "dense"
     out_console.print(f"{result.kind} {result.model_class} ({result.format}) -> {result.to}: "
                       f"{', '.join(result.files)} ({human_bytes(result.bytes)}), "
                       f"{result.decoded_layers} compressed layers written {written}", highlight=False)

@@ -261,6 +261,22 @@ def test_a_model_that_reloads_to_another_function_fails_the_output_check(llama_d
                         RunOptions(evaluate=False, device="cpu"))
 
 
+@pytest.mark.parametrize("method", ["quantize", "magnitude"])
+def test_a_checkpoint_loaded_in_another_dtype_is_compressed_in_the_one_asked(method, trained_scale_dirs, tmp_path):
+    """The API path: a float32 checkpoint in memory with RunOptions(dtype=bfloat16) is compressed, written and
+    checked in bfloat16 (it was written in float32 and reloaded in bfloat16, failing the bytes check)."""
+    from compresscli.engine.whole_model import run_recipe
+    from compresscli.io.checkpoint import load_checkpoint
+
+    path, _ = trained_scale_dirs["llama", "float32"]
+    params = {"solver": "rtn", "bits": 4, "group_size": 16} if method == "quantize" else {"sparsity": 0.5}
+    recipe = Recipe("", [Stage(make_config(method, params), ["mlp"])])
+    result = run_recipe(load_checkpoint(path), recipe, tmp_path / "out", RunOptions(evaluate=False, dtype=torch.bfloat16))
+    assert result.report["reload"]["relative_tolerance"] == output_tolerance(torch.bfloat16, 2)
+    model = compresscli.load(tmp_path / "out")
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
+
+
 def test_output_tolerance_follows_the_dtype_and_the_depth():
     assert output_tolerance(torch.float32, 40) == 1e-4
     assert output_tolerance(torch.bfloat16, 3) == 3 * 2**-7 * 2

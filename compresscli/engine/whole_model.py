@@ -56,6 +56,8 @@ def run_recipe(ckpt: Checkpoint, recipe: Recipe, out: Path | None, options: RunO
     torch.manual_seed(options.seed)
     model, task = ckpt.model, ckpt.task()
     check_out(out, options, force, ckpt.source.directory if ckpt.source is not None else None)
+    if options.dtype is not None and compute_dtype(model) != options.dtype:
+        model.to(options.dtype)  # a checkpoint loaded in another dtype: compressed, written and checked in this one
     targets = resolve_targets(recipe, model)
     world = distributed.world()
 
