@@ -95,7 +95,7 @@ class CompactRPSLinear(_LinearLayout, _CompactShared):
             self.__dict__["last_path"] = "cached"
             return F.linear(x, self.cached_weight, self.bias)  # (..., in) -> (..., out)
         lead = x.shape[:-1]
-        done = dispatch.rps_mm(x.reshape(-1, self.in_features), self.memory.detach(), self._spec,
+        done = dispatch.rps_mm(x.reshape(-1, self.in_features), self._memory_values(), self._spec,
                                float(self.weight_scale), self.bias, self.out_features, self.in_features)
         if done is not None:  # the compiled kernels, by their measured thresholds
             self.__dict__["last_path"] = done[1]
