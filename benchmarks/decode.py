@@ -42,6 +42,13 @@ RECIPES = {  # form -> (description, stages); the MLPs only, as the issue's targ
                 "  - method: fips\n    targets: [mlp]\n    params: {budget: 0.4, steps: 0}\n"),
     "rps-10": ("RPS 10x on the MLPs, one memory per block.",
                "  - method: rps\n    targets: [mlp]\n    params: {compression: 10, scope: block}\n"),
+    "int8-mlp": ("int8 per output row (round to nearest) on the MLPs (torch's int8 weight-only kernel).",
+                 "  - method: quantize\n    targets: [mlp]\n    params: {bits: 8, group_size: null, solver: rtn}\n"),
+    "int4-mlp": ("int4 in groups of 128 (round to nearest) on the MLPs (torch's int4 weight-only kernel).",
+                 "  - method: quantize\n    targets: [mlp]\n    params: {bits: 4, group_size: 128, solver: rtn}\n"),
+    "int4-all": ("int4 in groups of 128 (round to nearest) on every Linear: MLPs, attention and the LM head.",
+                 "  - method: quantize\n    targets: [mlp, attention, head]\n"
+                 "    params: {bits: 4, group_size: 128, solver: rtn}\n"),
 }
 LAYER_SHAPES = [(5632, 2048), (2048, 5632), (11008, 4096)]  # (out, in): gate/up, down of the 1B; up of the 7B
 
