@@ -286,7 +286,7 @@ GRIDS = [(8, None, True), (4, 4, True), (2, 8, False)]
 CODEC_SAMPLES: dict[str, list[CodecSample]] = {
     "quantized_linear": [CodecSample(lambda a=a: _quantized_linear_sample(*a), (3, a[1]))
                          for a in ((32, 256, 4, 128), (16, 32, 8, None), (16, 40, 3, 16), (7, 20, 2, None, False),
-                                   (5, 12, 4, 5, False))],
+                                   (5, 12, 4, 5, False), (1000, 256, 4, 256))],  # the last: int4 kernel, padded rows
     "sparse_linear": [CodecSample(lambda f=f: _sparse_sample(nn.Linear(12, 7), f), (3, 12)) for f in ("bitmask", "csr")],
     "sparse_conv2d": [CodecSample(lambda f=f: _sparse_sample(nn.Conv2d(3, 4, 3, padding=1), f),
                                   (2, 3, 6, 6)) for f in ("bitmask", "csr")],

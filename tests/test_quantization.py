@@ -260,13 +260,15 @@ def test_joint_sweep_beats_pruning_then_rounding():
 # ---------------------------------------------------------------------------------------------- the kernels
 
 @pytest.mark.skipif(qk.int4_block() is None, reason="torch's int4 CPU kernel layout is not known on this CPU")
-@pytest.mark.parametrize("rows", [16, 48, 64, 96, 192])
+@pytest.mark.parametrize("rows", [16, 48, 64, 96, 192, 30, 1000])
 def test_int4_layout_is_torchs_and_undoes_exactly(rows):
+    """Rows that are not a multiple of 16 (an LM head's vocabulary) are padded with code-0 rows for the kernel."""
     codes = torch.randint(-8, 8, (rows, 256), dtype=torch.int8)
     plain = packing.pack(codes, 4)
     prepared = qk.int4_prepare(plain)
-    assert torch.equal(prepared, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int() + 8, 1))
-    assert torch.equal(qk.int4_plain(prepared), plain)
+    padded = torch.cat([codes, codes.new_zeros(qk.int4_rows(rows) - rows, 256)])
+    assert torch.equal(prepared, torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded.int() + 8, 1))
+    assert torch.equal(qk.int4_plain(prepared, rows), plain)
 
 
 def _quantized_linear(out: int, inputs: int, spec: QuantSpec, dtype: torch.dtype) -> QuantizedLinear:
@@ -278,11 +280,12 @@ def _quantized_linear(out: int, inputs: int, spec: QuantSpec, dtype: torch.dtype
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spec,kernel", [(QuantSpec(8), "int8"), (QuantSpec(4, 128), "int4"),
                                          (QuantSpec(4, 64), "int4"), (QuantSpec(3, 64), None)])
-def test_the_kernels_compute_the_dequantized_linear(dtype, spec, kernel):
+@pytest.mark.parametrize("out", [96, 1000])
+def test_the_kernels_compute_the_dequantized_linear(dtype, spec, kernel, out):
     """Each path against F.linear on the dequantized weight in float64: float32 to 1e-5; bfloat16 within its
     output rounding. float32 int4 in groups of 128 or less would hold its zeros beyond 5% of the file: the
-    layer then dequantizes instead."""
-    layer = _quantized_linear(96, 256, spec, dtype)
+    layer then dequantizes instead. 1000 rows: the int4 kernel's rows padded to 1008 (and dropped again)."""
+    layer = _quantized_linear(out, 256, spec, dtype)
     compact = CompactQuantizedLinear.from_tensors(layer.to_tensors(), layer.codec_params())
     fits = kernel != "int4" or dtype == torch.bfloat16 and spec.group_size == 128
     assert compact.kernel == (kernel if fits else None)

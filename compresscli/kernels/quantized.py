@@ -108,25 +108,42 @@ def int8_supported(cols: int) -> bool:
 
 
 def int4_supported(rows: int, cols: int, group: int) -> bool:
-    """Whether the int4 kernel can hold a (rows, cols) weight with `group` inputs per scale here."""
-    return int4_block() is not None and rows % 16 == 0 and group in INT4_GROUPS and cols % group == 0
+    """Whether the int4 kernel can hold a (rows, cols) weight with `group` inputs per scale here (any rows: they
+    are padded to a multiple of INT4_ROWS, see int4_rows)."""
+    return int4_block() is not None and rows > 0 and group in INT4_GROUPS and cols % group == 0
+
+
+INT4_ROWS = 16  # the kernel takes a multiple of 16 rows; others (an LM head of 30522) are padded with zero rows
+
+
+def int4_rows(rows: int) -> int:
+    """The rows the kernel holds for a weight of `rows`: padded up to a multiple of INT4_ROWS."""
+    return -(-rows // INT4_ROWS) * INT4_ROWS
 
 
 def int4_prepare(plain: torch.Tensor) -> torch.Tensor:
-    """The file's int4 rows (rows, cols / 2: low nibble = even column, nibble = code + 8) in the kernel's layout."""
+    """The file's int4 rows (rows, cols / 2: low nibble = even column, nibble = code + 8) in the kernel's layout,
+    padded with rows of code 0 (nibbles 8) to int4_rows(rows)."""
+    rows = plain.shape[0]
+    if int4_rows(rows) != rows:
+        plain = torch.cat([plain, plain.new_full((int4_rows(rows) - rows, plain.shape[1]), 0x88)])
     nibbles = torch.stack([plain & 15, plain >> 4], -1).view(plain.shape[0], -1)
     return _to_blocks(nibbles, int4_block())
 
 
-def int4_plain(prepared: torch.Tensor) -> torch.Tensor:
-    """Inverse of int4_prepare, exactly: the file's bytes back."""
-    nibbles = _from_blocks(prepared, int4_block())
+def int4_plain(prepared: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of int4_prepare, exactly: the file's bytes back (its `rows`, the padding dropped)."""
+    nibbles = _from_blocks(prepared, int4_block())[:rows]
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
 
 
 def int4_scales_and_zeros(scales: torch.Tensor) -> torch.Tensor:
-    """(rows, groups) symmetric scales -> the kernel's (groups, rows, 2) [scale, zero = 0]."""
+    """(rows, groups) symmetric scales -> the kernel's (groups, int4_rows(rows), 2) [scale, zero = 0] (the
+    padding rows' scales 0)."""
     s = scales.t()
+    pad = int4_rows(scales.shape[0]) - scales.shape[0]
+    if pad:
+        s = torch.cat([s, s.new_zeros(s.shape[0], pad)], 1)
     return torch.stack([s, torch.zeros_like(s)], -1).contiguous()
 
 
@@ -144,9 +161,11 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: to
 
 
 def int4_mm(x: torch.Tensor, prepared: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """x (N, K) @ W^T (+ bias) for an int4 weight in the kernel's layout -> (N, rows)."""
+            bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """x (N, K) @ W^T (+ bias) for an int4 weight of `rows` rows in the kernel's layout -> (N, rows)."""
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), prepared, group, scales_and_zeros)
+    if y.shape[1] != rows:  # the padding rows' outputs (zeros) dropped
+        y = y[:, :rows] if bias is not None else y[:, :rows].contiguous()
     return y if bias is None else y + bias
 
 

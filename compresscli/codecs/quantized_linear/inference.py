@@ -23,9 +23,15 @@ def int4_kernel_fits(params: dict[str, Any], scale_bytes: int) -> bool:
     group = spec["group_size"] or cols
     if spec["bits"] != 4 or not spec["symmetric"] or not qk.int4_supported(rows, cols, group):
         return False
-    zero_bytes = rows * (cols // group) * scale_bytes
-    file_bytes = rows * cols // 2 + zero_bytes + (rows * scale_bytes if params["bias"] else 0)
-    return zero_bytes <= KERNEL_OVERHEAD * file_bytes
+    file_bytes = rows * cols // 2 + rows * (cols // group) * scale_bytes + (rows * scale_bytes if params["bias"] else 0)
+    return int4_extra_bytes(rows, cols, group, scale_bytes) <= KERNEL_OVERHEAD * file_bytes
+
+
+def int4_extra_bytes(rows: int, cols: int, group: int, scale_bytes: int) -> int:
+    """What the int4 kernel's layout holds beyond the file: a zero point beside every scale, and the padding
+    rows (codes, scale and zero) up to a multiple of 16 rows."""
+    held = qk.int4_rows(rows)
+    return (held - rows) * cols // 2 + (cols // group) * scale_bytes * (2 * held - rows)
 
 
 @register_inference_form
@@ -53,7 +59,8 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
             self.kernel = "int4"
             self.values.codes = qk.int4_prepare(self.values.codes)
             self.scales_and_zeros = qk.int4_scales_and_zeros(self.values.scales)
-            self.values.scales = self.scales_and_zeros[..., 0].t()  # a view: the scales are held once
+            # a view: the scales are held once (the padding rows' left out)
+            self.values.scales = self.scales_and_zeros[..., 0].t()[:self.out_features]
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], params: dict[str, Any],
@@ -65,11 +72,11 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
         scale_bytes = torch.empty(0, dtype=getattr(torch, params["dtype"])).element_size()
         if not int4_kernel_fits(params, scale_bytes):
             return 0
-        return params["out_features"] * (params["in_features"] // (params["quant"]["group_size"] or
-                                                                  params["in_features"])) * scale_bytes
+        cols = params["in_features"]
+        return int4_extra_bytes(params["out_features"], cols, params["quant"]["group_size"] or cols, scale_bytes)
 
     def _plain_codes(self) -> torch.Tensor:
-        return qk.int4_plain(self.values.codes) if self.kernel == "int4" else self.values.codes
+        return qk.int4_plain(self.values.codes, self.out_features) if self.kernel == "int4" else self.values.codes
 
     def _weight_tensors(self) -> dict[str, torch.Tensor]:
         stored = {"weight.codes": self._plain_codes(), "weight.scales": self.values.scales.contiguous()}
@@ -100,7 +107,7 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
                 y = qk.int8_mm(x2d, self.values.codes, scales.reshape(-1).to(x.dtype), bias)
             else:
                 y = qk.int4_mm(x2d, self.values.codes, self.spec.group(self.in_features),
-                               self.scales_and_zeros.to(x.dtype), bias)
+                               self.scales_and_zeros.to(x.dtype), bias, self.out_features)
             path = self.kernel
         else:
             y, path = qk.dequantized_mm(x2d, self.dense_weight(), bias), "dequantize"
