@@ -7,7 +7,8 @@ stored as integer codes (torch_kernels.md in the research notes has their exact 
          and 32-byte aligned rows, or it reads past the row (wrong results) or faults (found probing it: K = 24
          gave 1e33, odd K crashed the process); its float32 / float16 path is plain C++ loops.
   int4   aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros): y = sum_k x[m, k] *
-         ((nibble - 8) * scale + zero) per group of 32, 64, 128 or 256 inputs; rows a multiple of 16 (others padded at load: int4_rows).
+         ((nibble - 8) * scale + zero) per group of 32, 64, 128 or 256 inputs; rows a multiple of 16 (other
+         row counts are padded at load: int4_rows).
          Symmetric int4 is expressed exactly (nibble = code + 8, zero = 0).
 
 Both dequantize in float32 registers and round only the output, so in bfloat16 they are closer to the exact
