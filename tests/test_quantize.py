@@ -163,3 +163,24 @@ def test_quantize_names_what_it_cannot_do(tiny_text_dirs, tmp_path):
         compress_(model, QuantizeConfig(solver="rtn"), lambda module, name: name in ("0", "1"))
     with pytest.raises(StageError, match="needs calibration data"):
         compress_(nn.Sequential(nn.Linear(4, 4)), QuantizeConfig(), lambda module, name: name == "0")
+
+
+def test_an_rps_layer_with_a_quantized_memory_dequantizes_it_once_per_call(tiny_text_dirs, tmp_path, monkeypatch):
+    """The PyTorch path computes a large weight in slices; a quantized memory is dequantized once for the call,
+    not once per slice (each slice would otherwise pay the whole memory's dequantization)."""
+    from compresscli.codecs.quant.values import QuantizedValues
+    from compresscli.codecs.rps import inference
+
+    _run(tiny_text_dirs["llama"], tmp_path / "out", "stages:\n" + _stage("rps", "{compression: 4}")
+         + _stage("quantize", "{bits: 8, group_size: null, solver: rtn}"))
+    layer = next(m for m in compressed_layers(compresscli.load(tmp_path / "out")).values()
+                 if isinstance(m, inference.CompactRPSLinear))
+    calls = []
+    dequantize = QuantizedValues.dequantize
+    monkeypatch.setattr(QuantizedValues, "dequantize", lambda self, *a, **k: calls.append(1) or dequantize(self, *a, **k))
+    monkeypatch.setattr(inference, "ROW_CHUNK", 2 * layer.in_features)  # slices of 2 rows
+    x = torch.randn(3, layer.in_features, requires_grad=True)  # gradients: the compiled kernels decline
+    y = layer(x)
+    assert layer.last_path == "rps" and len(calls) == 1
+    calls.clear()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.dense_weight(), layer.bias))

@@ -52,9 +52,10 @@ class _CompactShared(_SharedWeightCodec):
             return self.memory.tensors(self.memory_name)
         return super().shared_tensors()
 
-    def weight_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the weight, (stop - start, *weight_shape[1:]), computed now."""
-        memory, shape = self._memory_values(), self.weight_shape
+    def weight_rows(self, start: int, stop: int, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the weight, (stop - start, *weight_shape[1:]), computed now from `memory` (the
+        memory's float values: pass them when computing many slices, so a quantized memory is dequantized once)."""
+        memory, shape = self._memory_values() if memory is None else memory, self.weight_shape
         if memory.device.type == "cpu" and memory.dtype in cpu.DTYPES and cpu.available():
             rows = cpu.rps_weight(memory, self._spec, float(self.weight_scale), start, stop, math.prod(shape[1:]))
             return rows.view(stop - start, *shape[1:])
@@ -94,8 +95,8 @@ class CompactRPSLinear(_LinearLayout, _CompactShared):
         if self.cached_weight is not None:
             self.__dict__["last_path"] = "cached"
             return F.linear(x, self.cached_weight, self.bias)  # (..., in) -> (..., out)
-        lead = x.shape[:-1]
-        done = dispatch.rps_mm(x.reshape(-1, self.in_features), self._memory_values(), self._spec,
+        lead, memory = x.shape[:-1], self._memory_values()
+        done = dispatch.rps_mm(x.reshape(-1, self.in_features), memory, self._spec,
                                float(self.weight_scale), self.bias, self.out_features, self.in_features)
         if done is not None:  # the compiled kernels, by their measured thresholds
             self.__dict__["last_path"] = done[1]
@@ -103,8 +104,8 @@ class CompactRPSLinear(_LinearLayout, _CompactShared):
         self.__dict__["last_path"] = "rps"
         step = max(1, ROW_CHUNK // self.in_features)
         if step >= self.out_features:
-            return F.linear(x, self.dense_weight(), self.bias)
-        parts = [F.linear(x, self.weight_rows(r, min(r + step, self.out_features)),
+            return F.linear(x, self.weight_rows(0, self.out_features, memory), self.bias)
+        parts = [F.linear(x, self.weight_rows(r, min(r + step, self.out_features), memory),
                           None if self.bias is None else self.bias[r:r + step])
                  for r in range(0, self.out_features, step)]
         return torch.cat(parts, dim=-1)
