@@ -1,6 +1,10 @@
-"""Every Triton kernel against the PyTorch reference, in float32 and bfloat16, on one device: run on the CPU
-under TRITON_INTERPRET=1 by tests/test_cuda_kernels.py (a fresh interpreter: the variable is read when
-triton is imported), and on a real GPU by the gpu-marked test there and by benchmarks/gpu_check.py."""
+"""Every Triton kernel against the PyTorch reference, in float32 and bfloat16 (and float16 for the quantized
+kernels), on one device: run on the CPU under TRITON_INTERPRET=1 by tests/test_cuda_kernels.py (a fresh
+interpreter per part: the variable is read when triton is imported), and on a real GPU by the gpu-marked test
+there and by benchmarks/gpu_check.py.
+
+    python tests/triton_check.py DEVICE [sparse | quantized:BITS | quantized:layers]   # prints "ok N"
+"""
 from __future__ import annotations
 
 import sys
@@ -82,7 +86,7 @@ def check_quantized(device: str, bits: int) -> int:
     checked = 0
     g = torch.Generator().manual_seed(bits)
     for symmetric in (True, False):
-        for group_size in (None, 16, 24):
+        for group_size in (None, 24):  # 24: a short last group at every width below
             for rows, cols, n in QUANT_SHAPES:
                 spec = QuantSpec(bits, group_size, symmetric)
                 codes, scales, zeros = grid.rtn(torch.randn(rows, cols, generator=g) / cols ** 0.5, spec,
@@ -107,11 +111,41 @@ def check_quantized(device: str, bits: int) -> int:
     return checked
 
 
+def check_quantized_layers(device: str) -> int:
+    """Every quantized_linear sample layer (conftest's, the int4 CPU kernel's padded rows included): both
+    kernels on what its file holds give what the layer computes on the CPU, in float32 and bfloat16."""
+    from conftest import codec_samples
+
+    from compresscli.codecs.forms import to_inference_
+
+    checked = 0
+    for sample in codec_samples("quantized_linear"):
+        for dtype in DTYPES:
+            layer = to_inference_(torch.nn.Sequential(sample.make()[0]))[0].to(dtype)
+            x = sample.input(dtype)
+            with torch.no_grad():
+                expected = layer(x).float()
+            held = {k: v.to(device) for k, v in layer.to_tensors().items()}
+            for tiled in (False, True) if dtype == torch.float32 or device != "cpu" else (False,):
+                y = triton_quantized.quantized_mm(x.to(device), held["weight.codes"], held["weight.scales"],
+                                                  held.get("weight.zeros"), layer.spec.bits,
+                                                  layer.spec.group(layer.in_features), held.get("bias"), tiled)
+                _close(y, expected, dtype, f"{layer!r} {dtype} tiled={tiled}")
+                checked += 1
+    return checked
+
+
 def main(device: str, only: str | None = None) -> int:
-    """Every check (`only` = "quantized:BITS": that one)."""
+    """Every check, or `only` one part: "sparse" (row-sparse and condensed), "quantized:BITS" or
+    "quantized:layers"."""
+    if only == "sparse":
+        return check_row_sparse(device) + check_condensed(device)
+    if only == "quantized:layers":
+        return check_quantized_layers(device)
     if only:
         return check_quantized(device, int(only.split(":")[1]))
-    return check_row_sparse(device) + check_condensed(device)
+    return sum(main(device, part) for part in ("sparse", "quantized:8", "quantized:4", "quantized:3", "quantized:2",
+                                               "quantized:layers"))
 
 
 if __name__ == "__main__":

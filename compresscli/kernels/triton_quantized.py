@@ -108,7 +108,7 @@ def quantized_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     scales = scales.contiguous()
     args = (x, codes, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y, n,
             rows, cols, codes.stride(0), scales.shape[1], group, x.stride(0), y.stride(0))
-    flags = dict(BITS=bits, ASYMMETRIC=zeros is not None, HAS_BIAS=bias is not None, num_warps=4)
+    flags = {"BITS": bits, "ASYMMETRIC": zeros is not None, "HAS_BIAS": bias is not None, "num_warps": 4}
     if tiled:
         block_n = min(64, max(16, _pow2(n)))
         block_r, block_k = 64, 32  # (BR, BK) + (BN, BK) tiles, dot on (BN, BK) x (BK, BR)
