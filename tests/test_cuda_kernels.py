@@ -128,6 +128,8 @@ def test_inference_forms_on_cuda_neither_sync_nor_build_indices_per_call(codec, 
             cuda.syncs, made = 0, cuda.count_made()
             for n in (1, 64):
                 holder(x[:1].expand(n, -1).contiguous())
+                if codec == "quantized_linear":  # the design table: the GEMV up to 16 rows, tiled above
+                    assert holder[0].last_path == ("triton_gemv" if n == 1 else "triton_tiled")
             assert cuda.syncs == 0, f"{codec}: {cuda.syncs} host syncs in two calls"
             assert not made.integer_tensors(larger_than=layer.out_features), f"{codec}: {made.integer_tensors()}"
     assert launched or codec.startswith("rps")
@@ -177,3 +179,6 @@ def test_inference_forms_on_the_gpu_compute_what_they_do_on_the_cpu_without_sync
                 torch.cuda.set_sync_debug_mode("default")
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         assert torch.allclose(got[-1].float().cpu(), expected, atol=tol, rtol=tol), codec
+        assert torch.allclose(got[1][:1].float().cpu(), expected[:1], atol=tol, rtol=tol), f"{codec}: 64 rows"
+        if codec == "quantized_linear":
+            assert holder[0].last_path.startswith("triton"), holder[0].last_path
