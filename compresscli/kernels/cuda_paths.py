@@ -18,11 +18,11 @@ that admits the call's input rows and density gives the path, and a layout's las
 `DESIGN_TABLE` is NOT measured (no GPU was lent when it was written): its rows are design points from the
 bytes each path reads. On bf16, a bitmask layer's GEMV reads 2 d + 1/8 bytes per weight against dense's 2,
 a CSR layer's 4 d (values + int16 indices), a condensed one's 4 d; these kernels use no tensor cores, so
-past a few input rows cuBLAS on a decoded weight should win whatever the density. A quantized layer's GEMV reads
-bits / 8 bytes per weight; past 16 input rows (where tl.dot's tiles fill) its tiled kernel takes over. `benchmarks/gpu_check.py`
-times every path at 4096 x 11008 for batch 1-256 on the lent GPU and writes `cuda_table.json` in this
-format with the crossovers it measured; $COMPRESSCLI_CUDA_TABLE pointing at such a file replaces this table
-(and the measured one, once committed, replaces `DESIGN_TABLE` here).
+past a few input rows cuBLAS on a decoded weight should win whatever the density. A quantized layer's
+GEMV reads bits / 8 bytes per weight; past 16 input rows (where tl.dot's tiles fill) its tiled kernel takes
+over. `benchmarks/gpu_check.py` times every path at 4096 x 11008 for batch 1-256 on the lent GPU and writes
+`cuda_table.json` in this format with the crossovers it measured; $COMPRESSCLI_CUDA_TABLE pointing at such a
+file replaces this table (and the measured one, once committed, replaces `DESIGN_TABLE` here).
 """
 from __future__ import annotations
 

@@ -252,4 +252,5 @@ def quantized_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     `dense` path forced): the layer then dequantizes its weight for the call."""
     if x.device.type != "cuda" or (torch.is_grad_enabled() and x.requires_grad) or not triton_available():
         return None
-    return cuda_paths.quantized_mm(x, codes, scales, zeros, bits, group, bias, _forced.get() or os.environ.get(PATH_ENV) or None)
+    forced = _forced.get() or os.environ.get(PATH_ENV) or None
+    return cuda_paths.quantized_mm(x, codes, scales, zeros, bits, group, bias, forced)
