@@ -11,7 +11,8 @@ sparsegpt-2-4, magnitude-50 with 100 finetune steps (bf16 autocast) and sparsegp
 sparsegpt-50 on the digits ViT, and magnitude-50 on the digits ViT under torchrun (`--nproc 1`, NCCL);
 (3) each output and its original loaded on CUDA (`compresscli.load(DIR, device="cuda")`): allocated GPU
 memory against the file's bytes, latency at 1, 64 and 2048 tokens against the original; (4) the Triton
-kernels against cuBLAS at 4096 x 11008 (bf16) for batch 1-256, and the dispatch table those timings give
+kernels (row-sparse, condensed, and quantized int8 per row / int4 g128 against their PyTorch dequantize +
+cuBLAS) against cuBLAS at 4096 x 11008 (bf16) for batch 1-256, and the dispatch table those timings give
 (`cuda_table.json`, kernels/cuda_paths.py's format). It writes gpu_check.md (the tables), gpu_check.json
 (every figure) and cuda_table.json into DIR. A part that fails is recorded and the next one runs.
 
@@ -285,8 +286,11 @@ def time_kernels(device: torch.device, shape: tuple[int, int], batches: tuple[in
     """Every path of every layout at `shape` (out, in), against cuBLAS on the dense weight: median ms."""
     import torch.nn.functional as F
 
+    from compresscli.codecs.quant import grid, packing
+    from compresscli.codecs.quant.grid import QuantSpec
+    from compresscli.codecs.quant.values import QuantizedValues
     from compresscli.codecs.sparse.matrix import CompactSparse
-    from compresscli.kernels import triton_kernels, triton_sparse
+    from compresscli.kernels import triton_kernels, triton_quantized, triton_sparse
 
     rows, cols = shape
     g = torch.Generator().manual_seed(0)
@@ -312,6 +316,15 @@ def time_kernels(device: torch.device, shape: tuple[int, int], batches: tuple[in
                  "triton_decode": lambda x, v=values, i=idx, k=k: F.linear(
                      x, triton_sparse.row_sparse_dense(v, i, None, rows, cols, k))}
         layouts[f"condensed {density:g}"] = ("condensed", density, paths)
+    for bits, group_size in ((8, None), (4, 128)):  # quantized dense weights: both kernels, and the PyTorch
+        spec = QuantSpec(bits, group_size and min(group_size, cols))  # dequantize + cuBLAS they replace
+        codes, scales, _ = grid.rtn(weight.float(), spec, dtype)
+        q = QuantizedValues(spec, packing.pack(codes, bits), scales, None, (rows, cols), cols).to(device)
+        paths = {path: lambda x, q=q, tiled=path == "triton_tiled": triton_quantized.quantized_mm(
+                     x, q.codes, q.scales, None, q.spec.bits, q.spec.group(cols), None, tiled)
+                 for path in ("triton_gemv", "triton_tiled")}
+        paths["dense"] = lambda x, q=q: F.linear(x, q.dequantize(x.dtype))
+        layouts[f"int{bits} {f'g{spec.group_size}' if group_size else 'per row'}"] = ("quantized", 1.0, paths)
     dense = weight.to(device)
     timings = []
     for n in batches:
@@ -366,7 +379,30 @@ def measured_table(timings: list[dict[str, Any]], device_name: str) -> dict[str,
                 if last_win is not None:
                     rows.append([last_win, density, path])
         table[layout] = sorted(rows, key=lambda r: (-r[1], r[0])) + [[None, 1.0, "triton_decode"]]
+    table["quantized"] = quantized_rows([t for t in timings if t["layout"] == "quantized"])
     return check_table(table, "measured")
+
+
+def quantized_rows(timings: list[dict[str, Any]]) -> list[list[Any]]:
+    """The quantized layout's rows: at each batch, the path (triton_gemv, triton_tiled or dense) with the least
+    time summed over the quantized structures measured, runs of one path merged, the last row open; the
+    design rows when none was measured."""
+    from compresscli.kernels.cuda_paths import DESIGN_TABLE
+
+    total: dict[tuple[int, str], float] = {}
+    for t in timings:
+        total[(t["batch"], t["path"])] = total.get((t["batch"], t["path"]), 0.0) + t["ms"]
+    rows: list[list[Any]] = []
+    for batch in sorted({b for b, _ in total}):
+        best = min((p for b, p in total if b == batch), key=lambda p: total[(batch, p)])
+        if rows and rows[-1][2] == best:
+            rows[-1][0] = batch
+        else:
+            rows.append([batch, 1.0, best])
+    if not rows:
+        return DESIGN_TABLE["quantized"]
+    rows[-1][0] = None
+    return rows
 
 
 # ----------------------------------------------------------------------------- report

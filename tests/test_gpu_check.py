@@ -44,6 +44,21 @@ def test_the_measured_table_keeps_each_kernel_up_to_where_it_stops_beating_decod
     cuda_paths.check_table(table, "test")
 
 
+def test_the_quantized_rows_take_the_fastest_path_at_each_batch():
+    timings = []
+    for batch in (1, 2, 4, 8, 16, 32):
+        for structure, scale in (("int8 per row", 1.0), ("int4 g128", 0.5)):
+            for path, ms in (("triton_gemv", 0.1 * batch + 0.05), ("triton_tiled", 0.8), ("dense", 1.0 + 0.01 * batch)):
+                timings.append({**_timing("quantized", 1.0, batch, path, ms * scale), "structure": structure})
+    gpu_check = _gpu_check()
+    assert gpu_check.quantized_rows(timings) == [[4, 1.0, "triton_gemv"], [None, 1.0, "triton_tiled"]]
+    dense_wins = [{**t, "ms": 0.01} if t["path"] == "dense" and t["batch"] == 32 else t for t in timings]
+    assert gpu_check.quantized_rows(dense_wins) == [[4, 1.0, "triton_gemv"], [16, 1.0, "triton_tiled"],
+                                                    [None, 1.0, "dense"]]
+    assert gpu_check.quantized_rows([]) == cuda_paths.DESIGN_TABLE["quantized"]
+    cuda_paths.check_table({**gpu_check.measured_table(timings, "a GPU")}, "test")
+
+
 @pytest.mark.slow
 def test_the_dry_run_exercises_every_part_on_the_cpu(tmp_path):
     models = ROOT / ".gpu-check"

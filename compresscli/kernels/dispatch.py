@@ -1,5 +1,6 @@
 """Which product runs, for a device, a dtype, a batch and a layer shape: condensed layers (below), the
-row-sparse inference forms (`sparse_mm`) and RPS layers (`rps_mm`).
+row-sparse inference forms (`sparse_mm`), RPS layers (`rps_mm`) and quantized dense layers on CUDA
+(`quantized_mm`).
 
 Paths (all compute y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] + bias[r]):
   dense         decode the dense weight in PyTorch, then F.linear. Differentiable: what training runs, and
@@ -240,3 +241,16 @@ def rps_mm(x: torch.Tensor, memory: torch.Tensor, spec: torch.Tensor, scale: flo
         return cpu.rps_mm(x, memory, spec, scale, bias, rows), path
     decode = lambda r0, r1, out: cpu.rps_weight(memory, spec, scale, r0, r1, columns, out)  # noqa: E731
     return decoded_mm(x, decode, rows, columns, bias, memory.dtype), path
+
+
+# ----------------------------------------------------------------------------- quantized dense layers
+
+def quantized_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                 group: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, str] | None:
+    """y (N, rows) for a quantized dense weight held as the file holds it, by the Triton kernels on CUDA
+    (cuda_paths.py's "quantized" table); None where they cannot run (another device, gradients, no Triton, the
+    `dense` path forced): the layer then dequantizes its weight for the call."""
+    if x.device.type != "cuda" or (torch.is_grad_enabled() and x.requires_grad) or not triton_available():
+        return None
+    forced = _forced.get() or os.environ.get(PATH_ENV) or None
+    return cuda_paths.quantized_mm(x, codes, scales, zeros, bits, group, bias, forced)

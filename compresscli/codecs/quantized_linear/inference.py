@@ -1,6 +1,8 @@
 """The inference form of a quantized Linear: the codes and scales as the file holds them, run by torch's
 weight-only CPU kernels where one applies (kernels/quantized.py: symmetric int8 per row; symmetric int4 in
-groups of 32-256, its layout prepared here, once, from the file's bytes), else dequantized for each call."""
+groups of 32-256, its layout prepared here, once, from the file's bytes), on CUDA by the Triton
+dequantize-in-kernel product on the file's layout (kernels/triton_quantized.py), else dequantized for each
+call."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,6 +13,7 @@ from torch import nn
 from compresscli.codecs.base import register_inference_form
 from compresscli.codecs.quant.values import QuantizedValues
 from compresscli.codecs.quantized_linear.codec import _QuantizedLinearCodec
+from compresscli.kernels import dispatch
 from compresscli.kernels import quantized as qk
 
 KERNEL_OVERHEAD = 0.05  # the int4 kernel's zero points may add at most this fraction of the layer's file bytes
@@ -75,6 +78,17 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
         cols = params["in_features"]
         return int4_extra_bytes(params["out_features"], cols, params["quant"]["group_size"] or cols, scale_bytes)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """After a move (`.to`, `.cuda`): off the CPU, the int4 codes go back to the file's layout, which the
+        Triton kernel reads (the reordered one is torch's CPU kernel's); moved back, they stay so (dequantized
+        per call there)."""
+        super()._apply(fn, recurse)
+        if self.kernel == "int4" and self.values.codes.device.type != "cpu":
+            self.values.codes = self._plain_codes()
+            self.values.scales = self.values.scales.contiguous()
+            self.scales_and_zeros, self.kernel = None, None
+        return self
+
     def _plain_codes(self) -> torch.Tensor:
         return qk.int4_plain(self.values.codes, self.out_features) if self.kernel == "int4" else self.values.codes
 
@@ -101,7 +115,11 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (N, in)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.kernel is not None and qk.use_kernel(self.spec.bits, x2d, torch.is_grad_enabled() and x.requires_grad):
+        on_cuda = x2d.is_cuda and dispatch.quantized_mm(x2d, self.values.codes, self.values.scales, self.values.zeros,
+                                                        self.spec.bits, self.spec.group(self.in_features), bias)
+        if on_cuda:
+            y, path = on_cuda
+        elif self.kernel is not None and qk.use_kernel(self.spec.bits, x2d, torch.is_grad_enabled() and x.requires_grad):
             scales = self.values.scales
             if self.kernel == "int8":
                 y = qk.int8_mm(x2d, self.values.codes, scales.reshape(-1).to(x.dtype), bias)
