@@ -84,13 +84,27 @@ def test_a_measured_table_replaces_the_design_points(tmp_path, monkeypatch):
 LINEAR_FORMS = [c for c in sorted(INFERENCE_FORMS.names()) if c.endswith("_linear")]
 
 
+def _dequantized_per_call(codec: str, holder: torch.nn.Module) -> bool:
+    """Whether this layer's values are quantized inside a structure CUDA has no fused kernel for."""
+    return codec.startswith(("sparse", "condensed", "fips")) and any(isinstance(m, QuantizedValues)
+                                                                     for m in holder.modules())
+
+
+def _xfail_if_any_dequantized_per_call(dequantized: list[bool]) -> None:
+    """Called after the other samples were checked: the quantized ones are the known gap."""
+    if any(dequantized):
+        pytest.xfail("quantized sparse / condensed / FiPS values are dequantized per call in PyTorch on CUDA "
+                     "(unpacking temporaries, per-value row/group indices); only quantized dense layers have "
+                     "the Triton dequantize-in-kernel product (RPS caches its weight)")
+
+
 @pytest.mark.parametrize("codec", LINEAR_FORMS)
 def test_inference_forms_on_cuda_neither_sync_nor_build_indices_per_call(codec, monkeypatch):
     """The kernels are replaced by stand-ins that only shape their output (the interpreter test checks
     their arithmetic): what is checked is everything around them."""
     from compresscli.kernels import triton_kernels, triton_quantized, triton_sparse
 
-    launched = []
+    launched, skipped = [], []
 
     def gemv(x, values, cols, row_ptr, bias, rows, columns, k_fixed=0):
         launched.append("gemv")
@@ -116,11 +130,9 @@ def test_inference_forms_on_cuda_neither_sync_nor_build_indices_per_call(codec, 
     for sample in codec_samples(codec):
         layer, _ = sample.make()
         holder = to_inference_(torch.nn.Sequential(layer))
-        if codec.startswith(("sparse", "condensed", "fips")) and any(isinstance(m, QuantizedValues)
-                                                                      for m in holder.modules()):
-            pytest.xfail("quantized sparse / condensed / FiPS values are dequantized per call in PyTorch on CUDA "
-                         "(unpacking temporaries, per-value row/group indices); only quantized dense layers have "
-                         "the Triton dequantize-in-kernel product (RPS caches its weight)")
+        skipped.append(_dequantized_per_call(codec, holder))
+        if skipped[-1]:
+            continue
         with SimulatedCuda() as cuda, torch.no_grad():
             holder.to("cuda")
             x = sample.input().to("cuda")
@@ -132,7 +144,8 @@ def test_inference_forms_on_cuda_neither_sync_nor_build_indices_per_call(codec, 
                     assert holder[0].last_path == ("triton_gemv" if n == 1 else "triton_tiled")
             assert cuda.syncs == 0, f"{codec}: {cuda.syncs} host syncs in two calls"
             assert not made.integer_tensors(larger_than=layer.out_features), f"{codec}: {made.integer_tensors()}"
-    assert launched or codec.startswith("rps")
+    assert launched or codec.startswith("rps") or all(skipped)
+    _xfail_if_any_dequantized_per_call(skipped)
 
 
 def test_a_quantized_layer_moved_to_cuda_holds_the_files_layout_for_the_triton_kernel():
@@ -164,10 +177,14 @@ def test_a_quantized_layer_moved_to_cuda_holds_the_files_layout_for_the_triton_k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("codec", LINEAR_FORMS)
 def test_inference_forms_on_the_gpu_compute_what_they_do_on_the_cpu_without_syncing(codec, dtype):
+    skipped = []
     for sample in codec_samples(codec):
         layer, _ = sample.make()
         holder = to_inference_(torch.nn.Sequential(layer)).to(dtype)
         x = sample.input(dtype)
+        skipped.append(_dequantized_per_call(codec, holder))
+        if skipped[-1]:
+            continue
         with torch.no_grad():
             expected = holder(x).float()
             holder.cuda()
@@ -182,3 +199,4 @@ def test_inference_forms_on_the_gpu_compute_what_they_do_on_the_cpu_without_sync
         assert torch.allclose(got[1][:1].float().cpu(), expected[:1], atol=tol, rtol=tol), f"{codec}: 64 rows"
         if codec == "quantized_linear":
             assert holder[0].last_path.startswith("triton"), holder[0].last_path
+    _xfail_if_any_dequantized_per_call(skipped)
