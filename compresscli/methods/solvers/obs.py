@@ -136,10 +136,10 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, spec: MaskSpec, keep:
                 q = grid.round(i1 + i, q, W1[:, i:], mask1[:, i:])
             Q1[:, i] = q
             err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # in place: a (rows, count) temporary per column faulted in
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         pruned_mask[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
     keep_mask = ~pruned_mask
     return W * keep_mask, keep_mask
