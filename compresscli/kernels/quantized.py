@@ -18,8 +18,11 @@ row j with row j + block / 2); it is prepared once at load from the file's plain
 reordered) and undone exactly when the tensors are written again. The layout is checked against torch's own
 conversion on first use; where it differs (another ISA, another torch), the int4 kernel is not used.
 
-Where no kernel applies (int3 / int2, other group sizes, asymmetric grids, many input rows) the caller
-dequantizes the weight for the call and runs F.linear (`dequantized_mm`).
+At many input rows (a prompt's prefill), where the GEMM is compute-bound, symmetric int8 (any group) and the
+int4 kernel's layout are decoded by compiled code (kernels/cpu_source.py) into a reused tile in the input's
+dtype and multiplied by torch's GEMM (kernels/decoded.py): `decoded_int8_mm`, `decoded_int4_mm`. Where
+neither applies (int3 / int2, asymmetric grids, other int4 layouts, no compiler) the caller dequantizes the
+weight for the call in PyTorch and runs F.linear (`dequantized_mm`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from compresscli.kernels import cpu
+from compresscli.kernels.decoded import decoded_mm
 
 INT4_GROUPS = (32, 64, 128, 256)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -173,3 +179,28 @@ def int4_mm(x: torch.Tensor, prepared: torch.Tensor, group: int, scales_and_zero
 def dequantized_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The fallback: the weight dequantized for this call (never kept), then the dense GEMM."""
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def use_decoder(x: torch.Tensor, scales: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether the compiled decoder can run this product (a CPU input and scales in its dtypes, no autograd)."""
+    return (not needs_grad and x.device.type == "cpu" and x.dtype in cpu.DTYPES and scales.dtype in cpu.DTYPES
+            and cpu.available())
+
+
+def decoded_int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, K) @ W^T (+ bias) for symmetric int8 codes (rows, K) with scales (rows, ceil(K / group)), W decoded
+    into x's dtype a tile of rows at a time (the same values as dequantizing it whole) for torch's GEMM."""
+    rows, columns = codes.shape
+    scales = scales.contiguous()
+    decode = lambda r0, r1, out: cpu.int8_rows(codes, scales, group, r0, r1, out)  # noqa: E731
+    return decoded_mm(x.contiguous(), decode, rows, columns, bias, x.dtype)
+
+
+def decoded_int4_mm(x: torch.Tensor, prepared: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
+                    bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """x (N, K) @ W^T (+ bias) for an int4 weight of `rows` rows held in the kernel's layout (int4_prepare), W
+    decoded transposed (each block's rows contiguous at every input) into x's dtype for torch's GEMM."""
+    decode = lambda r0, r1, out: cpu.int4_block_rows_t(prepared, scales_and_zeros, group, int4_block(), r0, r1,  # noqa: E731
+                                                       out)
+    return decoded_mm(x.contiguous(), decode, rows, 2 * prepared.shape[1], bias, x.dtype, transposed=True)
