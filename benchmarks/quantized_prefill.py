@@ -7,8 +7,8 @@
                path adds during a call, each in a fresh process (what it allocates beyond the layer).
     crossover  5632x2048 at 1, 2, 4, ... 512 input rows: torch's kernel (int8 / int4) against the decoded path;
                the limit is the largest row count up to which the kernel won at every count (KERNEL_MAX_ROWS in
-               compresscli/kernels/quantized.py). Calls run round robin over copies exceeding 1 GB, as a model's
-               layers do (no cache reuse between calls).
+               compresscli/kernels/quantized.py). Up to 16 rows calls run round robin over copies exceeding 1 GB,
+               as a model's layers do (no cache reuse between calls); past it (compute-bound) over two copies.
 
     flock /tmp/timing.lock python benchmarks/quantized_prefill.py layers
     flock /tmp/timing.lock python benchmarks/quantized_prefill.py crossover --dtypes bfloat16
@@ -137,12 +137,12 @@ def measure_crossover(dtype: str, repeats: int, cache_bytes: float) -> list[dict
         for n in ROWS:
             x = torch.randn(n, inputs).to(weight.dtype)
             ms = {}
-            for path in ("kernel", "new"):
-                runs = [p[path] for p in per_copy]
+            for path in ("kernel", "new"):  # past 16 rows compute-bound: two copies, fewer sweeps
+                runs = [p[path] for p in (per_copy if n <= 16 else per_copy[:2])]
                 with torch.no_grad():
                     runs[0](x)
                     sweeps = []
-                    for _ in range(repeats):
+                    for _ in range(repeats if n <= 16 else max(3, repeats // 2)):
                         start = time.perf_counter()
                         for run in runs:
                             run(x)
@@ -181,7 +181,7 @@ def write_report(entries: list[dict]) -> None:
                      f"{e['path']} |")
     lines += ["", "## Kernel vs decoded, by input rows (the KERNEL_MAX_ROWS crossover)", "",
               "`flock /tmp/timing.lock python benchmarks/quantized_prefill.py crossover --dtypes DTYPE` -- ms per "
-              "call, round robin over copies exceeding 1 GB.", ""]
+              "call, round robin over copies exceeding 1 GB up to 16 rows, over two copies past it.", ""]
     for e in sorted((e for e in entries if e["kind"] == "crossover"), key=_key):
         lines += [f"### {e['form']} {e['dtype']} {e['shape'][0]}x{e['shape'][1]}: kernel up to "
                   f"{e['kernel_max_rows']} rows", "", "| rows | kernel ms | decoded ms |", "|---|---|---|"]

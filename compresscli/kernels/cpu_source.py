@@ -1146,6 +1146,13 @@ inline void q_store16(__mmask16 m, typename O::T* p, __m512 v) {
     Vec<S>::store_n(0xffff, t, v);
     v = Vec<S>::load_n(0xffff, t);
   }
+#if defined(CCLI_BF16_DOT)
+  if constexpr (std::is_same<O, BF16>::value) {  // vcvtneps2bf16: the same rounding in one instruction (it flushes
+    // float32 subnormals, |v| < 1.2e-38, to zero: no code times a stored scale is one)
+    _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    return;
+  }
+#endif
   Vec<O>::store_n(m, p, v);
 }
 #endif
