@@ -36,12 +36,20 @@ from compresscli.kernels.decoded import decoded_mm
 
 INT4_GROUPS = (32, 64, 128, 256)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The kernels run while the input has at most this many rows (above, dequantizing for the call and running
-# the dense GEMM wins), by (bits, dtype). From the research probe's timings (torch_kernels.md: MiniLM's MLP
-# shapes and Llama's, 2 threads, Sapphire Rapids): the float32 int8 kernel is plain C++ loops, ~0.19 ms per
-# input row of a 1536x384 weight, so dequantizing (~0.2-0.6 ms whatever the rows) wins from 2-3 rows on.
-KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 64, (8, torch.float16): 64,
-                   (4, torch.float32): 4, (4, torch.bfloat16): 64, (4, torch.float16): 64}
+# The kernels run while the input has at most this many rows (above, decoding the weight for the call and
+# running the dense GEMM wins: decoded_int8_mm / decoded_int4_mm, or dequantized_mm where no decoder reads the
+# layout), by (bits, dtype). bfloat16: measured against the compiled decoded path on a 5632x2048 layer, 2
+# threads, Sapphire Rapids, calls round robin over copies exceeding 1 GB up to 16 rows
+# (`flock /tmp/timing.lock python benchmarks/quantized_prefill.py crossover --dtypes bfloat16`,
+# benchmarks/results/quantized_prefill.md), ms per call, kernel / decoded:
+#   rows          1           4           8           16          32          64          512
+#   int8 bf16     1.01 / 2.19 1.37 / 2.09 2.39 / 2.21 3.80 / 2.22 5.47 / 2.17 9.31 / 3.00 74.6 / 7.5
+#   int4 bf16     0.51 / 2.79 0.69 / 2.87 1.22 / 2.95 2.34 / 2.68 4.33 / 2.79 8.59 / 3.49 69.6 / 7.5
+# float32 (from the research probe, torch_kernels.md, against dequantize + F.linear): the float32 int8 kernel
+# is plain C++ loops, ~0.19 ms per input row of a 1536x384 weight, so dequantizing wins from 2-3 rows on.
+# float16: not re-measured against the decoded path (the previous limit kept).
+KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 4, (8, torch.float16): 64,
+                   (4, torch.float32): 4, (4, torch.bfloat16): 16, (4, torch.float16): 64}
 
 
 def _ops_available(name: str) -> bool:
