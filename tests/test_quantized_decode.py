@@ -153,3 +153,15 @@ def test_samples_agree_with_their_training_form_at_many_rows():
             expected = F.linear(x.double(), layer.dense_weight().double(), layer.bias.double())
             y = compact(x)
         assert (y.double() - expected).norm() / expected.norm() < 1e-5, (sample, compact.last_path)
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec,kernel", [(QuantSpec(8), "int8"), (QuantSpec(4, 128), "int4")], ids=["int8", "int4"])
+def test_the_kernel_runs_up_to_its_measured_row_limit(spec, kernel):
+    """bfloat16: torch's kernel up to KERNEL_MAX_ROWS (measured against the decoded path), decode + GEMM past it."""
+    layer = _compact(1000, 256, spec, torch.bfloat16)
+    limit = qk.KERNEL_MAX_ROWS[spec.bits, torch.bfloat16]
+    for n, path in ((1, kernel), (limit, kernel), (limit + 1, "decoded"), (512, "decoded")):
+        with torch.no_grad():
+            layer(torch.randn(n, 256).bfloat16())
+        assert layer.last_path == path, n
