@@ -45,10 +45,12 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #   rows          1           4           8           16          32          64          512
 #   int8 bf16     1.01 / 2.19 1.37 / 2.09 2.39 / 2.21 3.80 / 2.22 5.47 / 2.17 9.31 / 3.00 74.6 / 7.5
 #   int4 bf16     0.51 / 2.79 0.69 / 2.87 1.22 / 2.95 2.34 / 2.68 4.33 / 2.79 8.59 / 3.49 69.6 / 7.5
-# float32 (from the research probe, torch_kernels.md, against dequantize + F.linear): the float32 int8 kernel
-# is plain C++ loops, ~0.19 ms per input row of a 1536x384 weight, so dequantizing wins from 2-3 rows on.
-# float16: not re-measured against the decoded path (the previous limit kept).
-KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 4, (8, torch.float16): 64,
+#   int8 fp16     8.62 / 1.62 32.9 / 2.24 65.7 / 2.73 129 / 3.26  270 / 4.54  555 / 6.41  4129 / 37.0
+# (`... crossover --dtypes float16 --repeats 5`: torch's float16 int8 kernel is plain C++ loops, so it never
+# runs). float32 (from the research probe, torch_kernels.md, against dequantize + F.linear): the float32 int8
+# kernel is plain C++ loops too, ~0.19 ms per input row of a 1536x384 weight, so dequantizing wins from 2-3
+# rows on. float16 int4: not re-measured against the decoded path (the previous limit kept).
+KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 4, (8, torch.float16): 0,
                    (4, torch.float32): 4, (4, torch.bfloat16): 16, (4, torch.float16): 64}
 
 
