@@ -228,3 +228,43 @@ def rps_mm(x: torch.Tensor, memory: torch.Tensor, spec: torch.Tensor, scale: flo
     if status != 0:
         raise RuntimeError(f"RPS CPU kernel rejected dtype {x.dtype} or its hash parameters {spec}")
     return y
+
+
+@lru_cache(maxsize=1)
+def _quantized_decoders() -> ctypes.CDLL:
+    """The library with the quantized-rows decoders' signatures set (kept apart from `library()`'s table)."""
+    lib = library()
+    ptr, i64, int_ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.q8_rows_decode.argtypes = [int_, int_, ptr, ptr, i64, i64, ptr, i64, i64, int_]
+    lib.q4_blocks_decode_t.argtypes = [int_, int_, ptr, ptr, i64, i64, i64, i64, ptr, i64, i64, int_]
+    lib.q8_rows_decode.restype = lib.q4_blocks_decode_t.restype = int_
+    return lib
+
+
+def int8_rows(codes: torch.Tensor, scales: torch.Tensor, group: int, row0: int, row1: int,
+              out: torch.Tensor) -> torch.Tensor:
+    """Rows [row0, row1) of an int8 weight (codes (R, C) int8, scales (R, ceil(C / group)), both contiguous)
+    dequantized into `out` ((row1 - row0, C) contiguous, in DTYPES) exactly as QuantizedValues.dequantize
+    rounds them (through the scales' dtype)."""
+    status = _quantized_decoders().q8_rows_decode(DTYPES[scales.dtype], DTYPES[out.dtype], codes.data_ptr(),
+                                                  scales.data_ptr(), codes.shape[1], group, out.data_ptr(), row0, row1,
+                                                  threads_for((row1 - row0) * codes.shape[1]))
+    if status != 0:
+        raise RuntimeError(f"int8 decoder rejected scales {scales.dtype}, output {out.dtype} or group {group}")
+    return out
+
+
+def int4_block_rows_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, block: int, row0: int,
+                      row1: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows [row0, row1) of an int4 weight in torch's int4 kernel layout (kernels/quantized.py: `packed`
+    (held, C / 2) in blocks of `block` rows, `scales_and_zeros` (C / group, held, 2), zeros 0) dequantized
+    TRANSPOSED into `out` ((C, row1 - row0) contiguous, in DTYPES), rounded as QuantizedValues.dequantize does."""
+    held, columns = packed.shape[0], 2 * packed.shape[1]
+    status = _quantized_decoders().q4_blocks_decode_t(DTYPES[scales_and_zeros.dtype], DTYPES[out.dtype],
+                                                      packed.data_ptr(), scales_and_zeros.data_ptr(), held, columns,
+                                                      group, block, out.data_ptr(), row0, row1,
+                                                      threads_for((row1 - row0) * columns))
+    if status != 0:
+        raise RuntimeError(f"int4 decoder rejected scales {scales_and_zeros.dtype}, output {out.dtype}, group {group}"
+                           f" or block {block}")
+    return out

@@ -1120,4 +1120,185 @@ int compresscli_isa() {
 int compresscli_abi_version() { return 3; }
 
 }  // extern "C"
+
+// ------------------------------------------------ quantized weights decoded a tile at a time for a GEMM
+// The many-rows path of the quantized dense layers (kernels/quantized.py): their codes, as held, decoded
+// into the caller's buffer in the activation dtype, then multiplied by torch's GEMM. Each value is computed
+// as QuantizedValues.dequantize does it, bit for bit: code * scale in float32, rounded to the scales' dtype
+// S, then converted to the output dtype O (one rounding when S is O or float32, the usual cases).
+namespace {
+
+template <typename S, typename O>
+inline void q_store(typename O::T* p, float v) {
+  if constexpr (!std::is_same<S, O>::value && !std::is_same<S, F32>::value) {
+    typename S::T t;
+    S::store(&t, v);
+    v = S::load(&t);
+  }
+  O::store(p, v);
+}
+
+#ifdef CCLI_AVX512
+template <typename S, typename O>
+inline void q_store16(__mmask16 m, typename O::T* p, __m512 v) {
+  if constexpr (!std::is_same<S, O>::value && !std::is_same<S, F32>::value) {
+    alignas(64) typename S::T t[16];
+    Vec<S>::store_n(0xffff, t, v);
+    v = Vec<S>::load_n(0xffff, t);
+  }
+#if defined(CCLI_BF16_DOT)
+  if constexpr (std::is_same<O, BF16>::value) {  // vcvtneps2bf16: the same rounding in one instruction (it flushes
+    // float32 subnormals, |v| < 1.2e-38, to zero: no code times a stored scale is one)
+    _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    return;
+  }
+#endif
+  Vec<O>::store_n(m, p, v);
+}
+#endif
+
+// int8 codes (R x C), one scale per row and group of `group` inputs (scales R x ceil(C / group)): rows
+// [r0, r1) into out ((r1 - r0) x C), rows split between threads.
+template <typename S, typename O>
+void q8_rows(const int8_t* codes, const typename S::T* scales, int64_t C, int64_t group, typename O::T* out,
+             int64_t r0, int64_t r1, int threads) {
+  const int64_t groups = (C + group - 1) / group;
+  for_range(r1 - r0, threads, [&](int64_t i) {
+    const int8_t* c = codes + (r0 + i) * C;
+    const typename S::T* s = scales + (r0 + i) * groups;
+    typename O::T* o = out + i * C;
+    for (int64_t g0 = 0; g0 < C; g0 += group) {
+      const int64_t g1 = g0 + group < C ? g0 + group : C;
+      const float scale = S::load(s + g0 / group);
+      int64_t k = g0;
+#ifdef CCLI_AVX512
+      const __m512 vs = _mm512_set1_ps(scale);
+      for (; k + 16 <= g1; k += 16) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k))));
+        q_store16<S, O>(0xffff, o + k, _mm512_mul_ps(q, vs));
+      }
+      if (k < g1) {
+        const __mmask16 m = first_lanes(g1 - k);
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, c + k)));
+        q_store16<S, O>(m, o + k, _mm512_mul_ps(q, vs));
+        k = g1;
+      }
+#endif
+      for (; k < g1; ++k) q_store<S, O>(o + k, static_cast<float>(c[k]) * scale);
+    }
+  });
+}
+
+// int4 in torch's CPU kernel layout (kernels/quantized.py `_to_blocks`): `held` rows (padded to 16), per
+// block of B rows and input k, B / 2 bytes at block * (B / 2) * C + k * (B / 2), byte j = row j (low nibble)
+// | row j + B / 2 (high nibble); the rows past the last full block pair adjacent rows (byte j = row 2j | row
+// 2j + 1). Value (nibble - 8) * scale, scale = sz[(k / group) * held + row][0] (symmetric: the zero is 0).
+// Rows [r0, r1) are written TRANSPOSED, out[k * (r1 - r0) + row - r0]: a block's rows at one input are then
+// one contiguous store (the GEMM takes the tile as x @ out). Threads split the blocks.
+template <typename S, typename O>
+void q4_blocks_t(const uint8_t* packed, const typename S::T* sz, int64_t held, int64_t C, int64_t group, int64_t B,
+                 typename O::T* out, int64_t r0, int64_t r1, int threads) {
+  const int64_t T = r1 - r0, half = B / 2, full = held / B * B;
+  const int64_t b0 = r0 / B, b1 = ((r1 < full ? r1 : full) + B - 1) / B;
+  const int64_t blocks = b1 > b0 ? b1 - b0 : 0, tail = r1 > full ? 1 : 0;
+  for_range(blocks + tail, threads, [&](int64_t item) {
+    if (item == blocks) {  // the adjacent-row pairs past the last full block
+      const int64_t pairs = (held - full) / 2;
+      const uint8_t* p = packed + full * (C / 2);
+      for (int64_t k = 0; k < C; ++k) {
+        for (int64_t r = (r0 > full ? r0 : full); r < r1; ++r) {
+          const uint8_t byte = p[k * pairs + (r - full) / 2];
+          const int q = ((r - full) & 1 ? byte >> 4 : byte & 15) - 8;
+          q_store<S, O>(out + k * T + r - r0, static_cast<float>(q) * S::load(sz + 2 * ((k / group) * held + r)));
+        }
+      }
+      return;
+    }
+    const int64_t rb = (b0 + item) * B;
+    const int64_t lo_row = r0 > rb ? r0 : rb, hi_row = r1 < rb + B ? r1 : rb + B;  // the block's rows written
+    const uint8_t* p = packed + rb * (C / 2);
+    float scale[64];
+    for (int64_t g0 = 0; g0 < C; g0 += group) {
+      const int64_t g1 = g0 + group < C ? g0 + group : C;
+      for (int64_t j = 0; j < B; ++j) scale[j] = S::load(sz + 2 * ((g0 / group) * held + rb + j));
+#ifdef CCLI_AVX512
+      if (B == 64) {
+        __mmask16 m[4];
+        for (int q = 0; q < 4; ++q) {  // lanes of rows rb + 16 q .. rb + 16 q + 15 inside [r0, r1)
+          uint32_t bits = 0;
+          for (int l = 0; l < 16; ++l) bits |= (rb + 16 * q + l >= lo_row && rb + 16 * q + l < hi_row) << l;
+          m[q] = static_cast<__mmask16>(bits);
+        }
+        const __m512 s0 = _mm512_loadu_ps(scale), s1 = _mm512_loadu_ps(scale + 16);
+        const __m512 s2 = _mm512_loadu_ps(scale + 32), s3 = _mm512_loadu_ps(scale + 48);
+        const __m256i low4 = _mm256_set1_epi8(15);
+        const __m512i eight = _mm512_set1_epi32(8);
+        for (int64_t k = g0; k < g1; ++k) {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k * 32));
+          const __m256i lo = _mm256_and_si256(bytes, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+          typename O::T* o = out + k * T + (rb - r0);  // lanes before r0 are masked out, never touched
+          const auto value = [&](__m128i nibbles, __m512 s) {
+            return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), eight)), s);
+          };
+          if (m[0]) q_store16<S, O>(m[0], o, value(_mm256_castsi256_si128(lo), s0));
+          if (m[1]) q_store16<S, O>(m[1], o + 16, value(_mm256_extracti128_si256(lo, 1), s1));
+          if (m[2]) q_store16<S, O>(m[2], o + 32, value(_mm256_castsi256_si128(hi), s2));
+          if (m[3]) q_store16<S, O>(m[3], o + 48, value(_mm256_extracti128_si256(hi, 1), s3));
+        }
+        continue;
+      }
+#endif
+      for (int64_t k = g0; k < g1; ++k) {
+        const uint8_t* bytes = p + k * half;
+        for (int64_t r = lo_row; r < hi_row; ++r) {
+          const int64_t j = r - rb;
+          const int q = (j < half ? bytes[j] & 15 : bytes[j - half] >> 4) - 8;
+          q_store<S, O>(out + k * T + r - r0, static_cast<float>(q) * scale[j]);
+        }
+      }
+    }
+  });
+}
+
+// Calls f(S{}, O{}) for a scales dtype and an output dtype (codes as with_dtype); false for an unknown one.
+template <typename F>
+inline bool with_dtypes(int scale_dtype, int out_dtype, const F& f) {
+  if (out_dtype < 0 || out_dtype > 2) return false;
+  return with_dtype(scale_dtype, [&](auto s) { with_dtype(out_dtype, [&](auto o) { f(s, o); }); });
+}
+
+}  // namespace
+
+extern "C" {
+
+// Rows [r0, r1) of an int8 weight (codes R x C, scales R x ceil(C / group) in scale_dtype) into out
+// ((r1 - r0) x C, out_dtype). Returns 0, or 1 for an unknown dtype.
+int q8_rows_decode(int scale_dtype, int out_dtype, const int8_t* codes, const void* scales, int64_t C, int64_t group,
+                   void* out, int64_t r0, int64_t r1, int threads) {
+  if (group < 1) return 1;
+  return with_dtypes(scale_dtype, out_dtype, [&](auto s, auto o) {
+    using S = decltype(s);
+    using O = decltype(o);
+    q8_rows<S, O>(codes, static_cast<const typename S::T*>(scales), C, group, static_cast<typename O::T*>(out), r0,
+                  r1, threads);
+  }) ? 0 : 1;
+}
+
+// Rows [r0, r1) of an int4 weight in the int4 kernel's layout (blocks of `block` rows, `held` rows, scales and
+// zeros (C / group) x held x 2 in scale_dtype) into out TRANSPOSED (C x (r1 - r0), out_dtype). Returns 0, or 1
+// for an unknown dtype or a layout it cannot read.
+int q4_blocks_decode_t(int scale_dtype, int out_dtype, const uint8_t* packed, const void* scales_and_zeros,
+                       int64_t held, int64_t C, int64_t group, int64_t block, void* out, int64_t r0, int64_t r1,
+                       int threads) {
+  if (group < 1 || block < 2 || block > 64 || block % 2 || held % 2 || C % 2 || r0 < 0 || r1 > held) return 1;
+  return with_dtypes(scale_dtype, out_dtype, [&](auto s, auto o) {
+    using S = decltype(s);
+    using O = decltype(o);
+    q4_blocks_t<S, O>(packed, static_cast<const typename S::T*>(scales_and_zeros), held, C, group, block,
+                      static_cast<typename O::T*>(out), r0, r1, threads);
+  }) ? 0 : 1;
+}
+
+}  // extern "C"
 """

@@ -36,20 +36,28 @@ def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 DecodeRows = Callable[[int, int, torch.Tensor], torch.Tensor]
-"""decode(r0, r1, out): rows [r0, r1) of the dense weight written into `out` ((r1 - r0) x columns), returned."""
+"""decode(r0, r1, out): rows [r0, r1) of the dense weight written into `out` ((r1 - r0) x columns, or columns x
+(r1 - r0) for a transposed decoder), returned."""
 
 
 def decoded_mm(x: torch.Tensor, decode: DecodeRows, rows: int, columns: int, bias: torch.Tensor | None,
-               dtype: torch.dtype) -> torch.Tensor:
-    """y (N, rows) = x (N, columns) @ W^T (+ bias), W decoded tile by tile by `decode` (in `dtype`)."""
+               dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
+    """y (N, rows) = x (N, columns) @ W^T (+ bias), W decoded tile by tile by `decode` (in `dtype`).
+    `transposed`: the decoder writes W^T's columns (a tile (columns, tile rows), for layouts whose rows are
+    interleaved at each input, such as torch's int4 kernel layout); the GEMM then reads it as x @ tile, which
+    costs oneDNN / MKL nothing more than x @ W^T."""
     step = max(1, TILE_BYTES // max(1, columns * torch.empty(0, dtype=dtype).element_size()))
+
+    def tile(r0: int, r1: int, buffer: torch.Tensor) -> torch.Tensor:
+        if transposed:
+            return decode(r0, r1, buffer[:(r1 - r0) * columns].view(columns, r1 - r0)).t()
+        return decode(r0, r1, buffer[:(r1 - r0) * columns].view(r1 - r0, columns))
+
     if step >= rows:
-        weight = decode(0, rows, _tile_buffer(rows * columns, dtype).view(rows, columns))
-        return F.linear(x, weight, bias)
+        return F.linear(x, tile(0, rows, _tile_buffer(rows * columns, dtype)), bias)
     y = torch.empty(x.shape[0], rows, dtype=x.dtype)
     buffer = _tile_buffer(step * columns, dtype)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        tile = decode(r0, r1, buffer[:(r1 - r0) * columns].view(r1 - r0, columns))
-        y[:, r0:r1] = F.linear(x, tile, None if bias is None else bias[r0:r1])
+        y[:, r0:r1] = F.linear(x, tile(r0, r1, buffer), None if bias is None else bias[r0:r1])
     return y

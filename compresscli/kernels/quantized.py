@@ -18,8 +18,11 @@ row j with row j + block / 2); it is prepared once at load from the file's plain
 reordered) and undone exactly when the tensors are written again. The layout is checked against torch's own
 conversion on first use; where it differs (another ISA, another torch), the int4 kernel is not used.
 
-Where no kernel applies (int3 / int2, other group sizes, asymmetric grids, many input rows) the caller
-dequantizes the weight for the call and runs F.linear (`dequantized_mm`).
+At many input rows (a prompt's prefill), where the GEMM is compute-bound, symmetric int8 (any group) and the
+int4 kernel's layout are decoded by compiled code (kernels/cpu_source.py) into a reused tile in the input's
+dtype and multiplied by torch's GEMM (kernels/decoded.py): `decoded_int8_mm`, `decoded_int4_mm`. Where
+neither applies (int3 / int2, asymmetric grids, other int4 layouts, no compiler) the caller dequantizes the
+weight for the call in PyTorch and runs F.linear (`dequantized_mm`).
 """
 from __future__ import annotations
 
@@ -28,14 +31,27 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from compresscli.kernels import cpu
+from compresscli.kernels.decoded import decoded_mm
+
 INT4_GROUPS = (32, 64, 128, 256)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The kernels run while the input has at most this many rows (above, dequantizing for the call and running
-# the dense GEMM wins), by (bits, dtype). From the research probe's timings (torch_kernels.md: MiniLM's MLP
-# shapes and Llama's, 2 threads, Sapphire Rapids): the float32 int8 kernel is plain C++ loops, ~0.19 ms per
-# input row of a 1536x384 weight, so dequantizing (~0.2-0.6 ms whatever the rows) wins from 2-3 rows on.
-KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 64, (8, torch.float16): 64,
-                   (4, torch.float32): 4, (4, torch.bfloat16): 64, (4, torch.float16): 64}
+# The kernels run while the input has at most this many rows (above, decoding the weight for the call and
+# running the dense GEMM wins: decoded_int8_mm / decoded_int4_mm, or dequantized_mm where no decoder reads the
+# layout), by (bits, dtype). bfloat16: measured against the compiled decoded path on a 5632x2048 layer, 2
+# threads, Sapphire Rapids, calls round robin over copies exceeding 1 GB up to 16 rows
+# (`flock /tmp/timing.lock python benchmarks/quantized_prefill.py crossover --dtypes bfloat16`,
+# benchmarks/results/quantized_prefill.md), ms per call, kernel / decoded:
+#   rows          1           4           8           16          32          64          512
+#   int8 bf16     1.01 / 2.19 1.37 / 2.09 2.39 / 2.21 3.80 / 2.22 5.47 / 2.17 9.31 / 3.00 74.6 / 7.5
+#   int4 bf16     0.51 / 2.79 0.69 / 2.87 1.22 / 2.95 2.34 / 2.68 4.33 / 2.79 8.59 / 3.49 69.6 / 7.5
+#   int8 fp16     8.62 / 1.62 32.9 / 2.24 65.7 / 2.73 129 / 3.26  270 / 4.54  555 / 6.41  4129 / 37.0
+# (`... crossover --dtypes float16 --repeats 5`: torch's float16 int8 kernel is plain C++ loops, so it never
+# runs). float32 (from the research probe, torch_kernels.md, against dequantize + F.linear): the float32 int8
+# kernel is plain C++ loops too, ~0.19 ms per input row of a 1536x384 weight, so dequantizing wins from 2-3
+# rows on. float16 int4: not re-measured against the decoded path (the previous limit kept).
+KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 4, (8, torch.float16): 0,
+                   (4, torch.float32): 4, (4, torch.bfloat16): 16, (4, torch.float16): 64}
 
 
 def _ops_available(name: str) -> bool:
@@ -173,3 +189,28 @@ def int4_mm(x: torch.Tensor, prepared: torch.Tensor, group: int, scales_and_zero
 def dequantized_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The fallback: the weight dequantized for this call (never kept), then the dense GEMM."""
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def use_decoder(x: torch.Tensor, scales: torch.Tensor, needs_grad: bool) -> bool:
+    """Whether the compiled decoder can run this product (a CPU input and scales in its dtypes, no autograd)."""
+    return (not needs_grad and x.device.type == "cpu" and x.dtype in cpu.DTYPES and scales.dtype in cpu.DTYPES
+            and cpu.available())
+
+
+def decoded_int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, K) @ W^T (+ bias) for symmetric int8 codes (rows, K) with scales (rows, ceil(K / group)), W decoded
+    into x's dtype a tile of rows at a time (the same values as dequantizing it whole) for torch's GEMM."""
+    rows, columns = codes.shape
+    scales = scales.contiguous()
+    decode = lambda r0, r1, out: cpu.int8_rows(codes, scales, group, r0, r1, out)  # noqa: E731
+    return decoded_mm(x.contiguous(), decode, rows, columns, bias, x.dtype)
+
+
+def decoded_int4_mm(x: torch.Tensor, prepared: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
+                    bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """x (N, K) @ W^T (+ bias) for an int4 weight of `rows` rows held in the kernel's layout (int4_prepare), W
+    decoded transposed (each block's rows contiguous at every input) into x's dtype for torch's GEMM."""
+    decode = lambda r0, r1, out: cpu.int4_block_rows_t(prepared, scales_and_zeros, group, int4_block(), r0, r1,  # noqa: E731
+                                                       out)
+    return decoded_mm(x.contiguous(), decode, rows, 2 * prepared.shape[1], bias, x.dtype, transposed=True)

@@ -1,8 +1,9 @@
 """The inference form of a quantized Linear: the codes and scales as the file holds them, run by torch's
 weight-only CPU kernels where one applies (kernels/quantized.py: symmetric int8 per row; symmetric int4 in
-groups of 32-256, its layout prepared here, once, from the file's bytes), on CUDA by the Triton
-dequantize-in-kernel product on the file's layout (kernels/triton_quantized.py), else dequantized for each
-call."""
+groups of 32-256, its layout prepared here, once, from the file's bytes) at few input rows; at many, those codes
+(and symmetric int8 in groups) decoded a tile at a time by compiled code for torch's GEMM; on CUDA by the
+Triton dequantize-in-kernel product on the file's layout (kernels/triton_quantized.py); else dequantized for
+each call in PyTorch."""
 from __future__ import annotations
 
 from typing import Any
@@ -111,6 +112,10 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
         """Dense view, made on demand for code that reads `.weight`; never stored."""
         return self.dense_weight()
 
+    def _decodable(self) -> bool:
+        """Whether the compiled decoder reads these codes as held: the int4 kernel's layout, or symmetric int8."""
+        return self.kernel == "int4" or (self.spec.bits == 8 and self.spec.symmetric)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (N, in)
@@ -127,6 +132,13 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
                 y = qk.int4_mm(x2d, self.values.codes, self.spec.group(self.in_features),
                                self.scales_and_zeros.to(x.dtype), bias, self.out_features)
             path = self.kernel
+        elif self._decodable() and qk.use_decoder(x2d, self.values.scales, torch.is_grad_enabled() and x.requires_grad):
+            group = self.spec.group(self.in_features)
+            if self.kernel == "int4":
+                y = qk.decoded_int4_mm(x2d, self.values.codes, group, self.scales_and_zeros, bias, self.out_features)
+            else:
+                y = qk.decoded_int8_mm(x2d, self.values.codes, self.values.scales, group, bias)
+            path = "decoded"
         else:
             y, path = qk.dequantized_mm(x2d, self.dense_weight(), bias), "dequantize"
         self.__dict__["last_path"] = path  # past nn.Module.__setattr__: a few us per call on tiny layers
