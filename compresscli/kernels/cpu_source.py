@@ -1039,7 +1039,8 @@ inline bool with_dtype(int dtype, const F& f) {
 // bfloat16 / float16 scales: 8 + 11 significant bits) before the FMA with x. The decoder writes
 // code * scale rounded once to the activation dtype: for scales in that dtype, the dequantized value exactly.
 // AVX-512: codes expanded in registers (vpexpandb, 64 columns at a time, where the build has VBMI2; else
-// 16 at a time through int32 lanes). Other builds: one set bit at a time (correct, not fast).
+// 16 at a time through int32 lanes); bitmask rows with one scale per row and bfloat16 x multiply by vdpbf16ps
+// (AVX512_BF16) on x as stored. Other builds: one set bit at a time (correct, not fast).
 namespace {
 
 inline float q8_scale(const void* s, int sd, int64_t i) {
@@ -1142,6 +1143,32 @@ inline void q8_bits_row(const int8_t* v, const uint64_t* words, int64_t wpr, con
 #endif
 }
 
+#if defined(CCLI_BF16_DOT)
+// bfloat16 activations, one scale per row: a code is exact in bfloat16, so 32 columns at a time multiply in pairs
+// with x as stored (vdpbf16ps, each product exact in float32); the row's scale multiplies the sum.
+template <int NR>
+inline void q8_bits_row_bf16(const int8_t* v, const uint64_t* words, int64_t wpr, const uint16_t* x, int64_t C,
+                             float scale, float* out) {
+  __m512 acc[2][NR];
+  for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < wpr; ++w) {
+    const uint64_t m64 = words[w];
+    if (!m64) continue;
+    __m128i codes[4];
+    q8_expand64(v, m64, codes);
+    for (int h = 0; h < 2; ++h) {
+      const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
+      if (!m) continue;
+      const __m512bh wv = _mm512_cvtne2ps_pbh(q8_widen(codes[2 * h + 1]), q8_widen(codes[2 * h]));
+      const int64_t col = 64 * w + 32 * h;
+      for (int n = 0; n < NR; ++n)
+        acc[h][n] = _mm512_dpbf16_ps(acc[h][n], wv, (__m512bh)x_lanes32(x + n * C, col, C, m));
+    }
+  }
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n])) * scale;
+}
+#endif
+
 // The same for index rows (CSR: int16 / int32 columns). One input row with one scale per row gathers x 16
 // lanes at a time; otherwise one value at a time, its scale looked up by Q8Scales::at.
 template <typename I, int NR>
@@ -1185,11 +1212,31 @@ struct Q8Matrix {
   Q8Scales scales_of(int64_t r) const { return Q8Scales(scales, sd, r, groups, group, C); }
 };
 
-template <int NR>
-inline void q8_row(const Q8Matrix& q, int64_t r, const float* x, float* out) {
+// Whether bfloat16 x is read as stored (q8_bits_row_bf16) rather than converted to float32 once per call.
+template <typename V>
+inline bool q8_raw_x(const Q8Matrix& q) {
+#if defined(CCLI_BF16_DOT)
+  return std::is_same<V, BF16>::value && q.kind == kBits && q.groups == 1;
+#else
+  (void)q;
+  return false;
+#endif
+}
+
+template <typename V, int NR>
+inline void q8_row(const Q8Matrix& q, int64_t r, const typename V::T* xr, const float* x, float* out) {
   const int8_t* v = q.codes + q.row_ptr[r];
   const int64_t n_vals = q.row_ptr[r + 1] - q.row_ptr[r];
   const bool grouped = q.groups > 1;
+#if defined(CCLI_BF16_DOT)
+  if constexpr (std::is_same<V, BF16>::value) {
+    if (q8_raw_x<V>(q)) {
+      q8_bits_row_bf16<NR>(v, static_cast<const uint64_t*>(q.cols) + r * q.wpr, q.wpr, xr, q.C, q.scales_of(r).cur, out);
+      return;
+    }
+  }
+#endif
+  (void)xr;
   if (q.kind == kBits) {
     const uint64_t* words = static_cast<const uint64_t*>(q.cols) + r * q.wpr;
     if (grouped) q8_bits_row<NR, true>(v, words, q.wpr, x, q.C, q.scales_of(r), out);
@@ -1205,23 +1252,25 @@ inline void q8_row(const Q8Matrix& q, int64_t r, const float* x, float* out) {
 template <typename V>
 void q8_product(const Q8Matrix& q, const typename V::T* x, int64_t N, const typename V::T* bias, typename V::T* y,
                 int64_t R, int threads) {
-  Scratch<float, kPackedX> buf(std::is_same<V, F32>::value ? 0 : N * q.C);
-  const float* xf = x_as_float<V>(x, N, q.C, buf);
+  const bool raw = q8_raw_x<V>(q);
+  Scratch<float, kPackedX> buf(std::is_same<V, F32>::value || raw ? 0 : N * q.C);
+  const float* xf = raw ? nullptr : x_as_float<V>(x, N, q.C, buf);
   for_range(R, threads, [&](int64_t r) {
     const float b = bias ? V::load(bias + r) : 0.f;
     float out[8];
     for (int64_t n0 = 0; n0 < N; n0 += 8) {
-      const float* xr = xf + n0 * q.C;
+      const typename V::T* xr = x + n0 * q.C;
+      const float* xfr = xf ? xf + n0 * q.C : nullptr;
       const int64_t nr = (N - n0) < 8 ? (N - n0) : 8;
       switch (nr) {
-        case 1: q8_row<1>(q, r, xr, out); break;
-        case 2: q8_row<2>(q, r, xr, out); break;
-        case 3: q8_row<3>(q, r, xr, out); break;
-        case 4: q8_row<4>(q, r, xr, out); break;
-        case 5: q8_row<5>(q, r, xr, out); break;
-        case 6: q8_row<6>(q, r, xr, out); break;
-        case 7: q8_row<7>(q, r, xr, out); break;
-        default: q8_row<8>(q, r, xr, out); break;
+        case 1: q8_row<V, 1>(q, r, xr, xfr, out); break;
+        case 2: q8_row<V, 2>(q, r, xr, xfr, out); break;
+        case 3: q8_row<V, 3>(q, r, xr, xfr, out); break;
+        case 4: q8_row<V, 4>(q, r, xr, xfr, out); break;
+        case 5: q8_row<V, 5>(q, r, xr, xfr, out); break;
+        case 6: q8_row<V, 6>(q, r, xr, xfr, out); break;
+        case 7: q8_row<V, 7>(q, r, xr, xfr, out); break;
+        default: q8_row<V, 8>(q, r, xr, xfr, out); break;
       }
       for (int64_t i = 0; i < nr; ++i) V::store(y + (n0 + i) * R + r, out[i] + b);
     }
