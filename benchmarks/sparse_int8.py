@@ -8,6 +8,7 @@ rows, each form timed round robin over copies exceeding the last-level cache (be
                           dequantized per call (plus its row index), then the float row-sparse kernel
     bitmask int8          the int8 row-sparse kernel on the codes and scales as held (cpu-int8 / decoded-int8)
     bitmask int8 g128     the same with a scale per 128 inputs
+    ... forced            the int8 kernel, and decode + GEMM, at every row count (dispatch.Q8_KERNEL_MAX_ROWS)
 with each form's resident bytes and the peak RSS one call adds (VmHWM reset through /proc/self/clear_refs).
 
     flock /tmp/timing.lock python benchmarks/sparse_int8.py      # -> benchmarks/results/sparse_int8.md
@@ -41,6 +42,23 @@ class OldFallback(nn.Module):
 
         m = self.layer.matrix
         y, self.last_path = kernels.sparse_mm(x, m.float_values(), m.cols, m.row_ptr, self.layer.bias, *m.shape)
+        return y
+
+
+class Forced(nn.Module):
+    """A layer run on one path (kernels.force_path): the kernel and decode + GEMM beside each other at every row
+    count, which is what Q8_KERNEL_MAX_ROWS is chosen from."""
+
+    def __init__(self, layer: nn.Module, path: str):
+        super().__init__()
+        self.layer, self.path = layer, path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from compresscli import kernels
+
+        with kernels.force_path(self.path):
+            y = self.layer(x)
+        self.last_path = self.layer.last_path
         return y
 
 
@@ -84,6 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-bytes", type=float, default=1.0e9)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--no-forced", action="store_true", help="skip the rows with the int8 path forced")
     args = parser.parse_args()
     from compresscli.commands.decode import tensor_bytes
 
@@ -97,6 +116,10 @@ def main() -> None:
                                                                                      dtype, None)),
              "bitmask int8 per row (int8 kernel)": int8_layer(out_features, in_features, dtype, None),
              "bitmask int8 g128 (int8 kernel)": int8_layer(out_features, in_features, dtype, 128)}
+    if not args.no_forced:
+        forms["bitmask int8 per row, kernel forced"] = Forced(int8_layer(out_features, in_features, dtype, None), "cpu")
+        forms["bitmask int8 per row, decode + GEMM forced"] = Forced(int8_layer(out_features, in_features, dtype, None),
+                                                                     "decoded")
     times: dict[str, dict[int, tuple[float, str, float]]] = {}
     for name, layer in forms.items():
         held = tensor_bytes(layer)
