@@ -27,7 +27,7 @@ from compresscli.kernels import cpu
 
 TOLERANCE_EPS = {torch.float32: 16, torch.bfloat16: 2, torch.float16: 2}
 SHAPES = [(37, 300, 0.4), (64, 130, 0.9), (20, 600, 0.05)]  # (rows, cols, density): odd widths, dense and sparse
-GROUPS = [None, 128, 32, 24]  # per row; groups on, off and inside a 16-column chunk, with a short last group
+GROUPS = [None, 128, 64, 32, 24]  # per row; whole mask words (bf16 dot), 16-column chunks and inside them; short last groups
 
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernels cannot be built")
 

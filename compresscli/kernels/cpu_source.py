@@ -1039,8 +1039,8 @@ inline bool with_dtype(int dtype, const F& f) {
 // bfloat16 / float16 scales: 8 + 11 significant bits) before the FMA with x. The decoder writes
 // code * scale rounded once to the activation dtype: for scales in that dtype, the dequantized value exactly.
 // AVX-512: codes expanded in registers (vpexpandb, 64 columns at a time, where the build has VBMI2; else
-// 16 at a time through int32 lanes); bitmask rows with one scale per row and bfloat16 x multiply by vdpbf16ps
-// (AVX512_BF16) on x as stored. Other builds: one set bit at a time (correct, not fast).
+// 16 at a time through int32 lanes); bitmask rows with bfloat16 x and scales per row or per multiple of 64
+// columns multiply by vdpbf16ps (AVX512_BF16) on x as stored, the scale applied to each group's sum. Other builds: one set bit at a time (correct, not fast).
 namespace {
 
 inline float q8_scale(const void* s, int sd, int64_t i) {
@@ -1144,28 +1144,36 @@ inline void q8_bits_row(const int8_t* v, const uint64_t* words, int64_t wpr, con
 }
 
 #if defined(CCLI_BF16_DOT)
-// bfloat16 activations, one scale per row: a code is exact in bfloat16, so 32 columns at a time multiply in pairs
-// with x as stored (vdpbf16ps, each product exact in float32); the row's scale multiplies the sum.
+// bfloat16 activations, scales per row or per group of a multiple of 64 columns (whole mask words): a code is
+// exact in bfloat16, so 32 columns at a time multiply in pairs with x as stored (vdpbf16ps, each product exact
+// in float32); each group's sum is multiplied by its scale (wpg: words per group, wpr for one scale per row).
 template <int NR>
-inline void q8_bits_row_bf16(const int8_t* v, const uint64_t* words, int64_t wpr, const uint16_t* x, int64_t C,
-                             float scale, float* out) {
-  __m512 acc[2][NR];
-  for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < wpr; ++w) {
-    const uint64_t m64 = words[w];
-    if (!m64) continue;
-    __m128i codes[4];
-    q8_expand64(v, m64, codes);
-    for (int h = 0; h < 2; ++h) {
-      const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
-      if (!m) continue;
-      const __m512bh wv = _mm512_cvtne2ps_pbh(q8_widen(codes[2 * h + 1]), q8_widen(codes[2 * h]));
-      const int64_t col = 64 * w + 32 * h;
-      for (int n = 0; n < NR; ++n)
-        acc[h][n] = _mm512_dpbf16_ps(acc[h][n], wv, (__m512bh)x_lanes32(x + n * C, col, C, m));
+inline void q8_bits_row_bf16(const int8_t* v, const uint64_t* words, int64_t wpr, int64_t wpg, const uint16_t* x,
+                             int64_t C, const Q8Scales& sc, float* out) {
+  __m512 total[NR];
+  for (int n = 0; n < NR; ++n) total[n] = _mm512_setzero_ps();
+  for (int64_t w0 = 0, g = 0; w0 < wpr; w0 += wpg, ++g) {
+    __m512 acc[2][NR];
+    for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
+    const int64_t w1 = w0 + wpg < wpr ? w0 + wpg : wpr;
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint64_t m64 = words[w];
+      if (!m64) continue;
+      __m128i codes[4];
+      q8_expand64(v, m64, codes);
+      for (int h = 0; h < 2; ++h) {
+        const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
+        if (!m) continue;
+        const __m512bh wv = _mm512_cvtne2ps_pbh(q8_widen(codes[2 * h + 1]), q8_widen(codes[2 * h]));
+        const int64_t col = 64 * w + 32 * h;
+        for (int n = 0; n < NR; ++n)
+          acc[h][n] = _mm512_dpbf16_ps(acc[h][n], wv, (__m512bh)x_lanes32(x + n * C, col, C, m));
+      }
     }
+    const __m512 scale = _mm512_set1_ps(q8_scale(sc.s, sc.sd, sc.base + g));
+    for (int n = 0; n < NR; ++n) total[n] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][n], acc[1][n]), scale, total[n]);
   }
-  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][n], acc[1][n])) * scale;
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(total[n]);
 }
 #endif
 
@@ -1216,7 +1224,7 @@ struct Q8Matrix {
 template <typename V>
 inline bool q8_raw_x(const Q8Matrix& q) {
 #if defined(CCLI_BF16_DOT)
-  return std::is_same<V, BF16>::value && q.kind == kBits && q.groups == 1;
+  return std::is_same<V, BF16>::value && q.kind == kBits && (q.groups == 1 || q.group % 64 == 0);
 #else
   (void)q;
   return false;
@@ -1231,7 +1239,8 @@ inline void q8_row(const Q8Matrix& q, int64_t r, const typename V::T* xr, const 
 #if defined(CCLI_BF16_DOT)
   if constexpr (std::is_same<V, BF16>::value) {
     if (q8_raw_x<V>(q)) {
-      q8_bits_row_bf16<NR>(v, static_cast<const uint64_t*>(q.cols) + r * q.wpr, q.wpr, xr, q.C, q.scales_of(r).cur, out);
+      q8_bits_row_bf16<NR>(v, static_cast<const uint64_t*>(q.cols) + r * q.wpr, q.wpr, q.groups == 1 ? q.wpr : q.group / 64,
+                           xr, q.C, q.scales_of(r), out);
       return;
     }
   }
