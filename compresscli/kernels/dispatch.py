@@ -266,7 +266,7 @@ def sparse_q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gro
         path = "cpu" if x.shape[0] <= Q8_KERNEL_MAX_ROWS else "decoded"
     if path not in ("cpu", "decoded"):
         return None
-    x = x.contiguous()
+    x, codes, scales = x.contiguous(), codes.contiguous(), scales.contiguous()  # as loaded: already, no copy
     if path == "cpu":
         return cpu.sparse_q8_mm(x, codes, scales, group, cols, row_ptr, bias, rows), "cpu-int8"
     decode = lambda r0, r1, out: cpu.sparse_q8_to_dense(codes, scales, group, cols, row_ptr, columns, r0, r1, out)  # noqa: E731
