@@ -1039,8 +1039,9 @@ inline bool with_dtype(int dtype, const F& f) {
 // bfloat16 / float16 scales: 8 + 11 significant bits) before the FMA with x. The decoder writes
 // code * scale rounded once to the activation dtype: for scales in that dtype, the dequantized value exactly.
 // AVX-512: codes expanded in registers (vpexpandb, 64 columns at a time, where the build has VBMI2; else
-// 16 at a time through int32 lanes); bitmask rows with bfloat16 x and scales per row or per multiple of 64
-// columns multiply by vdpbf16ps (AVX512_BF16) on x as stored, the scale applied to each group's sum. Other builds: one set bit at a time (correct, not fast).
+// 16 at a time through int32 lanes); bitmask rows with 2 or more bfloat16 input rows and scales per row or per
+// multiple of 64 columns multiply by vdpbf16ps (AVX512_BF16) on x as stored, the scale applied to each
+// group's sum. Other builds: one set bit at a time (correct, not fast).
 namespace {
 
 inline float q8_scale(const void* s, int sd, int64_t i) {
@@ -1078,35 +1079,43 @@ struct Q8Scales {  // one row's scales, walked left to right: the scale of colum
 };
 
 #ifdef CCLI_AVX512
-inline __m512 q8_widen(__m128i codes16) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes16)); }
+inline __m512 q8_widen(__m128i codes16) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes16)); }  // CSR
 
-// The codes of 64 columns in their lanes (zero where the mask has no bit), as four 16-lane int8 groups.
-inline void q8_expand64(const int8_t*& v, uint64_t m64, __m128i out[4]) {
+// The codes of 64 columns in their lanes (zero where the mask has no bit), as four 16-lane int8 groups, through
+// a 64-byte buffer: four sign-extending loads from it (vpmovsxbd from memory) cost fewer shuffle-port
+// operations than extracting the lanes from the register. The codes are read by a plain load while 64 remain.
+struct alignas(64) Q8Lanes {
+  int8_t b[64];
+  inline __m512 widened(int q) const {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b + 16 * q))));
+  }
+};
+
+inline void q8_expand64(const int8_t*& v, const int8_t* v_end, uint64_t m64, Q8Lanes& out) {
 #if defined(CCLI_BF16_DOT)
   const int pc = __builtin_popcountll(m64);
-  const __mmask64 first = pc >= 64 ? ~0ull : ((1ull << pc) - 1ull);
-  const __m512i codes = _mm512_maskz_expand_epi8(m64, _mm512_maskz_loadu_epi8(first, v));
+  const __m512i raw = v + 64 <= v_end ? _mm512_loadu_si512(v)
+                                      : _mm512_maskz_loadu_epi8(pc >= 64 ? ~0ull : ((1ull << pc) - 1ull), v);
+  _mm512_store_si512(out.b, _mm512_maskz_expand_epi8(m64, raw));
   v += pc;
-  out[0] = _mm512_extracti32x4_epi32(codes, 0);
-  out[1] = _mm512_extracti32x4_epi32(codes, 1);
-  out[2] = _mm512_extracti32x4_epi32(codes, 2);
-  out[3] = _mm512_extracti32x4_epi32(codes, 3);
 #else
+  (void)v_end;
   for (int q = 0; q < 4; ++q) {
     const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
     const int pc = __builtin_popcount(static_cast<unsigned>(m));
     const __m512i wide = _mm512_maskz_expand_epi32(m, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first_lanes(pc), v)));
-    out[q] = _mm512_cvtepi32_epi8(wide);
+    _mm_store_si128(reinterpret_cast<__m128i*>(out.b + 16 * q), _mm512_cvtepi32_epi8(wide));
     v += pc;
   }
 #endif
+  asm volatile("" ::: "memory");  // keep the buffer in memory (not folded back into lane extractions)
 }
 #endif
 
 // out[n] = sum over the row's set bits of w_j * x[n][j], n < NR (x float32, rows C apart).
 template <int NR, bool Grouped>
-inline void q8_bits_row(const int8_t* v, const uint64_t* words, int64_t wpr, const float* x, int64_t C,
-                        Q8Scales sc, float* out) {
+inline void q8_bits_row(const int8_t* v, const int8_t* v_end, const uint64_t* words, int64_t wpr, const float* x,
+                        int64_t C, Q8Scales sc, float* out) {
 #ifdef CCLI_AVX512
   constexpr int S = NR == 1 ? 4 : 2;
   __m512 acc[S][NR];
@@ -1114,13 +1123,13 @@ inline void q8_bits_row(const int8_t* v, const uint64_t* words, int64_t wpr, con
   for (int64_t w = 0; w < wpr; ++w) {
     const uint64_t m64 = words[w];
     if (!m64) continue;
-    __m128i codes[4];
-    q8_expand64(v, m64, codes);
+    Q8Lanes codes;
+    q8_expand64(v, v_end, m64, codes);
     for (int q = 0; q < 4; ++q) {
       const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
       if (!m) continue;
       const int64_t col = 64 * w + 16 * q;
-      __m512 wv = q8_widen(codes[q]);
+      __m512 wv = codes.widened(q);
       if constexpr (Grouped) wv = _mm512_mul_ps(wv, sc.lanes(col));
       for (int n = 0; n < NR; ++n)
         acc[q % S][n] = _mm512_fmadd_ps(wv, x_lanes16(x + n * C, col, C, m), acc[q % S][n]);
@@ -1148,8 +1157,8 @@ inline void q8_bits_row(const int8_t* v, const uint64_t* words, int64_t wpr, con
 // exact in bfloat16, so 32 columns at a time multiply in pairs with x as stored (vdpbf16ps, each product exact
 // in float32); each group's sum is multiplied by its scale (wpg: words per group, wpr for one scale per row).
 template <int NR>
-inline void q8_bits_row_bf16(const int8_t* v, const uint64_t* words, int64_t wpr, int64_t wpg, const uint16_t* x,
-                             int64_t C, const Q8Scales& sc, float* out) {
+inline void q8_bits_row_bf16(const int8_t* v, const int8_t* v_end, const uint64_t* words, int64_t wpr, int64_t wpg,
+                             const uint16_t* x, int64_t C, const Q8Scales& sc, float* out) {
   __m512 total[NR];
   for (int n = 0; n < NR; ++n) total[n] = _mm512_setzero_ps();
   for (int64_t w0 = 0, g = 0; w0 < wpr; w0 += wpg, ++g) {
@@ -1159,12 +1168,12 @@ inline void q8_bits_row_bf16(const int8_t* v, const uint64_t* words, int64_t wpr
     for (int64_t w = w0; w < w1; ++w) {
       const uint64_t m64 = words[w];
       if (!m64) continue;
-      __m128i codes[4];
-      q8_expand64(v, m64, codes);
+      Q8Lanes codes;
+      q8_expand64(v, v_end, m64, codes);
       for (int h = 0; h < 2; ++h) {
         const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
         if (!m) continue;
-        const __m512bh wv = _mm512_cvtne2ps_pbh(q8_widen(codes[2 * h + 1]), q8_widen(codes[2 * h]));
+        const __m512bh wv = _mm512_cvtne2ps_pbh(codes.widened(2 * h + 1), codes.widened(2 * h));
         const int64_t col = 64 * w + 32 * h;
         for (int n = 0; n < NR; ++n)
           acc[h][n] = _mm512_dpbf16_ps(acc[h][n], wv, (__m512bh)x_lanes32(x + n * C, col, C, m));
@@ -1217,39 +1226,44 @@ struct Q8Matrix {
   const void* scales;
   int sd;  // the scales' dtype code
   int64_t group, groups, C;
+  const int8_t* codes_end;  // no code is read at or past it
   Q8Scales scales_of(int64_t r) const { return Q8Scales(scales, sd, r, groups, group, C); }
 };
 
-// Whether bfloat16 x is read as stored (q8_bits_row_bf16) rather than converted to float32 once per call.
+// Whether bfloat16 x is read as stored (q8_bits_row_bf16) rather than converted to float32 once per call: from 2
+// input rows. At one row the float32 FMAs ran faster (5632x2048 at 50%, 2 threads, timed round robin over 730 MB
+// of copies: 0.70 ms against 1.27 ms; at 8 rows vdpbf16ps 1.76 ms against 2.88).
 template <typename V>
-inline bool q8_raw_x(const Q8Matrix& q) {
+inline bool q8_raw_x(const Q8Matrix& q, int64_t N) {
 #if defined(CCLI_BF16_DOT)
-  return std::is_same<V, BF16>::value && q.kind == kBits && (q.groups == 1 || q.group % 64 == 0);
+  return std::is_same<V, BF16>::value && N >= 2 && q.kind == kBits && (q.groups == 1 || q.group % 64 == 0);
 #else
   (void)q;
+  (void)N;
   return false;
 #endif
 }
 
 template <typename V, int NR>
-inline void q8_row(const Q8Matrix& q, int64_t r, const typename V::T* xr, const float* x, float* out) {
+inline void q8_row(const Q8Matrix& q, int64_t r, bool raw, const typename V::T* xr, const float* x, float* out) {
   const int8_t* v = q.codes + q.row_ptr[r];
   const int64_t n_vals = q.row_ptr[r + 1] - q.row_ptr[r];
   const bool grouped = q.groups > 1;
 #if defined(CCLI_BF16_DOT)
   if constexpr (std::is_same<V, BF16>::value) {
-    if (q8_raw_x<V>(q)) {
-      q8_bits_row_bf16<NR>(v, static_cast<const uint64_t*>(q.cols) + r * q.wpr, q.wpr, q.groups == 1 ? q.wpr : q.group / 64,
-                           xr, q.C, q.scales_of(r), out);
+    if (raw) {
+      q8_bits_row_bf16<NR>(v, q.codes_end, static_cast<const uint64_t*>(q.cols) + r * q.wpr, q.wpr,
+                           q.groups == 1 ? q.wpr : q.group / 64, xr, q.C, q.scales_of(r), out);
       return;
     }
   }
 #endif
+  (void)raw;
   (void)xr;
   if (q.kind == kBits) {
     const uint64_t* words = static_cast<const uint64_t*>(q.cols) + r * q.wpr;
-    if (grouped) q8_bits_row<NR, true>(v, words, q.wpr, x, q.C, q.scales_of(r), out);
-    else q8_bits_row<NR, false>(v, words, q.wpr, x, q.C, q.scales_of(r), out);
+    if (grouped) q8_bits_row<NR, true>(v, q.codes_end, words, q.wpr, x, q.C, q.scales_of(r), out);
+    else q8_bits_row<NR, false>(v, q.codes_end, words, q.wpr, x, q.C, q.scales_of(r), out);
   } else if (q.kind == kIdx16) {
     q8_idx_row<int16_t, NR>(v, static_cast<const int16_t*>(q.cols) + q.row_ptr[r], n_vals, x, q.C, grouped, q.scales_of(r), out);
   } else {
@@ -1261,7 +1275,7 @@ inline void q8_row(const Q8Matrix& q, int64_t r, const typename V::T* xr, const 
 template <typename V>
 void q8_product(const Q8Matrix& q, const typename V::T* x, int64_t N, const typename V::T* bias, typename V::T* y,
                 int64_t R, int threads) {
-  const bool raw = q8_raw_x<V>(q);
+  const bool raw = q8_raw_x<V>(q, N);
   Scratch<float, kPackedX> buf(std::is_same<V, F32>::value || raw ? 0 : N * q.C);
   const float* xf = raw ? nullptr : x_as_float<V>(x, N, q.C, buf);
   for_range(R, threads, [&](int64_t r) {
@@ -1272,14 +1286,14 @@ void q8_product(const Q8Matrix& q, const typename V::T* x, int64_t N, const type
       const float* xfr = xf ? xf + n0 * q.C : nullptr;
       const int64_t nr = (N - n0) < 8 ? (N - n0) : 8;
       switch (nr) {
-        case 1: q8_row<V, 1>(q, r, xr, xfr, out); break;
-        case 2: q8_row<V, 2>(q, r, xr, xfr, out); break;
-        case 3: q8_row<V, 3>(q, r, xr, xfr, out); break;
-        case 4: q8_row<V, 4>(q, r, xr, xfr, out); break;
-        case 5: q8_row<V, 5>(q, r, xr, xfr, out); break;
-        case 6: q8_row<V, 6>(q, r, xr, xfr, out); break;
-        case 7: q8_row<V, 7>(q, r, xr, xfr, out); break;
-        default: q8_row<V, 8>(q, r, xr, xfr, out); break;
+        case 1: q8_row<V, 1>(q, r, raw, xr, xfr, out); break;
+        case 2: q8_row<V, 2>(q, r, raw, xr, xfr, out); break;
+        case 3: q8_row<V, 3>(q, r, raw, xr, xfr, out); break;
+        case 4: q8_row<V, 4>(q, r, raw, xr, xfr, out); break;
+        case 5: q8_row<V, 5>(q, r, raw, xr, xfr, out); break;
+        case 6: q8_row<V, 6>(q, r, raw, xr, xfr, out); break;
+        case 7: q8_row<V, 7>(q, r, raw, xr, xfr, out); break;
+        default: q8_row<V, 8>(q, r, raw, xr, xfr, out); break;
       }
       for (int64_t i = 0; i < nr; ++i) V::store(y + (n0 + i) * R + r, out[i] + b);
     }
@@ -1300,12 +1314,12 @@ void q8_to_dense(const Q8Matrix& q, typename V::T* out, int64_t r0, int64_t r1, 
       const uint64_t* words = static_cast<const uint64_t*>(q.cols) + r * q.wpr;
 #ifdef CCLI_AVX512
       for (int64_t w = 0; w < q.wpr; ++w) {
-        __m128i codes[4];
-        q8_expand64(v, words[w], codes);
+        Q8Lanes codes;
+        q8_expand64(v, q.codes_end, words[w], codes);
         for (int q4 = 0; q4 < 4; ++q4) {
           const int64_t col = 64 * w + 16 * q4;
           if (col >= C) break;
-          Vec<V>::store_n(first_lanes(C - col), row + col, _mm512_mul_ps(q8_widen(codes[q4]), sc.lanes(col)));
+          Vec<V>::store_n(first_lanes(C - col), row + col, _mm512_mul_ps(codes.widened(q4), sc.lanes(col)));
         }
       }
 #else
@@ -1338,7 +1352,7 @@ int sparse_q8_mm(int dtype, const void* x, int64_t N, int64_t C, const int8_t* c
                  const void* cols, int64_t wpr, const void* scales, int scale_dtype, int64_t group, int64_t groups,
                  const void* bias, void* y, int64_t R, int threads) {
   if (kind < 0 || kind > 2 || !row_ptr || scale_dtype < 0 || scale_dtype > 2 || group < 1 || groups < 1) return 1;
-  const Q8Matrix q{codes, row_ptr, kind, cols, wpr, scales, scale_dtype, group, groups, C};
+  const Q8Matrix q{codes, row_ptr, kind, cols, wpr, scales, scale_dtype, group, groups, C, codes + row_ptr[R]};
   const bool known = with_dtype(dtype, [&](auto v) {
     using V = decltype(v);
     using T = typename V::T;
@@ -1352,7 +1366,7 @@ int sparse_q8_to_dense(int dtype, const int8_t* codes, const int64_t* row_ptr, i
                        const void* scales, int scale_dtype, int64_t group, int64_t groups, void* out, int64_t r0,
                        int64_t r1, int64_t C, int threads) {
   if (kind < 0 || kind > 2 || !row_ptr || scale_dtype < 0 || scale_dtype > 2 || group < 1 || groups < 1) return 1;
-  const Q8Matrix q{codes, row_ptr, kind, cols, wpr, scales, scale_dtype, group, groups, C};
+  const Q8Matrix q{codes, row_ptr, kind, cols, wpr, scales, scale_dtype, group, groups, C, codes + row_ptr[r1]};
   const bool known = with_dtype(dtype, [&](auto v) {
     using V = decltype(v);
     q8_to_dense<V>(q, static_cast<typename V::T*>(out), r0, r1, threads);
