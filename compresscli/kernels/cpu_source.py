@@ -1113,35 +1113,48 @@ inline void q8_expand64(const int8_t*& v, const int8_t* v_end, uint64_t m64, Q8L
 #endif
 
 // out[n] = sum over the row's set bits of w_j * x[n][j], n < NR (x float32, rows C apart).
+// wpg: words per scale where groups are whole mask words (one scale per row: wpr), each group's sum then times
+// its scale; 0 where they are not (each chunk's codes times its lanes' scales).
 template <int NR, bool Grouped>
-inline void q8_bits_row(const int8_t* v, const int8_t* v_end, const uint64_t* words, int64_t wpr, const float* x,
-                        int64_t C, Q8Scales sc, float* out) {
+inline void q8_bits_row(const int8_t* v, const int8_t* v_end, const uint64_t* words, int64_t wpr, int64_t wpg,
+                        const float* x, int64_t C, Q8Scales sc, float* out) {
 #ifdef CCLI_AVX512
   constexpr int S = NR == 1 ? 4 : 2;
-  __m512 acc[S][NR];
-  for (int s = 0; s < S; ++s) for (int n = 0; n < NR; ++n) acc[s][n] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < wpr; ++w) {
-    const uint64_t m64 = words[w];
-    if (!m64) continue;
-    Q8Lanes codes;
-    q8_expand64(v, v_end, m64, codes);
-    for (int q = 0; q < 4; ++q) {
-      const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
-      if (!m) continue;
-      const int64_t col = 64 * w + 16 * q;
-      __m512 wv = codes.widened(q);
-      if constexpr (Grouped) wv = _mm512_mul_ps(wv, sc.lanes(col));
-      for (int n = 0; n < NR; ++n)
-        acc[q % S][n] = _mm512_fmadd_ps(wv, x_lanes16(x + n * C, col, C, m), acc[q % S][n]);
+  const bool lanes = Grouped && wpg == 0;
+  const int64_t step = wpg ? wpg : wpr;
+  __m512 total[NR];
+  for (int n = 0; n < NR; ++n) total[n] = _mm512_setzero_ps();
+  for (int64_t w0 = 0, g = 0; w0 < wpr; w0 += step, ++g) {
+    __m512 acc[S][NR];
+    for (int s = 0; s < S; ++s) for (int n = 0; n < NR; ++n) acc[s][n] = _mm512_setzero_ps();
+    const int64_t w1 = w0 + step < wpr ? w0 + step : wpr;
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint64_t m64 = words[w];
+      if (!m64) continue;
+      Q8Lanes codes;
+      q8_expand64(v, v_end, m64, codes);
+      for (int q = 0; q < 4; ++q) {
+        const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
+        if (!m) continue;
+        const int64_t col = 64 * w + 16 * q;
+        __m512 wv = codes.widened(q);
+        if (Grouped && lanes) wv = _mm512_mul_ps(wv, sc.lanes(col));
+        for (int n = 0; n < NR; ++n)
+          acc[q % S][n] = _mm512_fmadd_ps(wv, x_lanes16(x + n * C, col, C, m), acc[q % S][n]);
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(lanes ? 1.f : q8_scale(sc.s, sc.sd, sc.base + g));
+    for (int n = 0; n < NR; ++n) {
+      __m512 sum = acc[0][n];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][n]);
+      total[n] = _mm512_fmadd_ps(sum, scale, total[n]);
     }
   }
-  for (int n = 0; n < NR; ++n) {
-    __m512 sum = acc[0][n];
-    for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][n]);
-    out[n] = _mm512_reduce_add_ps(sum) * (Grouped ? 1.f : sc.cur);
-  }
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(total[n]);
 #else
   for (int n = 0; n < NR; ++n) out[n] = 0.f;
+  (void)v_end;
+  (void)wpg;
   for (int64_t w = 0; w < wpr; ++w)
     for (uint64_t m = words[w]; m; m &= m - 1) {
       const int64_t col = 64 * w + __builtin_ctzll(m);
@@ -1262,8 +1275,9 @@ inline void q8_row(const Q8Matrix& q, int64_t r, bool raw, const typename V::T* 
   (void)xr;
   if (q.kind == kBits) {
     const uint64_t* words = static_cast<const uint64_t*>(q.cols) + r * q.wpr;
-    if (grouped) q8_bits_row<NR, true>(v, q.codes_end, words, q.wpr, x, q.C, q.scales_of(r), out);
-    else q8_bits_row<NR, false>(v, q.codes_end, words, q.wpr, x, q.C, q.scales_of(r), out);
+    if (grouped) q8_bits_row<NR, true>(v, q.codes_end, words, q.wpr, q.group % 64 ? 0 : q.group / 64, x, q.C,
+                                       q.scales_of(r), out);
+    else q8_bits_row<NR, false>(v, q.codes_end, words, q.wpr, q.wpr, x, q.C, q.scales_of(r), out);
   } else if (q.kind == kIdx16) {
     q8_idx_row<int16_t, NR>(v, static_cast<const int16_t*>(q.cols) + q.row_ptr[r], n_vals, x, q.C, grouped, q.scales_of(r), out);
   } else {
