@@ -1034,8 +1034,9 @@ inline bool with_dtype(int dtype, const F& f) {
 // in the same row-major kept order) with float scales on a grid over the dense (R, C) coordinates:
 // scales[r * groups + c / group] (per row: groups 1, group C), in float32, bfloat16 or float16 (the checkpoint's
 // dtype, read as stored: no converted copy is held). Symmetric only: w = code * scale.
-// Arithmetic (all in float32): per row, sum_j code_j * x_j, times the row's scale at the end; grouped, each
-// 16-column chunk's codes are multiplied by their lanes' scales (code * scale is exact in float32 for
+// Arithmetic (all in float32): per scale group (the row, or `group` columns when that is a multiple of 64, i.e.
+// whole mask words), sum_j code_j * x_j, times the group's scale, summed over the groups; other group sizes:
+// each 16-column chunk's codes multiplied by their lanes' scales (code * scale is exact in float32 for
 // bfloat16 / float16 scales: 8 + 11 significant bits) before the FMA with x. The decoder writes
 // code * scale rounded once to the activation dtype: for scales in that dtype, the dequantized value exactly.
 // AVX-512: codes expanded in registers (vpexpandb, 64 columns at a time, where the build has VBMI2; else
