@@ -247,8 +247,8 @@ def rps_mm(x: torch.Tensor, memory: torch.Tensor, spec: torch.Tensor, scale: flo
 Q8_KERNEL_MAX_ROWS = 8
 """Input rows up to which a row-sparse layer with int8 values runs the compiled kernel (`cpu-int8`); more rows
 decode tiles of the weight for a GEMM (`decoded-int8`). Measured at 5632x2048, 50% bitmask, bfloat16, 2 threads
-(benchmarks/results/sparse_int8.md, both paths forced): 8 rows kernel 2.10 ms vs decode + GEMM 2.81; 16 rows
-3.22 vs 2.78. The float tables' 16-32 rows come from AMX tiles, which the int8 kernel does not use. A constant,
+(benchmarks/results/sparse_int8.md, both paths forced): 8 rows kernel 1.94 ms vs decode + GEMM 2.49; 16 rows
+2.93 vs 2.61. The float tables' 16-32 rows come from AMX tiles, which the int8 kernel does not use. A constant,
 not a row of cpu_thresholds.py: benchmarks/kernel_thresholds.py does not measure int8 structures yet."""
 
 
