@@ -42,6 +42,11 @@ RECIPES = {  # form -> (description, stages); the MLPs only, as the issue's targ
                 "  - method: fips\n    targets: [mlp]\n    params: {budget: 0.4, steps: 0}\n"),
     "rps-10": ("RPS 10x on the MLPs, one memory per block.",
                "  - method: rps\n    targets: [mlp]\n    params: {compression: 10, scope: block}\n"),
+    "magnitude-50-int8": ("Per-layer magnitude pruning of the MLPs to 50% (bitmask), then the kept values int8 per "
+                          "output row (round to nearest): the int8 row-sparse kernel.",
+                          "  - method: magnitude\n    targets: [mlp]\n    params: {sparsity: 0.5, scope: layer}\n"
+                          "  - method: quantize\n    targets: [mlp]\n"
+                          "    params: {bits: 8, group_size: null, solver: rtn}\n"),
     "int8-mlp": ("int8 per output row (round to nearest) on the MLPs (torch's int8 weight-only kernel).",
                  "  - method: quantize\n    targets: [mlp]\n    params: {bits: 8, group_size: null, solver: rtn}\n"),
     "int4-mlp": ("int4 in groups of 128 (round to nearest) on the MLPs (torch's int4 weight-only kernel).",

@@ -103,7 +103,8 @@ def write_report(raw: Path, report: Path) -> None:
              "`python benchmarks/decode.py model --source /work/scratch/llama-1b --tag 1b --sequential "
              "--work /work/scratch/decode/outs` (each compress run and each bench under the timing lock); the "
              "quantized rows with `--forms int8-mlp,int4-mlp` and, whole-model since the LM head lies outside "
-             "the blocks, `--forms int4-all` without `--sequential`.", "",
+             "the blocks, `--forms int4-all` without `--sequential`; the int8 sparse row (magnitude 50% then int8 "
+             "values, issue 21's int8 row-sparse kernel) with `--forms magnitude-50-int8,magnitude-50`.", "",
              *_model_tables(models),
              "The 7B-class table (benchmarks/scale.py's generated 7B Llama, block-by-block compressed) was not "
              "measured: out of this issue's time."]

@@ -267,4 +267,50 @@ def int4_block_rows_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, grou
     if status != 0:
         raise RuntimeError(f"int4 decoder rejected scales {scales_and_zeros.dtype}, output {out.dtype}, group {group}"
                            f" or block {block}")
+
+# ----------------------------------------------------------------------------- int8 sparse values (issue 21)
+
+@lru_cache(maxsize=1)
+def _q8_library() -> ctypes.CDLL:
+    """library() with the int8 row-sparse entry points' signatures declared."""
+    lib = library()
+    ptr, i64, int_ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.sparse_q8_mm.argtypes = [int_, ptr, i64, i64, ptr, ptr, int_, ptr, i64, ptr, int_, i64, i64, ptr, ptr, i64,
+                                 int_]
+    lib.sparse_q8_to_dense.argtypes = [int_, ptr, ptr, int_, ptr, i64, ptr, int_, i64, i64, ptr, i64, i64, i64, int_]
+    lib.sparse_q8_mm.restype = lib.sparse_q8_to_dense.restype = int_
+    return lib
+
+
+def sparse_q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, cols: torch.Tensor,
+                 row_ptr: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """y (N, rows) = x (N, C) @ W^T (+ bias) for a row-sparse W (bitmask words or int16/int32 CSR columns with its
+    int64 row pointer, as `sparse_mm`) whose values are int8 codes (nnz, in row-major kept order) times float
+    `scales` (rows x groups, a boundary every `group` columns; any dtype in DTYPES, read as stored). x, bias and
+    y share one dtype in DTYPES. Arithmetic and what each build runs: cpu_source.py, "int8 values"."""
+    n, c = x.shape
+    y = torch.empty(n, rows, dtype=x.dtype)
+    wpr = cols.shape[1] if cols.dtype == torch.int64 else 0
+    status = _q8_library().sparse_q8_mm(DTYPES[x.dtype], x.data_ptr(), n, c, codes.data_ptr(), row_ptr.data_ptr(),
+                                        KINDS[cols.dtype], cols.data_ptr(), wpr, scales.data_ptr(),
+                                        DTYPES[scales.dtype], group, scales.shape[1], _ptr(bias), y.data_ptr(), rows,
+                                        threads_for(n * codes.numel()))
+    if status != 0:
+        raise RuntimeError(f"int8 sparse CPU kernel rejected dtype {x.dtype}, scales {scales.dtype} or columns "
+                           f"{cols.dtype}")
+    return y
+
+
+def sparse_q8_to_dense(codes: torch.Tensor, scales: torch.Tensor, group: int, cols: torch.Tensor,
+                       row_ptr: torch.Tensor, columns: int, row0: int, row1: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows [row0, row1) of the dense weight of `sparse_q8_mm`'s layout into `out` ((row1 - row0) x columns,
+    contiguous, the activation dtype): each value code * scale rounded once to out's dtype, zeros elsewhere."""
+    wpr = cols.shape[1] if cols.dtype == torch.int64 else 0
+    status = _q8_library().sparse_q8_to_dense(DTYPES[out.dtype], codes.data_ptr(), row_ptr.data_ptr(),
+                                              KINDS[cols.dtype], cols.data_ptr(), wpr, scales.data_ptr(),
+                                              DTYPES[scales.dtype], group, scales.shape[1], out.data_ptr(), row0,
+                                              row1, columns, threads_for((row1 - row0) * columns))
+    if status != 0:
+        raise RuntimeError(f"int8 sparse CPU decoder rejected dtype {out.dtype}, scales {scales.dtype} or columns "
+                           f"{cols.dtype}")
     return out

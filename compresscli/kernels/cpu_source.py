@@ -1029,6 +1029,368 @@ inline bool with_dtype(int dtype, const F& f) {
 }
 }  // namespace
 
+// ------------------------------------------------ int8 values in the row-sparse products (issue 21)
+// The bitmask / CSR structure as above, but each kept value stored as a signed 8-bit code (one int8 per value,
+// in the same row-major kept order) with float scales on a grid over the dense (R, C) coordinates:
+// scales[r * groups + c / group] (per row: groups 1, group C), in float32, bfloat16 or float16 (the checkpoint's
+// dtype, read as stored: no converted copy is held). Symmetric only: w = code * scale.
+// Arithmetic (all in float32): per scale group (the row, or `group` columns when that is a multiple of 64, i.e.
+// whole mask words), sum_j code_j * x_j, times the group's scale, summed over the groups; other group sizes:
+// each 16-column chunk's codes multiplied by their lanes' scales (code * scale is exact in float32 for
+// bfloat16 / float16 scales: 8 + 11 significant bits) before the FMA with x. The decoder writes
+// code * scale rounded once to the activation dtype: for scales in that dtype, the dequantized value exactly.
+// AVX-512: codes expanded in registers (vpexpandb, 64 columns at a time, where the build has VBMI2; else
+// 16 at a time through int32 lanes); bitmask rows with 2 or more bfloat16 input rows and scales per row or per
+// multiple of 64 columns multiply by vdpbf16ps (AVX512_BF16) on x as stored, the scale applied to each
+// group's sum. Other builds: one set bit at a time (correct, not fast).
+namespace {
+
+inline float q8_scale(const void* s, int sd, int64_t i) {
+  if (sd == 0) return static_cast<const float*>(s)[i];
+  if (sd == 1) return BF16::load(static_cast<const uint16_t*>(s) + i);
+  return F16::load(static_cast<const uint16_t*>(s) + i);
+}
+
+struct Q8Scales {  // one row's scales, walked left to right: the scale of column `col` when asked in order
+  const void* s;
+  int sd;
+  int64_t base, group, g, next, C;  // the current group g covers columns [next - group, next)
+  float cur;
+  Q8Scales(const void* s_, int sd_, int64_t row, int64_t groups, int64_t group_, int64_t C_)
+      : s(s_), sd(sd_), base(row * groups), group(group_), g(0), next(group_), C(C_),
+        cur(q8_scale(s_, sd_, row * groups)) {}
+  inline float at(int64_t col) {  // any column (an index row need not be sorted): a division only off the group
+    if (col >= next || col < next - group) {
+      g = col / group;
+      next = (g + 1) * group;
+      cur = q8_scale(s, sd, base + g);
+    }
+    return cur;
+  }
+#ifdef CCLI_AVX512
+  inline __m512 lanes(int64_t col) {  // columns col .. col + 15, col never decreasing from call to call
+    while (col >= next) { ++g; next += group; cur = q8_scale(s, sd, base + g); }
+    __m512 sv = _mm512_set1_ps(cur);
+    int64_t k = g + 1;
+    for (int64_t b = next; b < col + 16 && b < C; b += group, ++k)  // boundaries inside the 16 columns
+      sv = _mm512_mask_mov_ps(sv, static_cast<__mmask16>(0xffffu << (b - col)), _mm512_set1_ps(q8_scale(s, sd, base + k)));
+    return sv;
+  }
+#endif
+};
+
+#ifdef CCLI_AVX512
+inline __m512 q8_widen(__m128i codes16) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes16)); }  // CSR
+
+// The codes of 64 columns in their lanes (zero where the mask has no bit), as four 16-lane int8 groups, through
+// a 64-byte buffer: four sign-extending loads from it (vpmovsxbd from memory) cost fewer shuffle-port
+// operations than extracting the lanes from the register. The codes are read by a plain load while 64 remain.
+struct alignas(64) Q8Lanes {
+  int8_t b[64];
+  inline __m512 widened(int q) const {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(b + 16 * q))));
+  }
+};
+
+inline void q8_expand64(const int8_t*& v, const int8_t* v_end, uint64_t m64, Q8Lanes& out) {
+#if defined(CCLI_BF16_DOT)
+  const int pc = __builtin_popcountll(m64);
+  const __m512i raw = v + 64 <= v_end ? _mm512_loadu_si512(v)
+                                      : _mm512_maskz_loadu_epi8(pc >= 64 ? ~0ull : ((1ull << pc) - 1ull), v);
+  _mm512_store_si512(out.b, _mm512_maskz_expand_epi8(m64, raw));
+  v += pc;
+#else
+  (void)v_end;
+  for (int q = 0; q < 4; ++q) {
+    const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
+    const int pc = __builtin_popcount(static_cast<unsigned>(m));
+    const __m512i wide = _mm512_maskz_expand_epi32(m, _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first_lanes(pc), v)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(out.b + 16 * q), _mm512_cvtepi32_epi8(wide));
+    v += pc;
+  }
+#endif
+  asm volatile("" ::: "memory");  // keep the buffer in memory (not folded back into lane extractions)
+}
+#endif
+
+// out[n] = sum over the row's set bits of w_j * x[n][j], n < NR (x float32, rows C apart).
+// wpg: words per scale where groups are whole mask words (one scale per row: wpr), each group's sum then times
+// its scale; 0 where they are not (each chunk's codes times its lanes' scales).
+template <int NR, bool Grouped>
+inline void q8_bits_row(const int8_t* v, const int8_t* v_end, const uint64_t* words, int64_t wpr, int64_t wpg,
+                        const float* x, int64_t C, Q8Scales sc, float* out) {
+#ifdef CCLI_AVX512
+  constexpr int S = NR == 1 ? 4 : 2;
+  const bool lanes = Grouped && wpg == 0;
+  const int64_t step = wpg ? wpg : wpr;
+  __m512 total[NR];
+  for (int n = 0; n < NR; ++n) total[n] = _mm512_setzero_ps();
+  for (int64_t w0 = 0, g = 0; w0 < wpr; w0 += step, ++g) {
+    __m512 acc[S][NR];
+    for (int s = 0; s < S; ++s) for (int n = 0; n < NR; ++n) acc[s][n] = _mm512_setzero_ps();
+    const int64_t w1 = w0 + step < wpr ? w0 + step : wpr;
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint64_t m64 = words[w];
+      if (!m64) continue;
+      Q8Lanes codes;
+      q8_expand64(v, v_end, m64, codes);
+      for (int q = 0; q < 4; ++q) {
+        const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
+        if (!m) continue;
+        const int64_t col = 64 * w + 16 * q;
+        __m512 wv = codes.widened(q);
+        if (Grouped && lanes) wv = _mm512_mul_ps(wv, sc.lanes(col));
+        for (int n = 0; n < NR; ++n)
+          acc[q % S][n] = _mm512_fmadd_ps(wv, x_lanes16(x + n * C, col, C, m), acc[q % S][n]);
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(lanes ? 1.f : q8_scale(sc.s, sc.sd, sc.base + g));
+    for (int n = 0; n < NR; ++n) {
+      __m512 sum = acc[0][n];
+      for (int s = 1; s < S; ++s) sum = _mm512_add_ps(sum, acc[s][n]);
+      total[n] = _mm512_fmadd_ps(sum, scale, total[n]);
+    }
+  }
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(total[n]);
+#else
+  for (int n = 0; n < NR; ++n) out[n] = 0.f;
+  (void)v_end;
+  (void)wpg;
+  for (int64_t w = 0; w < wpr; ++w)
+    for (uint64_t m = words[w]; m; m &= m - 1) {
+      const int64_t col = 64 * w + __builtin_ctzll(m);
+      const float wv = Grouped ? *v++ * sc.at(col) : static_cast<float>(*v++);
+      for (int n = 0; n < NR; ++n) out[n] += wv * x[n * C + col];
+    }
+  if (!Grouped) for (int n = 0; n < NR; ++n) out[n] *= sc.cur;
+#endif
+}
+
+#if defined(CCLI_BF16_DOT)
+// bfloat16 activations, scales per row or per group of a multiple of 64 columns (whole mask words): a code is
+// exact in bfloat16, so 32 columns at a time multiply in pairs with x as stored (vdpbf16ps, each product exact
+// in float32); each group's sum is multiplied by its scale (wpg: words per group, wpr for one scale per row).
+template <int NR>
+inline void q8_bits_row_bf16(const int8_t* v, const int8_t* v_end, const uint64_t* words, int64_t wpr, int64_t wpg,
+                             const uint16_t* x, int64_t C, const Q8Scales& sc, float* out) {
+  __m512 total[NR];
+  for (int n = 0; n < NR; ++n) total[n] = _mm512_setzero_ps();
+  for (int64_t w0 = 0, g = 0; w0 < wpr; w0 += wpg, ++g) {
+    __m512 acc[2][NR];
+    for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
+    const int64_t w1 = w0 + wpg < wpr ? w0 + wpg : wpr;
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint64_t m64 = words[w];
+      if (!m64) continue;
+      Q8Lanes codes;
+      q8_expand64(v, v_end, m64, codes);
+      for (int h = 0; h < 2; ++h) {
+        const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
+        if (!m) continue;
+        const __m512bh wv = _mm512_cvtne2ps_pbh(codes.widened(2 * h + 1), codes.widened(2 * h));
+        const int64_t col = 64 * w + 32 * h;
+        for (int n = 0; n < NR; ++n)
+          acc[h][n] = _mm512_dpbf16_ps(acc[h][n], wv, (__m512bh)x_lanes32(x + n * C, col, C, m));
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(q8_scale(sc.s, sc.sd, sc.base + g));
+    for (int n = 0; n < NR; ++n) total[n] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][n], acc[1][n]), scale, total[n]);
+  }
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(total[n]);
+}
+#endif
+
+// The same for index rows (CSR: int16 / int32 columns). One input row with one scale per row gathers x 16
+// lanes at a time; otherwise one value at a time, its scale looked up by Q8Scales::at.
+template <typename I, int NR>
+inline void q8_idx_row(const int8_t* v, const I* idx, int64_t n_vals, const float* x, int64_t C, bool grouped,
+                       Q8Scales sc, float* out) {
+#ifdef CCLI_AVX512
+  if (NR == 1 && !grouped) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j < n_vals; j += 16) {
+      const __mmask16 m = first_lanes(n_vals - j);
+      const __m512i lanes = sizeof(I) == 2 ? _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, idx + j))
+                                           : _mm512_maskz_loadu_epi32(m, idx + j);
+      const __m512 xg = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, lanes, x, 4);
+      const __m512 wv = q8_widen(_mm_maskz_loadu_epi8(m, v + j));
+      if ((j / 16) & 1) a1 = _mm512_fmadd_ps(wv, xg, a1);
+      else a0 = _mm512_fmadd_ps(wv, xg, a0);
+    }
+    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * sc.cur;
+    return;
+  }
+#endif
+  for (int n = 0; n < NR; ++n) out[n] = 0.f;
+  for (int64_t j = 0; j < n_vals; ++j) {
+    const int64_t col = idx[j];
+    const float wv = grouped ? v[j] * sc.at(col) : static_cast<float>(v[j]);
+    for (int n = 0; n < NR; ++n) out[n] += wv * x[n * C + col];
+  }
+  if (!grouped) for (int n = 0; n < NR; ++n) out[n] *= sc.cur;
+}
+
+struct Q8Matrix {
+  const int8_t* codes;
+  const int64_t* row_ptr;
+  int kind;  // kIdx16, kIdx32 or kBits
+  const void* cols;
+  int64_t wpr;
+  const void* scales;
+  int sd;  // the scales' dtype code
+  int64_t group, groups, C;
+  const int8_t* codes_end;  // no code is read at or past it
+  Q8Scales scales_of(int64_t r) const { return Q8Scales(scales, sd, r, groups, group, C); }
+};
+
+// Whether bfloat16 x is read as stored (q8_bits_row_bf16) rather than converted to float32 once per call: from 2
+// input rows. At one row the float32 FMAs ran faster (5632x2048 at 50%, 2 threads, timed round robin over 730 MB
+// of copies: 0.70 ms against 1.27 ms; at 8 rows vdpbf16ps 1.76 ms against 2.88).
+template <typename V>
+inline bool q8_raw_x(const Q8Matrix& q, int64_t N) {
+#if defined(CCLI_BF16_DOT)
+  return std::is_same<V, BF16>::value && N >= 2 && q.kind == kBits && (q.groups == 1 || q.group % 64 == 0);
+#else
+  (void)q;
+  (void)N;
+  return false;
+#endif
+}
+
+template <typename V, int NR>
+inline void q8_row(const Q8Matrix& q, int64_t r, bool raw, const typename V::T* xr, const float* x, float* out) {
+  const int8_t* v = q.codes + q.row_ptr[r];
+  const int64_t n_vals = q.row_ptr[r + 1] - q.row_ptr[r];
+  const bool grouped = q.groups > 1;
+#if defined(CCLI_BF16_DOT)
+  if constexpr (std::is_same<V, BF16>::value) {
+    if (raw) {
+      q8_bits_row_bf16<NR>(v, q.codes_end, static_cast<const uint64_t*>(q.cols) + r * q.wpr, q.wpr,
+                           q.groups == 1 ? q.wpr : q.group / 64, xr, q.C, q.scales_of(r), out);
+      return;
+    }
+  }
+#endif
+  (void)raw;
+  (void)xr;
+  if (q.kind == kBits) {
+    const uint64_t* words = static_cast<const uint64_t*>(q.cols) + r * q.wpr;
+    if (grouped) q8_bits_row<NR, true>(v, q.codes_end, words, q.wpr, q.group % 64 ? 0 : q.group / 64, x, q.C,
+                                       q.scales_of(r), out);
+    else q8_bits_row<NR, false>(v, q.codes_end, words, q.wpr, q.wpr, x, q.C, q.scales_of(r), out);
+  } else if (q.kind == kIdx16) {
+    q8_idx_row<int16_t, NR>(v, static_cast<const int16_t*>(q.cols) + q.row_ptr[r], n_vals, x, q.C, grouped, q.scales_of(r), out);
+  } else {
+    q8_idx_row<int32_t, NR>(v, static_cast<const int32_t*>(q.cols) + q.row_ptr[r], n_vals, x, q.C, grouped, q.scales_of(r), out);
+  }
+}
+
+// y (N, R) = x (N, C) @ W^T (+ bias): rows split between the threads, input rows in groups of 8 per row.
+template <typename V>
+void q8_product(const Q8Matrix& q, const typename V::T* x, int64_t N, const typename V::T* bias, typename V::T* y,
+                int64_t R, int threads) {
+  const bool raw = q8_raw_x<V>(q, N);
+  Scratch<float, kPackedX> buf(std::is_same<V, F32>::value || raw ? 0 : N * q.C);
+  const float* xf = raw ? nullptr : x_as_float<V>(x, N, q.C, buf);
+  for_range(R, threads, [&](int64_t r) {
+    const float b = bias ? V::load(bias + r) : 0.f;
+    float out[8];
+    for (int64_t n0 = 0; n0 < N; n0 += 8) {
+      const typename V::T* xr = x + n0 * q.C;
+      const float* xfr = xf ? xf + n0 * q.C : nullptr;
+      const int64_t nr = (N - n0) < 8 ? (N - n0) : 8;
+      switch (nr) {
+        case 1: q8_row<V, 1>(q, r, raw, xr, xfr, out); break;
+        case 2: q8_row<V, 2>(q, r, raw, xr, xfr, out); break;
+        case 3: q8_row<V, 3>(q, r, raw, xr, xfr, out); break;
+        case 4: q8_row<V, 4>(q, r, raw, xr, xfr, out); break;
+        case 5: q8_row<V, 5>(q, r, raw, xr, xfr, out); break;
+        case 6: q8_row<V, 6>(q, r, raw, xr, xfr, out); break;
+        case 7: q8_row<V, 7>(q, r, raw, xr, xfr, out); break;
+        default: q8_row<V, 8>(q, r, raw, xr, xfr, out); break;
+      }
+      for (int64_t i = 0; i < nr; ++i) V::store(y + (n0 + i) * R + r, out[i] + b);
+    }
+  });
+}
+
+// Rows [r0, r1) of the dense weight in the activation dtype: code * scale rounded once, zeros elsewhere.
+template <typename V>
+void q8_to_dense(const Q8Matrix& q, typename V::T* out, int64_t r0, int64_t r1, int threads) {
+  using T = typename V::T;
+  const int64_t C = q.C;
+  for_range(r1 - r0, threads, [&](int64_t i) {
+    const int64_t r = r0 + i;
+    T* row = out + i * C;
+    Q8Scales sc = q.scales_of(r);
+    const int8_t* v = q.codes + q.row_ptr[r];
+    if (q.kind == kBits) {
+      const uint64_t* words = static_cast<const uint64_t*>(q.cols) + r * q.wpr;
+#ifdef CCLI_AVX512
+      for (int64_t w = 0; w < q.wpr; ++w) {
+        Q8Lanes codes;
+        q8_expand64(v, q.codes_end, words[w], codes);
+        for (int q4 = 0; q4 < 4; ++q4) {
+          const int64_t col = 64 * w + 16 * q4;
+          if (col >= C) break;
+          Vec<V>::store_n(first_lanes(C - col), row + col, _mm512_mul_ps(codes.widened(q4), sc.lanes(col)));
+        }
+      }
+#else
+      std::memset(row, 0, sizeof(T) * C);
+      for (int64_t w = 0; w < q.wpr; ++w)
+        for (uint64_t m = words[w]; m; m &= m - 1) {
+          const int64_t col = 64 * w + __builtin_ctzll(m);
+          V::store(row + col, *v++ * sc.at(col));
+        }
+#endif
+      return;
+    }
+    std::memset(row, 0, sizeof(T) * C);
+    const int64_t b = q.row_ptr[r], e = q.row_ptr[r + 1];
+    for (int64_t j = b; j < e; ++j) {
+      const int64_t col = q.kind == kIdx16 ? static_cast<const int16_t*>(q.cols)[j] : static_cast<const int32_t*>(q.cols)[j];
+      V::store(row + col, q.codes[j] * sc.at(col));
+    }
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: the activation dtype (x, bias, y, out): 0 float32, 1 bfloat16, 2 float16; scale_dtype likewise for the
+// scales (R x groups, a boundary every `group` columns). kind and row_ptr as sparse_mm (row_ptr required).
+// Returns 0, or 1 for an unknown dtype, scale dtype or kind.
+int sparse_q8_mm(int dtype, const void* x, int64_t N, int64_t C, const int8_t* codes, const int64_t* row_ptr, int kind,
+                 const void* cols, int64_t wpr, const void* scales, int scale_dtype, int64_t group, int64_t groups,
+                 const void* bias, void* y, int64_t R, int threads) {
+  if (kind < 0 || kind > 2 || !row_ptr || scale_dtype < 0 || scale_dtype > 2 || group < 1 || groups < 1) return 1;
+  const Q8Matrix q{codes, row_ptr, kind, cols, wpr, scales, scale_dtype, group, groups, C, codes + row_ptr[R]};
+  const bool known = with_dtype(dtype, [&](auto v) {
+    using V = decltype(v);
+    using T = typename V::T;
+    q8_product<V>(q, static_cast<const T*>(x), N, static_cast<const T*>(bias), static_cast<T*>(y), R, threads);
+  });
+  return known ? 0 : 1;
+}
+
+// Rows [r0, r1) of the dense R x C weight into out ((r1 - r0) x C, dtype), zeros where nothing is stored.
+int sparse_q8_to_dense(int dtype, const int8_t* codes, const int64_t* row_ptr, int kind, const void* cols, int64_t wpr,
+                       const void* scales, int scale_dtype, int64_t group, int64_t groups, void* out, int64_t r0,
+                       int64_t r1, int64_t C, int threads) {
+  if (kind < 0 || kind > 2 || !row_ptr || scale_dtype < 0 || scale_dtype > 2 || group < 1 || groups < 1) return 1;
+  const Q8Matrix q{codes, row_ptr, kind, cols, wpr, scales, scale_dtype, group, groups, C, codes + row_ptr[r1]};
+  const bool known = with_dtype(dtype, [&](auto v) {
+    using V = decltype(v);
+    q8_to_dense<V>(q, static_cast<typename V::T*>(out), r0, r1, threads);
+  });
+  return known ? 0 : 1;
+}
+
+}  // extern "C"
+
 extern "C" {
 
 // dtype: 0 float32, 1 bfloat16, 2 float16. row_ptr (int64, R + 1) or nullptr with k per row; kind: 0 int16

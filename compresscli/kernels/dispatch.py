@@ -254,3 +254,34 @@ def quantized_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
         return None
     forced = _forced.get() or os.environ.get(PATH_ENV) or None
     return cuda_paths.quantized_mm(x, codes, scales, zeros, bits, group, bias, forced)
+
+# ----------------------------------------------------------------------------- int8 sparse values (issue 21)
+
+Q8_KERNEL_MAX_ROWS = 8
+"""Input rows up to which a row-sparse layer with int8 values runs the compiled kernel (`cpu-int8`); more rows
+decode tiles of the weight for a GEMM (`decoded-int8`). Measured at 5632x2048, 50% bitmask, bfloat16, 2 threads
+(benchmarks/results/sparse_int8.md, both paths forced): 8 rows kernel 1.94 ms vs decode + GEMM 2.49; 16 rows
+2.93 vs 2.61. The float tables' 16-32 rows come from AMX tiles, which the int8 kernel does not use. A constant,
+not a row of cpu_thresholds.py: benchmarks/kernel_thresholds.py does not measure int8 structures yet."""
+
+
+def sparse_q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, cols: torch.Tensor,
+                 row_ptr: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                 columns: int) -> tuple[torch.Tensor, str] | None:
+    """y (N, rows) = x (N, columns) @ W^T (+ bias) for a row-sparse W stored as int8 codes and scales
+    (cpu.sparse_q8_mm's layout), by the compiled kernel or decode + GEMM; returns (y, path name), or None where
+    neither can run (another device or dtype, gradients, no compiler, the `dense` path forced): the caller then
+    dequantizes the values for the call."""
+    runnable = (x.device.type == "cpu" and x.dtype in cpu.DTYPES and scales.dtype in cpu.DTYPES
+                and (bias is None or bias.dtype == x.dtype) and cpu.available())
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    path = _forced_cpu_path(SPARSE_PATHS, runnable, needs_grad, "int8 sparse")
+    if path is None and runnable and not needs_grad:
+        path = "cpu" if x.shape[0] <= Q8_KERNEL_MAX_ROWS else "decoded"
+    if path not in ("cpu", "decoded"):
+        return None
+    x, codes, scales = x.contiguous(), codes.contiguous(), scales.contiguous()  # as loaded: already, no copy
+    if path == "cpu":
+        return cpu.sparse_q8_mm(x, codes, scales, group, cols, row_ptr, bias, rows), "cpu-int8"
+    decode = lambda r0, r1, out: cpu.sparse_q8_to_dense(codes, scales, group, cols, row_ptr, columns, r0, r1, out)  # noqa: E731
+    return decoded_mm(x, decode, rows, columns, bias, x.dtype), "decoded-int8"

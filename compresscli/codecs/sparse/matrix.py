@@ -5,7 +5,8 @@ each row padded to whole words so that a row starts at a word, at most 63 bits m
 offset per row into the values; a CSR layer keeps its int16/int32 column indices and its row pointer
 (int64 here, int32 on disk). Which of the two a layer uses is the one its file chose (the smaller).
 `mm` runs the product through kernels.sparse_mm, which never keeps a dense copy. Quantized values
-(codecs/quant) are held as their codes and scales and dequantized for each product.
+(codecs/quant) are held as their codes and scales: symmetric int8 ones are read as they are by the int8
+kernels (kernels/dispatch.sparse_q8_mm); the others are dequantized for each product.
 """
 from __future__ import annotations
 
@@ -130,7 +131,16 @@ class CompactSparse(nn.Module):
         return kernels.sparse_dense(self.float_values(), self.cols, self.row_ptr, *self.shape)
 
     def mm(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
-        """x (N, cols) @ self^T (+ bias) -> ((N, rows), the kernel path that ran)."""
+        """x (N, cols) @ self^T (+ bias) -> ((N, rows), the kernel path that ran). Symmetric int8 values run the
+        int8 kernels on their codes and scales as held (`cpu-int8`, `decoded-int8`); other quantized values
+        (sub-byte codes, zero points) and other devices dequantize every value for the call, then run the
+        float paths."""
+        q = self.quantized
+        if q is not None and q.spec.bits == 8 and q.zeros is None:
+            done = kernels.dispatch.sparse_q8_mm(x, q.codes, q.scales, q.spec.group(self.shape[1]), self.cols,
+                                                 self.row_ptr, bias, *self.shape)
+            if done is not None:
+                return done
         return kernels.sparse_mm(x, self.float_values(), self.cols, self.row_ptr, bias, *self.shape)
 
     def nnz(self) -> int:
