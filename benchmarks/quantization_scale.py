@@ -146,7 +146,7 @@ def ours(args) -> None:
 
 
 def _ours_runs(work: Path) -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted(work.glob("ours*.json"))]
+    return [json.loads(f.read_text()) for f in sorted(work.glob("ours*.json"), key=lambda f: (f.stem != "ours", f.name))]
 
 
 def llmc(args) -> None:
