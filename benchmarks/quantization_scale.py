@@ -224,7 +224,7 @@ def _row(name: str, run: dict, score: dict, dense_bytes: int) -> str:
 
 def table(args) -> None:
     ids = json.loads((args.work / "tokens.json").read_text())
-    scores = json.loads((args.work / "score.json").read_text())
+    scores = json.loads((args.work / "score.json").read_text()) if (args.work / "score.json").is_file() else {}
     dense_bytes = safetensors_bytes(args.checkpoint)
     runs = {"dense": {"bytes": dense_bytes}}
     runs.update({run["tool"]: run for run in _ours_runs(args.work)})
