@@ -139,7 +139,8 @@ def ours(args) -> None:
                  args.work / f"{stem}.log")
     report = json.loads(run.pop("stdout"))["report"]
     stages = sum(s.get("seconds", 0.0) for s in report.get("stages", []))
-    row = {"tool": " ".join(["compresscli", *sets]), "out": out.name, **run, "stage_s": stages, "report_peak_rss_bytes": report["execution"]["peak_rss_bytes"],
+    name = " ".join(["compresscli", *([f"[{args.variant}]"] if args.variant and not sets else []), *sets])
+    row = {"tool": name, "out": out.name, **run, "stage_s": stages, "report_peak_rss_bytes": report["execution"]["peak_rss_bytes"],
            "bytes": safetensors_bytes(out)}
     (args.work / f"{stem}.json").write_text(json.dumps(row, indent=1))
     print(row)
