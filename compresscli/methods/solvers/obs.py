@@ -47,7 +47,8 @@ class MaskSpec:
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float, name: str, retries: int = 3) -> torch.Tensor:
     """The upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); on failure retried
     with ten times the damping, up to `retries` times, then in float64, then an error naming the layer.
-    Float32, or float64 for a float64 H (the tests' exact references)."""
+    Float32, or float64 for a float64 H (the tests' exact references). Each intermediate is released as soon as
+    the next exists: at a 7B MLP's 11008 inputs every copy is 0.45 GiB, and this is the run's peak."""
     mean_diag = torch.diag(hessian).mean().item()
     exact = hessian.dtype == torch.float64
     for dtype in (torch.float64,) if exact else (torch.float32, torch.float64):
@@ -56,8 +57,12 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float, name: str, retries:
             h = hessian.to(dtype).clone()
             h.diagonal().add_(damp * mean_diag)
             factor, info = torch.linalg.cholesky_ex(h)
+            del h
             if info.item() == 0:
-                inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+                full_inverse = torch.cholesky_inverse(factor)
+                del factor
+                inverse, info = torch.linalg.cholesky_ex(full_inverse, upper=True)
+                del full_inverse
                 if info.item() == 0 and torch.isfinite(inverse).all():
                     return inverse if exact else inverse.float()
             damp *= 10
