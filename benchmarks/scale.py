@@ -47,13 +47,15 @@ RECIPES = {
 }
 
 
-def generate(name: str, shard_bytes: int = 2 * 1024**3) -> Path:
-    """A Llama checkpoint of CONFIGS[name] with random bf16 weights (normal, std 0.02; norms at 1),
-    written shard by shard so generating it never holds more than one shard."""
+def generate(name: str, shard_bytes: int = 2 * 1024**3, init: str = "std") -> Path:
+    """A Llama checkpoint of CONFIGS[name] with random bf16 weights (normal; norms at 1), written shard by shard
+    so generating it never holds more than one shard. `init` "std": std 0.02 everywhere (the runs in
+    results/scale.md); "trained": the trained weight scale, each Linear N(0, 1/fan_in) and the embeddings
+    N(0, 1) (what the decode and quantization benchmarks use: bf16 rounding then matters as in a real model)."""
     import transformers
     from safetensors.torch import save_file
 
-    path = GENERATED / f"llama-{name}"
+    path = GENERATED / (f"llama-{name}" if init == "std" else f"llama-{name}-{init}")
     if (path / "config.json").is_file():
         return path
     tmp = GENERATED / f".llama-{name}.tmp"
@@ -69,7 +71,8 @@ def generate(name: str, shard_bytes: int = 2 * 1024**3) -> Path:
         if key.endswith("norm.weight"):
             tensor = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            std = 0.02 if init == "std" else 1.0 if "embed_tokens" in key else shape[-1] ** -0.5
+            tensor = (torch.randn(shape, generator=generator) * std).to(torch.bfloat16)
         pending[key] = tensor
         size += tensor.numel() * 2
         if size >= shard_bytes:
@@ -217,7 +220,13 @@ def main() -> None:
     parser.add_argument("--llmcompressor-methods", default="wanda", help="its one-shot methods to run: wanda,sparsegpt")
     parser.add_argument("--work", type=Path, default=GENERATED / "runs")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    parser.add_argument("--generate-only", choices=("std", "trained"),
+                        help="only write the --models checkpoints with this init (see generate) and print their paths")
     args = parser.parse_args()
+    if args.generate_only:
+        for name in args.models.split(","):
+            print(generate(name, init=args.generate_only))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):

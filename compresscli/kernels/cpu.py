@@ -267,6 +267,8 @@ def int4_block_rows_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, grou
     if status != 0:
         raise RuntimeError(f"int4 decoder rejected scales {scales_and_zeros.dtype}, output {out.dtype}, group {group}"
                            f" or block {block}")
+    return out
+
 
 # ----------------------------------------------------------------------------- int8 sparse values (issue 21)
 

@@ -255,6 +255,7 @@ def quantized_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     forced = _forced.get() or os.environ.get(PATH_ENV) or None
     return cuda_paths.quantized_mm(x, codes, scales, zeros, bits, group, bias, forced)
 
+
 # ----------------------------------------------------------------------------- int8 sparse values (issue 21)
 
 Q8_KERNEL_MAX_ROWS = 8
