@@ -11,7 +11,7 @@
     flock /tmp/timing.lock python benchmarks/decode.py layers --dtypes bfloat16
     python benchmarks/decode.py model --source /work/scratch/llama-1b --tag 1b --sequential \
         --forms magnitude-50,condensed-90,fips-40 --work /work/scratch/decode/outs   # the lock taken per step
-    python benchmarks/decode.py model --source 7B_DIR --tag 7b --sequential ...   # 7B: benchmarks/scale.py (unmeasured)
+    python benchmarks/decode.py model --source 7B_DIR --tag 7b ...   # 7B_DIR: benchmarks/scale.py --models 7b --generate-only trained
     python benchmarks/decode.py report
 """
 from __future__ import annotations

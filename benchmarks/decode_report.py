@@ -99,13 +99,16 @@ def write_report(raw: Path, report: Path) -> None:
              "## Per layer, at the Llama MLP shapes", "",
              "`flock /tmp/timing.lock python benchmarks/decode.py layers --dtypes float32,bfloat16`", "",
              *_layer_tables(layers), "",
-             "## Per model: the generated 1.26B Llama (MLPs compressed) against transformers' dense bf16", "",
+             "## Per model: the generated Llamas against transformers' dense bf16", "",
              "`python benchmarks/decode.py model --source /work/scratch/llama-1b --tag 1b --sequential "
              "--work /work/scratch/decode/outs` (each compress run and each bench under the timing lock); the "
              "quantized rows with `--forms int8-mlp,int4-mlp` and, whole-model since the LM head lies outside "
              "the blocks, `--forms int4-all` without `--sequential`; the int8 sparse row (magnitude 50% then int8 "
              "values, issue 21's int8 row-sparse kernel) with `--forms magnitude-50-int8,magnitude-50`.", "",
-             *_model_tables(models),
-             "The 7B-class table (benchmarks/scale.py's generated 7B Llama, block-by-block compressed) was not "
-             "measured: out of this issue's time."]
+             "The 7B-class model (Llama-2-7B's shapes at the trained weight scale: `python benchmarks/scale.py "
+             "--models 7b --generate-only trained`) with `python benchmarks/decode.py model --source "
+             "benchmarks/.generated/llama-7b-trained --tag 7b --work DIR --forms int4-all` (whole model) and "
+             "`--sequential --forms magnitude-50` (block by block); the forms not listed under 7b were not "
+             "measured there (time).", "",
+             *_model_tables(models)]
     report.write_text("\n".join(lines) + "\n")
