@@ -172,6 +172,20 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def check_on_isa_build(isa: str, code: str) -> None:
+    """Run `code` (a tests module's check functions) in a process whose compiled kernels are built for `isa`
+    (kernels.cpu.ISA_ENV), skipping when that is this machine's default build (the in-process tests cover it)."""
+    import subprocess
+
+    from compresscli.kernels import cpu
+
+    if cpu.ISAS.index(isa) >= cpu.ISAS.index(cpu.isa()):
+        pytest.skip(f"the default build here is {cpu.isa()}: the in-process tests cover it")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env={**os.environ, cpu.ISA_ENV: isa},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

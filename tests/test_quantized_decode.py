@@ -8,10 +8,6 @@ rows are padded; the builds below the best ISA (the scalar loops) in a process o
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +20,7 @@ from compresscli.codecs.quantized_linear.inference import CompactQuantizedLinear
 from compresscli.codecs.quantized_linear.training import QuantizedLinear
 from compresscli.kernels import cpu, decoded
 from compresscli.kernels import quantized as qk
-from conftest import codec_samples
+from conftest import check_on_isa_build, codec_samples
 
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no compiled CPU kernels here")
 DTYPES = list(cpu.DTYPES)
@@ -97,13 +93,8 @@ def test_int4_decoder_equals_the_pytorch_dequantize():
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_decoders_below_the_best_isa_too(isa):
     """The same checks on the scalar loops (the AVX2 build has no vector path of its own for these)."""
-    if cpu.ISAS.index(isa) >= cpu.ISAS.index(cpu.isa()):
-        pytest.skip(f"the default build here is {cpu.isa()}: the tests above cover it")
-    code = ("import torch; from test_quantized_decode import *; "
-            "check_int8_rows([torch.bfloat16, torch.float32]); check_int4_blocks([torch.bfloat16, torch.float16])")
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__),
-                          env={**os.environ, cpu.ISA_ENV: isa}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    check_on_isa_build(isa, "import torch; from test_quantized_decode import *; check_int8_rows([torch.bfloat16, "
+                            "torch.float32]); check_int4_blocks([torch.bfloat16, torch.float16])")
 
 
 @needs_kernel

@@ -11,10 +11,6 @@ activations are bounded by the accumulation itself, ~(k / 64 + log2 64) eps for 
 over k <= 600 terms here: 16 eps."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -24,6 +20,7 @@ from compresscli.codecs.quant.values import QuantizedValues
 from compresscli.codecs.sparse import encoding
 from compresscli.codecs.sparse.matrix import CompactSparse, _row_offsets, pack_row_words
 from compresscli.kernels import cpu
+from conftest import check_on_isa_build
 
 TOLERANCE_EPS = {torch.float32: 16, torch.bfloat16: 2, torch.float16: 2}
 SHAPES = [(37, 300, 0.4), (64, 130, 0.9), (20, 600, 0.05)]  # (rows, cols, density): odd widths, dense and sparse
@@ -146,11 +143,5 @@ def test_a_magnitude_then_int8_layer_runs_the_kernel_without_dequantizing(group_
 def test_builds_below_the_best_isa_too(isa):
     """The scalar loop (AVX2 and scalar builds) and AVX-512 without VBMI2 (16-column expansion), in processes of
     their own."""
-    if cpu.ISAS.index(isa) >= cpu.ISAS.index(cpu.isa()):
-        pytest.skip(f"the default build here is {cpu.isa()}: the tests above cover it")
-    code = ("import torch; from test_sparse_int8 import *; "
-            "check_products(shapes=[(37, 300, 0.4), (20, 600, 0.05)], groups=[None, 24])")
-    env = {**os.environ, cpu.ISA_ENV: isa}
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    check_on_isa_build(isa, "import torch; from test_sparse_int8 import *; "
+                            "check_products(shapes=[(37, 300, 0.4), (20, 600, 0.05)], groups=[None, 24])")

@@ -18,6 +18,7 @@ from compresscli import kernels
 from compresscli.kernels import cpu
 from compresscli.codecs.sparse.matrix import CompactSparse
 from compresscli.codecs.rps.hashing import Placement
+from conftest import check_on_isa_build
 
 SHAPES = [(256, 64, 17, 0.1), (96, 384, 16, 0.5), (40, 1536, 1, 0.1), (100, 130, 40, 0.3), (64, 200, 70, 0.05),
           (33, 70, 9, 0.0), (33, 70, 9, 1.0), (8, 40000, 3, 0.01)]  # (rows, cols, input rows, density)
@@ -118,14 +119,8 @@ def test_rps_kernel_gives_the_training_forms_weights():
 def test_builds_below_the_best_isa_too(isa):
     """The same checks on the library built for fewer instruction sets (the AVX2 fallback, AVX-512 without
     vdpbf16ps / vpexpandw, and without AMX), each in a process of its own."""
-    if cpu.ISAS.index(isa) >= cpu.ISAS.index(cpu.isa()):
-        pytest.skip(f"the default build here is {cpu.isa()}: test_row_sparse_products_match_pytorch covers it")
-    code = ("from test_sparse_kernels import *; check_row_sparse_products(); check_condensed_and_rps_products(); "
-            "check_rps_weights()")
-    env = {**os.environ, cpu.ISA_ENV: isa}
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    check_on_isa_build(isa, "from test_sparse_kernels import *; check_row_sparse_products(); "
+                            "check_condensed_and_rps_products(); check_rps_weights()")
 
 
 def test_without_the_kernels_every_inference_form_still_runs(tmp_path):
