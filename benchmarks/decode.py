@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 ROOT = Path(__file__).resolve().parent
 RAW = ROOT / "results" / "decode"
@@ -89,7 +90,8 @@ def _compressed_layer(form: str, out_features: int, in_features: int, dtype: tor
 
 
 def _time_round_robin(layers: list[nn.Module], x: torch.Tensor, sweeps: int) -> float:
-    """Median seconds per layer call over `sweeps` passes, each calling every copy once."""
+    """Median seconds per layer call over `sweeps` passes, each calling every copy once. x gets a new version
+    before every call, so that no layer reuses a product it cached for x (FiPS's projection onto U)."""
     times = []
     with torch.no_grad():
         for layer in layers:
@@ -97,6 +99,7 @@ def _time_round_robin(layers: list[nn.Module], x: torch.Tensor, sweeps: int) -> 
         for _ in range(sweeps):
             start = time.perf_counter()
             for layer in layers:
+                increment_version(x)
                 layer(x)
             times.append((time.perf_counter() - start) / len(layers))
     return statistics.median(times)

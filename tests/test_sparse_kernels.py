@@ -2,7 +2,8 @@
 int32 indices, float32, bfloat16 and float16, one input row, a few (1-8, the decode rows; up to 32, the
 AMX tiles) and many (decode + GEMM), empty and full rows; the builds below the best ISA
 ($COMPRESSCLI_CPU_ISA) and the pure-PyTorch fallbacks (COMPRESSCLI_NO_CPU_KERNEL) in processes of their
-own. The RPS kernel must give the training form's weight bit for bit. Dispatch must be total: every
+own. The RPS kernel must give the training form's weight bit for bit; the row-major product (FiPS's projection
+onto U) must match x @ M. Dispatch must be total: every
 structure and dtype has a row limit, measured (kernels/cpu_thresholds.py) or the documented fallback."""
 from __future__ import annotations
 
@@ -96,6 +97,24 @@ def check_rps_weights() -> None:
                 assert torch.equal(part, expected[2:5])
 
 
+def check_row_major_products() -> None:
+    """cpu.row_major_mm (x @ M, M row-major) at 1-8 input rows, shapes whose rows are not a multiple of the
+    kernel's 4 nor its columns of 16, and fewer rows of M than threads x 4."""
+    torch.manual_seed(0)
+    for dtype in cpu.DTYPES:
+        for k, r in [(3, 5), (7, 33), (64, 16), (130, 95), (513, 300)]:
+            m = (torch.randn(k, r) / k ** 0.5).to(dtype)
+            for n in range(1, cpu.ROW_MAJOR_MAX_ROWS + 1):
+                x = torch.randn(n, k).to(dtype)
+                expected = x.double() @ m.double()
+                got = cpu.row_major_mm(x, m)
+                error = (got.double() - expected).abs().max().item()
+                assert got.dtype == dtype and got.shape == (n, r)
+                assert error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item()), (dtype, k, r, n, error)
+    with pytest.raises(RuntimeError, match="9 rows"):
+        cpu.row_major_mm(torch.randn(9, 4), torch.randn(4, 3))
+
+
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernels cannot be built")
 
 
@@ -115,12 +134,40 @@ def test_rps_kernel_gives_the_training_forms_weights():
 
 
 @needs_kernel
+def test_row_major_products_match_pytorch():
+    check_row_major_products()
+
+
+@needs_kernel
+def test_row_major_dispatch_takes_the_kernel_only_where_it_was_measured_faster(monkeypatch):
+    """The kernel for 16-bit x at 1-8 rows and float32 at 2-8 (dispatch.ROW_MAJOR_KERNEL_ROWS); torch's x @ M
+    for more rows, with autograd, or float32 at one row; the same values either way."""
+    from compresscli.kernels import dispatch
+
+    calls = []
+    real = cpu.row_major_mm
+    monkeypatch.setattr(cpu, "row_major_mm", lambda x, m: calls.append((x.dtype, x.shape[0])) or real(x, m))
+    for dtype, n, kernel in [(torch.bfloat16, 1, True), (torch.float16, 8, True), (torch.float32, 2, True),
+                             (torch.float32, 1, False), (torch.bfloat16, 9, False)]:
+        x, m = torch.randn(n, 20).to(dtype), torch.randn(20, 30).to(dtype)
+        calls.clear()
+        with torch.no_grad():
+            y = dispatch.row_major_mm(x, m)
+        assert calls == ([(dtype, n)] if kernel else [])
+        assert torch.allclose(y.double(), x.double() @ m.double(), rtol=0, atol=TOLERANCE[dtype] * 20)
+    m = torch.randn(20, 30, requires_grad=True)
+    calls.clear()
+    y = dispatch.row_major_mm(torch.randn(2, 20), m)
+    assert calls == [] and y.requires_grad
+
+
+@needs_kernel
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512-bf16"])
 def test_builds_below_the_best_isa_too(isa):
     """The same checks on the library built for fewer instruction sets (the AVX2 fallback, AVX-512 without
     vdpbf16ps / vpexpandw, and without AMX), each in a process of its own."""
     check_on_isa_build(isa, "from test_sparse_kernels import *; check_row_sparse_products(); "
-                            "check_condensed_and_rps_products(); check_rps_weights()")
+                            "check_condensed_and_rps_products(); check_rps_weights(); check_row_major_products()")
 
 
 def test_without_the_kernels_every_inference_form_still_runs(tmp_path):

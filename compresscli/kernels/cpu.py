@@ -132,7 +132,8 @@ def library() -> ctypes.CDLL | None:
     for name, args in {"sparse_mm": [int_, ptr, i64, i64, ptr, ptr, i64, int_, ptr, i64, ptr, ptr, i64, int_],
                        "sparse_to_dense": [int_, ptr, ptr, i64, int_, ptr, i64, ptr, i64, i64, i64, i64, int_],
                        "rps_weight": [int_, ptr, ptr, f32, i64, i64, ptr, int_],
-                       "rps_mm": [int_, ptr, ptr, f32, ptr, i64, ptr, ptr, int_]}.items():
+                       "rps_mm": [int_, ptr, ptr, f32, ptr, i64, ptr, ptr, int_],
+                       "row_major_mm": [int_, ptr, i64, i64, ptr, i64, ptr, int_]}.items():
         getattr(lib, name).restype = int_
         getattr(lib, name).argtypes = args
     if isa() == "amx":  # the build has AMX code: let it run only where a bf16 matmul on AMX was seen to
@@ -227,6 +228,22 @@ def rps_mm(x: torch.Tensor, memory: torch.Tensor, spec: torch.Tensor, scale: flo
                               y.data_ptr(), threads_for(rows * x.shape[1]))
     if status != 0:
         raise RuntimeError(f"RPS CPU kernel rejected dtype {x.dtype} or its hash parameters {spec}")
+    return y
+
+
+ROW_MAJOR_MAX_ROWS = 8
+
+
+def row_major_mm(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """y (N, R) = x (N, K) @ m (K, R) for a row-major m (FiPS's shared U, projected onto by an "in" layer), read
+    front to back once: torch's 16-bit GEMM reads this orientation at half the bandwidth. x (at most
+    ROW_MAJOR_MAX_ROWS rows) and m contiguous, of one dtype in DTYPES; no autograd."""
+    n, k = x.shape
+    rows = m.shape[1]
+    y = torch.empty(n, rows, dtype=x.dtype)
+    if library().row_major_mm(DTYPES[x.dtype], x.data_ptr(), n, k, m.data_ptr(), rows, y.data_ptr(),
+                              threads_for(n * k * rows)) != 0:
+        raise RuntimeError(f"row-major CPU kernel rejected dtype {x.dtype} or {n} rows")
     return y
 
 

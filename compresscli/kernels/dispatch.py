@@ -1,6 +1,6 @@
 """Which product runs, for a device, a dtype, a batch and a layer shape: condensed layers (below), the
-row-sparse inference forms (`sparse_mm`), RPS layers (`rps_mm`) and quantized dense layers on CUDA
-(`quantized_mm`).
+row-sparse inference forms (`sparse_mm`), RPS layers (`rps_mm`), quantized dense layers on CUDA
+(`quantized_mm`) and the product with a row-major matrix FiPS's "in" layers need (`row_major_mm`).
 
 Paths (all compute y (N, R) = sum_j values[r, j] * x[n, indices[r, j]] + bias[r]):
   dense         decode the dense weight in PyTorch, then F.linear. Differentiable: what training runs, and
@@ -219,6 +219,25 @@ def sparse_mm(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, row_ptr
         decode = lambda r0, r1, out: cpu.sparse_to_dense(values, cols, row_ptr, rows, columns, r0, r1, out)  # noqa: E731
         return decoded_mm(x.contiguous(), decode, rows, columns, bias, values.dtype), path
     return F.linear(x, sparse_dense(values, cols, row_ptr, rows, columns).to(x.dtype), bias), path
+
+
+# ----------------------------------------------------------------------------- x @ M, M row-major
+
+ROW_MAJOR_KERNEL_ROWS = {torch.float32: range(2, cpu.ROW_MAJOR_MAX_ROWS + 1),
+                         torch.bfloat16: range(1, cpu.ROW_MAJOR_MAX_ROWS + 1),
+                         torch.float16: range(1, cpu.ROW_MAJOR_MAX_ROWS + 1)}
+"""Input rows for which cpu.row_major_mm beat torch's x @ M (2048 x 2922, 2 threads, round robin over 80 copies:
+bf16 / fp16 0.55-1.03 ms against 1.09-1.48 at 1-8 rows; float32 at one row 0.85 against MKL's 0.81, so MKL)."""
+
+
+def row_major_mm(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x (N, K) @ m (K, R) for a row-major m (FiPS's shared U): the compiled kernel where it was measured
+    faster, else torch."""
+    if (x.device.type == "cpu" and m.device.type == "cpu" and x.dtype == m.dtype
+            and x.shape[0] in ROW_MAJOR_KERNEL_ROWS.get(x.dtype, ()) and m.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or m.requires_grad)) and cpu.available()):
+        return cpu.row_major_mm(x.contiguous(), m)
+    return x @ m
 
 
 # ----------------------------------------------------------------------------- RPS layers

@@ -15,6 +15,7 @@ from compresscli.codecs.fips.codec import ORIENTATIONS, _FipsCodec
 from compresscli.codecs.quant.grid import QuantSpec
 from compresscli.codecs.quant.values import QuantizedValues
 from compresscli.codecs.sparse.matrix import CompactSparse
+from compresscli.kernels import dispatch
 
 
 _projections: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # (id(x), id(U)) -> (x's version, x @ U)
@@ -29,7 +30,7 @@ def project_once(x: torch.Tensor, x2d: torch.Tensor, base: torch.Tensor | nn.Mod
     last = _projections.get(key)
     if last is not None and last[0] == x._version:
         return last[1]
-    projected = x2d @ values()  # (N, d) @ (d, r) -> (N, r)
+    projected = dispatch.row_major_mm(x2d, values())  # (N, d) @ (d, r) -> (N, r)
     if not (torch.is_grad_enabled() and x.requires_grad):
         if last is None:
             weakref.finalize(x, _projections.pop, key, None)
