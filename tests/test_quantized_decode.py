@@ -1,5 +1,6 @@
 """The compiled decoders of quantized dense weights (kernels/cpu_source.py `q8_rows_decode`, `q4_blocks_decode_t`)
-and the many-rows path they feed (kernels/quantized.py `decoded_int8_mm` / `decoded_int4_mm`, decode + GEMM).
+and the many-rows path they feed (kernels/quantized.py `decoded_int8_mm` / `decoded_int4_mm`, decode + GEMM);
+the compiled dense int8 product for few rows (`dense_q8_mm`).
 
 A decoder computes exactly what QuantizedValues.dequantize computes (code * scale in float32, rounded to the
 scales' dtype, then to the output's), so its tiles are compared for equality, in every scales dtype x output
@@ -79,6 +80,37 @@ def check_int4_blocks(dtypes=DTYPES) -> None:
                         assert torch.equal(got.t(), expected[r0:r1]), (scale_dtype, out_dtype, rows, block, r0, r1)
 
 
+def check_dense_q8(dtypes=DTYPES) -> None:
+    """cpu.dense_q8_mm (1-8 input rows) against the float64 product with code * scale: per row (also
+    where the row is not a multiple of 16 columns) and groups of 16 / 32 / 64, every activation x scales dtype."""
+    for scale_dtype in dtypes:
+        for rows, cols, group in ((37, 48, None), (5, 50, None), (33, 64, 16), (200, 96, 32), (17, 320, 64)):
+            spec = QuantSpec(8, group)
+            codes = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+            scales = (torch.rand(rows, spec.groups(cols)) * 0.02 + 1e-4).to(scale_dtype)
+            # code * scale exactly (the kernel scales each group's float32 sum; dequantize() rounds every weight
+            # to the scales' dtype first)
+            weight = codes.double() * scales.double().repeat_interleave(spec.group(cols), 1)[:, :cols]
+            for dtype in dtypes:
+                bias = torch.randn(rows).to(dtype)
+                for n in range(1, cpu.DENSE_Q8_MAX_ROWS + 1):
+                    x = torch.randn(n, cols).to(dtype)
+                    expected = x.double() @ weight.t() + bias.double()
+                    got = cpu.dense_q8_mm(x, codes, scales, spec.group(cols), bias)
+                    error = ((got.double() - expected).abs().max() / expected.abs().max()).item()
+                    assert got.dtype == dtype and error < TOLERANCE[dtype], (scale_dtype, dtype, rows, cols, group, n)
+    with pytest.raises(RuntimeError, match="group 24"):
+        cpu.dense_q8_mm(torch.randn(1, 48), torch.zeros(3, 48, dtype=torch.int8), torch.ones(3, 2), 24, None)
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # of the largest output
+
+
+@needs_kernel
+def test_dense_int8_kernel_matches_the_dequantized_product():
+    check_dense_q8()
+
+
 @needs_kernel
 def test_int8_decoder_equals_the_pytorch_dequantize():
     check_int8_rows()
@@ -92,9 +124,10 @@ def test_int4_decoder_equals_the_pytorch_dequantize():
 @needs_kernel
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
 def test_decoders_below_the_best_isa_too(isa):
-    """The same checks on the scalar loops (the AVX2 build has no vector path of its own for these)."""
+    """The same checks on the scalar loops (the AVX2 build has no vector path of its own for these), the dense
+    int8 kernel's included."""
     check_on_isa_build(isa, "import torch; from test_quantized_decode import *; check_int8_rows([torch.bfloat16, "
-                            "torch.float32]); check_int4_blocks([torch.bfloat16, torch.float16])")
+                            "torch.float32]); check_int4_blocks([torch.bfloat16, torch.float16]); check_dense_q8()")
 
 
 @needs_kernel
@@ -156,3 +189,22 @@ def test_the_kernel_runs_up_to_its_measured_row_limit(spec, kernel):
         with torch.no_grad():
             layer(torch.randn(n, 256).bfloat16())
         assert layer.last_path == path, n
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,spec", [(torch.float32, QuantSpec(8)), (torch.float16, QuantSpec(8)),
+                                        (torch.bfloat16, QuantSpec(8, 32)), (torch.float32, QuantSpec(8, 64))],
+                         ids=["fp32-row", "fp16-row", "bf16-g32", "fp32-g64"])
+def test_int8_without_torchs_kernel_runs_the_dense_int8_kernel_at_few_rows(dtype, spec):
+    """Symmetric int8 that torch's int8 kernel does not run (or runs as plain loops) takes the compiled dense int8
+    kernel up to DENSE_INT8_MAX_ROWS (measured against decode + GEMM), decode + GEMM past it; same values."""
+    layer = _compact(1000, 256, spec, dtype)
+    limit = qk.DENSE_INT8_MAX_ROWS
+    weight = layer.values.codes.double() * layer.values.scales.double().repeat_interleave(spec.group(256), 1)
+    for n, path in ((1, "cpu-int8"), (limit, "cpu-int8"), (limit + 1, "decoded")):
+        x = torch.randn(n, 256).to(dtype)
+        with torch.no_grad():
+            y = layer(x)
+        assert layer.last_path == path, n
+        expected = x.double() @ weight.t() + layer.bias.double()
+        assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < TOLERANCE[dtype], n

@@ -297,8 +297,34 @@ def _q8_library() -> ctypes.CDLL:
     lib.sparse_q8_mm.argtypes = [int_, ptr, i64, i64, ptr, ptr, int_, ptr, i64, ptr, int_, i64, i64, ptr, ptr, i64,
                                  int_]
     lib.sparse_q8_to_dense.argtypes = [int_, ptr, ptr, int_, ptr, i64, ptr, int_, i64, i64, ptr, i64, i64, i64, int_]
-    lib.sparse_q8_mm.restype = lib.sparse_q8_to_dense.restype = int_
+    lib.dense_q8_mm.argtypes = [int_, ptr, i64, i64, ptr, ptr, int_, i64, ptr, ptr, i64, int_]
+    lib.sparse_q8_mm.restype = lib.sparse_q8_to_dense.restype = lib.dense_q8_mm.restype = int_
     return lib
+
+
+DENSE_Q8_MAX_ROWS = 8
+
+
+def dense_q8_supported(columns: int, group: int) -> bool:
+    """Whether dense_q8_mm takes int8 codes with a scale per `group` of `columns` inputs."""
+    return group >= columns or group % 16 == 0
+
+
+def dense_q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """y (N, rows) = x (N, K) @ (codes * scales)^T (+ bias) for symmetric int8 codes (rows, K), contiguous, and
+    scales (rows, ceil(K / group)) in any of DTYPES (dense_q8_supported(K, group)); x (at most DENSE_Q8_MAX_ROWS
+    rows) and bias contiguous in one dtype of DTYPES. No autograd."""
+    n, c = x.shape
+    rows = codes.shape[0]
+    y = torch.empty(n, rows, dtype=x.dtype)
+    status = _q8_library().dense_q8_mm(DTYPES[x.dtype], x.data_ptr(), n, c, codes.data_ptr(), scales.data_ptr(),
+                                       DTYPES[scales.dtype], group, _ptr(bias), y.data_ptr(), rows,
+                                       threads_for(n * codes.numel()))
+    if status != 0:
+        raise RuntimeError(f"dense int8 CPU kernel rejected dtype {x.dtype}, scales {scales.dtype}, group {group} "
+                           f"or {n} rows")
+    return y
 
 
 def sparse_q8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, cols: torch.Tensor,

@@ -1399,6 +1399,71 @@ void q8_product(const Q8Matrix& q, const typename V::T* x, int64_t N, const type
   });
 }
 
+// ------------------------------------------------------------------ dense int8 rows, 1-8 input rows
+// out[n] = sum over groups g of scale_g * sum_{c in g} code_c * x[n][c], for a dense row of symmetric int8 codes
+// with a scale per `group` columns (a multiple of 16, or the whole row). torch's own int8 kernel runs float32 and
+// float16 activations as plain loops and takes no groups; this reads each code once, sign-extended and converted
+// in registers, 16 columns per FMA (bfloat16 per row stays with torch's kernel: kernels/quantized.py).
+template <int NR>
+inline void q8_dense_row(const int8_t* codes, const float* x, int64_t C, int64_t group, const void* scales, int sd,
+                         int64_t base, float* out) {
+#ifdef CCLI_AVX512
+  __m512 total[NR];
+  for (int n = 0; n < NR; ++n) total[n] = _mm512_setzero_ps();
+  for (int64_t c0 = 0, g = 0; c0 < C; c0 += group, ++g) {
+    const int64_t c1 = c0 + group < C ? c0 + group : C;
+    __m512 acc[2][NR];
+    for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
+    int h = 0;
+    for (int64_t c = c0; c < c1; c += 16, h ^= 1) {
+      if ((c & 63) == 0) prefetch_ahead(codes + c);
+      const __mmask16 m = first_lanes(c1 - c);
+      const __m512 wv = q8_widen(_mm_maskz_loadu_epi8(m, codes + c));
+      for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + n * C + c), acc[h][n]);
+    }
+    const __m512 scale = _mm512_set1_ps(q8_scale(scales, sd, base + g));
+    for (int n = 0; n < NR; ++n) total[n] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][n], acc[1][n]), scale, total[n]);
+  }
+  for (int n = 0; n < NR; ++n) out[n] = _mm512_reduce_add_ps(total[n]);
+#else
+  for (int n = 0; n < NR; ++n) out[n] = 0.f;
+  for (int64_t c0 = 0, g = 0; c0 < C; c0 += group, ++g) {
+    const int64_t c1 = c0 + group < C ? c0 + group : C;
+    const float scale = q8_scale(scales, sd, base + g);
+    for (int n = 0; n < NR; ++n) {
+      float sum = 0.f;
+      for (int64_t c = c0; c < c1; ++c) sum += static_cast<float>(codes[c]) * x[n * C + c];
+      out[n] += sum * scale;
+    }
+  }
+#endif
+}
+
+// y (N, R) = x (N, C) @ (codes * scales)^T (+ bias): x converted to float32 once, rows split between threads.
+template <typename V>
+void q8_dense_product(const int8_t* codes, const void* scales, int sd, int64_t group, const typename V::T* x,
+                      int64_t N, int64_t C, const typename V::T* bias, typename V::T* y, int64_t R, int threads) {
+  Scratch<float, kPackedX> buf(std::is_same<V, F32>::value ? 0 : N * C);
+  const float* xf = x_as_float<V>(x, N, C, buf);
+  const int64_t groups = (C + group - 1) / group;
+  for_range(R, threads, [&](int64_t r) {
+    const int8_t* row = codes + r * C;
+    float out[8];
+    switch (N) {
+      case 1: q8_dense_row<1>(row, xf, C, group, scales, sd, r * groups, out); break;
+      case 2: q8_dense_row<2>(row, xf, C, group, scales, sd, r * groups, out); break;
+      case 3: q8_dense_row<3>(row, xf, C, group, scales, sd, r * groups, out); break;
+      case 4: q8_dense_row<4>(row, xf, C, group, scales, sd, r * groups, out); break;
+      case 5: q8_dense_row<5>(row, xf, C, group, scales, sd, r * groups, out); break;
+      case 6: q8_dense_row<6>(row, xf, C, group, scales, sd, r * groups, out); break;
+      case 7: q8_dense_row<7>(row, xf, C, group, scales, sd, r * groups, out); break;
+      default: q8_dense_row<8>(row, xf, C, group, scales, sd, r * groups, out); break;
+    }
+    const float b = bias ? V::load(bias + r) : 0.f;
+    for (int64_t n = 0; n < N; ++n) V::store(y + n * R + r, out[n] + b);
+  });
+}
+
 // Rows [r0, r1) of the dense weight in the activation dtype: code * scale rounded once, zeros elsewhere.
 template <typename V>
 void q8_to_dense(const Q8Matrix& q, typename V::T* out, int64_t r0, int64_t r1, int threads) {
@@ -1458,6 +1523,21 @@ int sparse_q8_mm(int dtype, const void* x, int64_t N, int64_t C, const int8_t* c
     q8_product<V>(q, static_cast<const T*>(x), N, static_cast<const T*>(bias), static_cast<T*>(y), R, threads);
   });
   return known ? 0 : 1;
+}
+
+// y (N, R) = x (N, C) @ W^T (+ bias) for a dense weight of symmetric int8 codes (R x C) with scales (R x
+// ceil(C / group), scale_dtype) per `group` columns, a multiple of 16 or >= C; 1 <= N <= 8. dtype as sparse_q8_mm.
+// Returns 0, or 1 for an unknown dtype, a group it does not take or N out of range.
+int dense_q8_mm(int dtype, const void* x, int64_t N, int64_t C, const int8_t* codes, const void* scales,
+                int scale_dtype, int64_t group, const void* bias, void* y, int64_t R, int threads) {
+  if (N < 1 || N > 8 || scale_dtype < 0 || scale_dtype > 2 || group < 1 || (group < C && group % 16)) return 1;
+  const int64_t g = group < C ? group : C;
+  return with_dtype(dtype, [&](auto v) {
+    using V = decltype(v);
+    using T = typename V::T;
+    q8_dense_product<V>(codes, scales, scale_dtype, g, static_cast<const T*>(x), N, C, static_cast<const T*>(bias),
+                        static_cast<T*>(y), R, threads);
+  }) ? 0 : 1;
 }
 
 // Rows [r0, r1) of the dense R x C weight into out ((r1 - r0) x C, dtype), zeros where nothing is stored.

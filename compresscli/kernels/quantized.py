@@ -18,6 +18,9 @@ row j with row j + block / 2); it is prepared once at load from the file's plain
 reordered) and undone exactly when the tensors are written again. The layout is checked against torch's own
 conversion on first use; where it differs (another ISA, another torch), the int4 kernel is not used.
 
+Where torch's int8 kernel is plain loops (float32, float16 activations) or cannot run (int8 in groups), few input
+rows take a compiled dense int8 kernel instead (`dense_int8_mm`, kernels/cpu_source.py `dense_q8_mm`).
+
 At many input rows (a prompt's prefill), where the GEMM is compute-bound, symmetric int8 (any group) and the
 int4 kernel's layout are decoded by compiled code (kernels/cpu_source.py) into a reused tile in the input's
 dtype and multiplied by torch's GEMM (kernels/decoded.py): `decoded_int8_mm`, `decoded_int4_mm`. Where
@@ -50,8 +53,21 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # runs). float32 (from the research probe, torch_kernels.md, against dequantize + F.linear): the float32 int8
 # kernel is plain C++ loops too, ~0.19 ms per input row of a 1536x384 weight, so dequantizing wins from 2-3
 # rows on. float16 int4: not re-measured against the decoded path (the previous limit kept).
-KERNEL_MAX_ROWS = {(8, torch.float32): 2, (8, torch.bfloat16): 4, (8, torch.float16): 0,
+# float32 int8: torch's kernel is never used (0): the compiled dense int8 kernel below is 4-10x faster.
+KERNEL_MAX_ROWS = {(8, torch.float32): 0, (8, torch.bfloat16): 4, (8, torch.float16): 0,
                    (4, torch.float32): 4, (4, torch.bfloat16): 16, (4, torch.float16): 64}
+
+# Symmetric int8 where torch's kernel does not run (float32 and float16 activations: plain loops there; int8 in
+# groups) takes the compiled dense int8 kernel (kernels/cpu_source.py `dense_q8_mm`, path `cpu-int8`) up to this
+# many input rows, decode + GEMM above. Measured per row scales, round robin over copies exceeding 1 GB, 2 threads
+# (`flock /tmp/timing.lock python benchmarks/dense_int8.py`, benchmarks/results/dense_int8.md), us per call,
+# ours / decode + GEMM / torch's int8 kernel:
+#   float32  5632x2048  1: 670 / 2045 / 4306    4: 1227 / 2824 / 13083   8: 2266 / 3637
+#   float32  1536x384   1: 49 / 79 / 207        4: 79 / 76 / 738         8: 133 / 89
+#   float16  5632x2048  1: 764 / 1509           4: 1388 / 2045           8: 3004 / 2452
+# bfloat16 per row keeps torch's kernel (KERNEL_MAX_ROWS): ours is faster on short rows (5632x2048, one row: 718
+# against 901) but slower on long ones (2048x5632: 779 against 634).
+DENSE_INT8_MAX_ROWS = 4
 
 
 def _ops_available(name: str) -> bool:
@@ -169,6 +185,21 @@ def use_kernel(bits: int, x: torch.Tensor, needs_grad: bool) -> bool:
     limit = KERNEL_MAX_ROWS.get((bits, x.dtype))
     return (limit is not None and not needs_grad and x.device.type == "cpu"
             and x.numel() // max(1, x.shape[-1]) <= limit)
+
+
+def use_dense_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, needs_grad: bool) -> bool:
+    """Whether the compiled dense int8 kernel runs this product: symmetric int8 codes on the CPU in a grouping it
+    takes, x in its dtypes with at most DENSE_INT8_MAX_ROWS rows, no autograd."""
+    return (not needs_grad and x.device.type == "cpu" and codes.dtype == torch.int8 and x.dtype in cpu.DTYPES
+            and scales.dtype in cpu.DTYPES and x.numel() // max(1, x.shape[-1]) <= DENSE_INT8_MAX_ROWS
+            and cpu.dense_q8_supported(codes.shape[1], group) and cpu.available())
+
+
+def dense_int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x (N, K) @ W^T (+ bias) for symmetric int8 codes (rows, K) with scales (rows, ceil(K / group)): each
+    group's float32 sum times its scale (not the weight rounded to the scales' dtype first)."""
+    return cpu.dense_q8_mm(x.contiguous(), codes, scales.contiguous(), group, bias)
 
 
 def int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The inference form of a quantized Linear: the codes and scales as the file holds them, run by torch's
-weight-only CPU kernels where one applies (kernels/quantized.py: symmetric int8 per row; symmetric int4 in
-groups of 32-256, its layout prepared here, once, from the file's bytes) at few input rows; at many, those codes
+weight-only CPU kernels where one applies (kernels/quantized.py: symmetric int8 per row in bfloat16; symmetric
+int4 in groups of 32-256, its layout prepared here, once, from the file's bytes) at few input rows, other symmetric
+int8 by the compiled dense int8 kernel (path `cpu-int8`); at many, those codes
 (and symmetric int8 in groups) decoded a tile at a time by compiled code for torch's GEMM; on CUDA by the
 Triton dequantize-in-kernel product on the file's layout (kernels/triton_quantized.py); else dequantized for
 each call in PyTorch."""
@@ -132,6 +133,11 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
                 y = qk.int4_mm(x2d, self.values.codes, self.spec.group(self.in_features),
                                self.scales_and_zeros.to(x.dtype), bias, self.out_features)
             path = self.kernel
+        elif (self.spec.bits == 8 and self.spec.symmetric and self.kernel != "int4"
+              and qk.use_dense_int8(x2d, self.values.codes, self.values.scales, self.spec.group(self.in_features),
+                                    torch.is_grad_enabled() and x.requires_grad)):
+            y = qk.dense_int8_mm(x2d, self.values.codes, self.values.scales, self.spec.group(self.in_features), bias)
+            path = "cpu-int8"
         elif self._decodable() and qk.use_decoder(x2d, self.values.scales, torch.is_grad_enabled() and x.requires_grad):
             group = self.spec.group(self.in_features)
             if self.kernel == "int4":
