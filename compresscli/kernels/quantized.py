@@ -62,11 +62,11 @@ KERNEL_MAX_ROWS = {(8, torch.float32): 0, (8, torch.bfloat16): 4, (8, torch.floa
 # many input rows, decode + GEMM above. Measured per row scales, round robin over copies exceeding 1 GB, 2 threads
 # (`flock /tmp/timing.lock python benchmarks/dense_int8.py`, benchmarks/results/dense_int8.md), us per call,
 # ours / decode + GEMM / torch's int8 kernel:
-#   float32  5632x2048  1: 670 / 2045 / 4306    4: 1227 / 2824 / 13083   8: 2266 / 3637
-#   float32  1536x384   1: 49 / 79 / 207        4: 79 / 76 / 738         8: 133 / 89
-#   float16  5632x2048  1: 764 / 1509           4: 1388 / 2045           8: 3004 / 2452
-# bfloat16 per row keeps torch's kernel (KERNEL_MAX_ROWS): ours is faster on short rows (5632x2048, one row: 718
-# against 901) but slower on long ones (2048x5632: 779 against 634).
+#   float32  5632x2048  1: 660 / 1993 / 4355    4: 1209 / 2779 / 12996   8: 2388 / 3605
+#   float32  384x1536   1: 46 / 64 / 236        4: 75 / 73 / 718         8: 126 / 89
+#   float16  5632x2048  1: 689 / 1538           4: 1213 / 2099           8: 2303 / 2447 (3004 / 2452 in another run)
+# bfloat16 per row keeps torch's kernel (KERNEL_MAX_ROWS): ours is faster on short rows (5632x2048, one row: 690
+# against 866) but slower on long ones (2048x5632: 766 against 598).
 DENSE_INT8_MAX_ROWS = 4
 
 
