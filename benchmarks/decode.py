@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -89,13 +90,18 @@ def _compressed_layer(form: str, out_features: int, in_features: int, dtype: tor
     return to_inference_(holder)[0]
 
 
-def _time_round_robin(layers: list[nn.Module], x: torch.Tensor, sweeps: int) -> float:
-    """Median seconds per layer call over `sweeps` passes, each calling every copy once. x gets a new version
-    before every call, so that no layer reuses a product it cached for x (FiPS's projection onto U)."""
+def _time_round_robin(layers: list[Callable[[torch.Tensor], object]], x: torch.Tensor, sweeps: int,
+                      budget_s: float | None = None) -> float:
+    """Median seconds per layer call over `sweeps` passes, each calling every copy once (fewer passes, at least 3,
+    where they would take more than `budget_s`). x gets a new version before every call, so that no layer reuses
+    a product it cached for x (FiPS's projection onto U)."""
     times = []
     with torch.no_grad():
+        start = time.perf_counter()
         for layer in layers:
             layer(x)
+        if budget_s is not None:
+            sweeps = min(sweeps, max(3, int(budget_s / (time.perf_counter() - start))))
         for _ in range(sweeps):
             start = time.perf_counter()
             for layer in layers:

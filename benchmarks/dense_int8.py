@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
+import sys
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +23,22 @@ import torch.nn.functional as F
 from compresscli.kernels import cpu
 from compresscli.kernels import quantized as qk
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import _time_round_robin  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "results" / "dense_int8.md"
 
 
-def _round_robin_us(call: Callable[[object], object], items: list, sweeps: int) -> float:
-    """Median us per call over `sweeps` passes over `items` (fewer where a pass takes seconds: at least 3)."""
-    start = time.perf_counter()
-    for item in items:
-        call(item)
-    sweeps = min(sweeps, max(3, int(10 / (time.perf_counter() - start))))
-    times = []
-    for _ in range(sweeps):
-        start = time.perf_counter()
-        for item in items:
-            call(item)
-        times.append((time.perf_counter() - start) / len(items))
-    return statistics.median(times) * 1e6
+def _dense_int8(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
+    return qk.dense_int8_mm(x, q[0], q[1], group, None)
+
+
+def _decoded_int8(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], group: int) -> torch.Tensor:
+    return qk.decoded_int8_mm(x, q[0], q[1], group, None)
+
+
+def _torch_int8(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return qk.int8_mm(x, q[0], q[1].reshape(-1), None)
 
 
 def measure(shape: tuple[int, int], dtype: torch.dtype, rows: list[int], cache_bytes: float) -> list[str]:
@@ -56,11 +55,12 @@ def measure(shape: tuple[int, int], dtype: torch.dtype, rows: list[int], cache_b
     lines = []
     for n in rows:
         x = torch.randn(n, in_f).to(dtype)
-        us = {"dense": _round_robin_us(lambda w: F.linear(x, w), dense_copies, 15),
-              "ours": _round_robin_us(lambda q: qk.dense_int8_mm(x, q[0], q[1], in_f, None), quantized, 15),
-              "decoded": _round_robin_us(lambda q: qk.decoded_int8_mm(x, q[0], q[1], in_f, None), quantized[:4], 5)}
+        products = {"dense": ([partial(F.linear, weight=w) for w in dense_copies], 15),
+                    "ours": ([partial(_dense_int8, q=q, group=in_f) for q in quantized], 15),
+                    "decoded": ([partial(_decoded_int8, q=q, group=in_f) for q in quantized[:4]], 5)}
         if torch_kernel:
-            us["torch"] = _round_robin_us(lambda q: qk.int8_mm(x, q[0], q[1].reshape(-1), None), quantized, 15)
+            products["torch"] = ([partial(_torch_int8, q=q) for q in quantized], 15)
+        us = {name: _time_round_robin(calls, x, sweeps, budget_s=10) * 1e6 for name, (calls, sweeps) in products.items()}
         best = min(("ours", "decoded", "torch"), key=lambda k: us.get(k, float("inf")))
         torch_us = f"{us['torch']:.0f}" if torch_kernel else "-"
         lines.append(f"| {out_f}x{in_f} | {str(dtype).removeprefix('torch.')} | {n} | {us['dense']:.0f} | "
@@ -91,7 +91,8 @@ def main() -> None:
         "# The dense int8 kernel against torch's int8 kernel, decode + GEMM and dense (issues 21, 22)", "",
         f"`{command}`; {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
         f"kernels built for {cpu.isa()}; us per call, round robin over copies exceeding {args.cache_bytes / 1e9:.1f} GB "
-        "(median of up to 15 sweeps, at least 3); one scale per row; ratios from this one run. `torch`: "
+        "(benchmarks/decode.py's timing: median of up to 15 sweeps, at least 3 where they take over 10 s); one scale "
+        "per row; ratios from this one run. `torch`: "
         "aten._weight_int8pack_mm (no float16 path here: it is plain loops, and per-row scales only).", "",
         "| layer (out x in) | activations | rows | dense same dtype us | dense int8 kernel us | vs dense | "
         "torch int8 kernel us | decode + GEMM us | fastest int8 |",

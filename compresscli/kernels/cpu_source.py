@@ -1189,6 +1189,17 @@ inline void q8_expand64(const int8_t*& v, const int8_t* v_end, uint64_t m64, Q8L
 #endif
   asm volatile("" ::: "memory");  // keep the buffer in memory (not folded back into lane extractions)
 }
+
+// Mask word w of a row and its codes in their lanes (v advanced past them), both streams prefetched ahead;
+// returns the word (0: nothing stored there, `codes` untouched).
+inline uint64_t q8_word_codes(const int8_t*& v, const int8_t* v_end, const uint64_t* words, int64_t w,
+                              Q8Lanes& codes) {
+  const uint64_t m64 = words[w];
+  prefetch_ahead(words + w);
+  prefetch_ahead(v);
+  if (m64) q8_expand64(v, v_end, m64, codes);
+  return m64;
+}
 #endif
 
 // out[n] = sum over the row's set bits of w_j * x[n][j], n < NR (x float32, rows C apart).
@@ -1208,12 +1219,9 @@ inline void q8_bits_row(const int8_t* v, const int8_t* v_end, const uint64_t* wo
     for (int s = 0; s < S; ++s) for (int n = 0; n < NR; ++n) acc[s][n] = _mm512_setzero_ps();
     const int64_t w1 = w0 + step < wpr ? w0 + step : wpr;
     for (int64_t w = w0; w < w1; ++w) {
-      const uint64_t m64 = words[w];
-      prefetch_ahead(words + w);
-      prefetch_ahead(v);
-      if (!m64) continue;
       Q8Lanes codes;
-      q8_expand64(v, v_end, m64, codes);
+      const uint64_t m64 = q8_word_codes(v, v_end, words, w, codes);
+      if (!m64) continue;
       for (int q = 0; q < 4; ++q) {
         const __mmask16 m = static_cast<__mmask16>(m64 >> (16 * q));
         if (!m) continue;
@@ -1260,12 +1268,9 @@ inline void q8_bits_row_bf16(const int8_t* v, const int8_t* v_end, const uint64_
     for (int h = 0; h < 2; ++h) for (int n = 0; n < NR; ++n) acc[h][n] = _mm512_setzero_ps();
     const int64_t w1 = w0 + wpg < wpr ? w0 + wpg : wpr;
     for (int64_t w = w0; w < w1; ++w) {
-      const uint64_t m64 = words[w];
-      prefetch_ahead(words + w);
-      prefetch_ahead(v);
-      if (!m64) continue;
       Q8Lanes codes;
-      q8_expand64(v, v_end, m64, codes);
+      const uint64_t m64 = q8_word_codes(v, v_end, words, w, codes);
+      if (!m64) continue;
       for (int h = 0; h < 2; ++h) {
         const __mmask32 m = static_cast<__mmask32>(m64 >> (32 * h));
         if (!m) continue;

@@ -113,33 +113,31 @@ class CompactQuantizedLinear(_QuantizedLinearCodec):
         """Dense view, made on demand for code that reads `.weight`; never stored."""
         return self.dense_weight()
 
+    def _symmetric_int8(self) -> bool:
+        return self.spec.bits == 8 and self.spec.symmetric
+
     def _decodable(self) -> bool:
         """Whether the compiled decoder reads these codes as held: the int4 kernel's layout, or symmetric int8."""
-        return self.kernel == "int4" or (self.spec.bits == 8 and self.spec.symmetric)
+        return self.kernel == "int4" or self._symmetric_int8()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (N, in)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        group, needs_grad = self.spec.group(self.in_features), torch.is_grad_enabled() and x.requires_grad
         on_cuda = x2d.is_cuda and dispatch.quantized_mm(x2d, self.values.codes, self.values.scales, self.values.zeros,
-                                                        self.spec.bits, self.spec.group(self.in_features), bias)
+                                                        self.spec.bits, group, bias)
         if on_cuda:
             y, path = on_cuda
-        elif self.kernel is not None and qk.use_kernel(self.spec.bits, x2d, torch.is_grad_enabled() and x.requires_grad):
-            scales = self.values.scales
+        elif self.kernel is not None and qk.use_kernel(self.spec.bits, x2d, needs_grad):
             if self.kernel == "int8":
-                y = qk.int8_mm(x2d, self.values.codes, scales.reshape(-1).to(x.dtype), bias)
+                y = qk.int8_mm(x2d, self.values.codes, self.values.scales.reshape(-1).to(x.dtype), bias)
             else:
-                y = qk.int4_mm(x2d, self.values.codes, self.spec.group(self.in_features),
-                               self.scales_and_zeros.to(x.dtype), bias, self.out_features)
+                y = qk.int4_mm(x2d, self.values.codes, group, self.scales_and_zeros.to(x.dtype), bias, self.out_features)
             path = self.kernel
-        elif (self.spec.bits == 8 and self.spec.symmetric and self.kernel != "int4"
-              and qk.use_dense_int8(x2d, self.values.codes, self.values.scales, self.spec.group(self.in_features),
-                                    torch.is_grad_enabled() and x.requires_grad)):
-            y = qk.dense_int8_mm(x2d, self.values.codes, self.values.scales, self.spec.group(self.in_features), bias)
-            path = "cpu-int8"
-        elif self._decodable() and qk.use_decoder(x2d, self.values.scales, torch.is_grad_enabled() and x.requires_grad):
-            group = self.spec.group(self.in_features)
+        elif self._symmetric_int8() and qk.use_dense_int8(x2d, self.values.codes, self.values.scales, group, needs_grad):
+            y, path = qk.dense_int8_mm(x2d, self.values.codes, self.values.scales, group, bias), "cpu-int8"
+        elif self._decodable() and qk.use_decoder(x2d, self.values.scales, needs_grad):
             if self.kernel == "int4":
                 y = qk.decoded_int4_mm(x2d, self.values.codes, group, self.scales_and_zeros, bias, self.out_features)
             else:
